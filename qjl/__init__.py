@@ -1,0 +1,14 @@
+"""QJL KV-cache compression for transformers 5 (Zandieh, Daliri, Han, arXiv 2406.03482)."""
+
+from .cache import SUPPORTED_MODEL_TYPES, CompressedCache, QJLCache, QJLLayer, check_supported
+from .config import PRESETS, QJLConfig
+from .layer import CompressedLayer
+from .models import embedded_gguf, load_model
+from .sketch import QJLSketch, pack_bits, unpack_bits
+from .values import dequantize_values, quantize_values
+
+__all__ = [
+    "PRESETS", "SUPPORTED_MODEL_TYPES", "CompressedCache", "CompressedLayer", "QJLCache", "QJLConfig", "QJLLayer",
+    "QJLSketch", "check_supported", "dequantize_values", "embedded_gguf", "load_model", "pack_bits",
+    "quantize_values", "unpack_bits",
+]

@@ -1,0 +1,155 @@
+"""The QJL cache layer and the cache object that plugs into transformers' ``generate``."""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import Cache
+
+from .config import QJLConfig
+from .keys import QuantizedKeyBlock, outlier_channels, per_token, quantize_keys, score_keys
+from .layer import CompressedLayer
+from .sketch import QJLSketch
+from .values import QuantizedValues, dequantize_values, quantize_values
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+
+# Per-token state tensors (tokens on dim 2); `outlier_idx` is per group and `key_mean` per head.
+TOKEN_TENSORS = ("signs", "norms", "outlier_signs", "outlier_norms", "value_packed", "value_scales", "value_minimums")
+
+
+class QJLLayer(CompressedLayer):
+    """QJL keys (signs of a seeded projection, norms, optional outlier channels and centring) and few-bit values."""
+
+    def __init__(self, config: QJLConfig, layer_idx: int, **kwargs):
+        super().__init__(config.sink_tokens, config.buffer_size, config.group_size, **kwargs)
+        self.config, self.layer_idx = config, layer_idx
+        self.sketch = self.outlier_sketch = None
+
+    def lazy_initialization(self, key_states, value_states):
+        super().lazy_initialization(key_states, value_states)
+        config, d = self.config, key_states.shape[-1]
+        config.check_head_dim(d)
+        seed = config.seed * 100_003 + self.layer_idx
+        self.sketch = QJLSketch(d, config.layer_sketch_dim(self.layer_idx), seed, config.orthogonal, self.device)
+        if config.n_outliers:
+            self.outlier_sketch = QJLSketch(d, config.outlier_sketch_dim, seed + 50_000, config.orthogonal,
+                                            self.device)
+
+    def reset_compressed(self):
+        self.state: dict[str, torch.Tensor] = {}
+        self.key_mean = None
+
+    def start(self, keys, values):
+        if self.config.center_keys:
+            self.key_mean = keys.float().mean(dim=-2, keepdim=True).to(keys.dtype)
+
+    def compress(self, keys, values):
+        config = self.config
+        if self.key_mean is not None:
+            keys = keys.float() - self.key_mean.float()
+        idx_per_token = None
+        if config.n_outliers:
+            filled = self.n_compressed % config.group_size
+            fresh = keys[:, :, (config.group_size - filled) % config.group_size:] if filled else keys
+            new_idx = outlier_channels(fresh, config.group_size, config.n_outliers)
+            # A group left short by `crop` is completed with its own channels.
+            group_idx = torch.cat([self.state["outlier_idx"][:, :, -1:], new_idx], 2) if filled else new_idx
+            idx_per_token = per_token(group_idx, keys.shape[-2], config.group_size, filled)
+            self._append("outlier_idx", new_idx)
+        block = quantize_keys(keys, self.sketch, self.outlier_sketch, idx_per_token)
+        quantized_values = quantize_values(values, config.value_bits, config.value_group_size)
+        for name, tensor in zip(("signs", "norms", "outlier_signs", "outlier_norms"),
+                                (block.signs, block.norms, block.outlier_signs, block.outlier_norms)):
+            if tensor is not None:
+                self._append(name, tensor)
+        for name, tensor in zip(("value_packed", "value_scales", "value_minimums"), quantized_values):
+            self._append(name, tensor)
+
+    def _append(self, name, tensor):
+        self.state[name] = torch.cat([self.state[name], tensor], dim=2) if name in self.state else tensor
+
+    def keys_block(self) -> QuantizedKeyBlock:
+        s = self.state
+        return QuantizedKeyBlock(s["signs"], s["norms"], s.get("outlier_idx"), s.get("outlier_signs"),
+                                 s.get("outlier_norms"))
+
+    def compressed_scores(self, query):
+        if not self.n_compressed:
+            return query.new_zeros(*query.shape[:-1], 0)
+        scores = score_keys(query, self.keys_block(), self.sketch, self.outlier_sketch, self.config.group_size)
+        if self.key_mean is not None:
+            scores = scores + query @ self.key_mean.float().transpose(-1, -2)
+        return scores
+
+    def compressed_output(self, probs):
+        if not self.n_compressed:
+            return probs.new_zeros(*probs.shape[:-1], self.head_dim)
+        s = self.state
+        values = dequantize_values(QuantizedValues(s["value_packed"], s["value_scales"], s["value_minimums"]),
+                                   self.config.value_bits)
+        return probs @ values
+
+    def compressed_state(self):
+        state = dict(self.state)
+        if self.key_mean is not None:
+            state["key_mean"] = self.key_mean
+        return state
+
+    def set_compressed_state(self, state):
+        self.key_mean = state.pop("key_mean", None)
+        self.state = state
+
+    def crop_compressed(self, n_keep):
+        for name in TOKEN_TENSORS:
+            if name in self.state:
+                self.state[name] = self.state[name][:, :, :n_keep]
+        if "outlier_idx" in self.state:
+            self.state["outlier_idx"] = self.state["outlier_idx"][:, :, :-(-n_keep // self.config.group_size)]
+
+
+def text_config(model_or_config):
+    config = getattr(model_or_config, "config", model_or_config)
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def check_supported(model_or_config) -> None:
+    config = text_config(model_or_config)
+    model_type = getattr(config, "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(f"model type {model_type!r} is not supported by the compressed caches; supported: "
+                         f"{', '.join(SUPPORTED_MODEL_TYPES)} (the Llama, Mistral, Qwen2 and Qwen3 families)")
+
+
+class CompressedCache(Cache):
+    """A transformers ``Cache`` of compressed layers, one per decoder layer, with byte accounting."""
+
+    def __init__(self, model, layers: list[CompressedLayer]):
+        from .attention import install
+
+        check_supported(model)
+        install(model)
+        super().__init__(layers=layers)
+
+    def nbytes(self) -> int:
+        """Exact bytes of every tensor the cache holds for its tokens."""
+        return sum(layer.nbytes() for layer in self.layers)
+
+    def fp16_nbytes(self) -> int:
+        """Bytes an fp16 cache would hold for the same tokens."""
+        return sum(layer.fp16_nbytes() for layer in self.layers)
+
+
+class QJLCache(CompressedCache):
+    """QJL-compressed KV cache: ``model.generate(ids, past_key_values=QJLCache(model, config))``."""
+
+    def __init__(self, model, config: QJLConfig | str | None = None):
+        n_layers = text_config(model).num_hidden_layers
+        if config is None or isinstance(config, str):
+            config = QJLConfig.preset(config or "3bit", head_dim=model_head_dim(model))
+        self.config = config
+        super().__init__(model, [QJLLayer(config, i) for i in range(n_layers)])
+
+
+def model_head_dim(model) -> int:
+    config = text_config(model)
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads

@@ -1,0 +1,92 @@
+"""QJL key quantization with outlier channels: the reference of the key and score kernels.
+
+Tokens come in groups of ``group_size``; per group and KV head the ``n_outliers`` channels of largest norm are the
+outliers. A key ``k`` is split into ``k_in`` (outlier channels zeroed) and ``k_out`` (the rest zeroed), each stored
+as sign bits of its own sketch plus its norm. A query is split the same way for each group, so the score is
+``est(q_in, k_in) + est(q_out, k_out)``. The inlier sketch of ``q_in`` never needs recomputing per group:
+``S (q * mask) = S q - S[:, idx] q[idx]``, and only the ``n_outliers`` columns ``idx`` change.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from .sketch import QJLSketch, unpack_signs
+
+
+class QuantizedKeyBlock(NamedTuple):
+    signs: torch.Tensor  # uint8 [b, h, n, m // 8]
+    norms: torch.Tensor  # float16 [b, h, n]
+    outlier_idx: torch.Tensor | None  # uint8 [b, h, groups, n_outliers]
+    outlier_signs: torch.Tensor | None  # uint8 [b, h, n, mo // 8]
+    outlier_norms: torch.Tensor | None  # float16 [b, h, n]
+
+
+def outlier_channels(keys: torch.Tensor, group_size: int, n_outliers: int) -> torch.Tensor:
+    """uint8 ``[b, h, groups, n_outliers]``: the channels of largest norm over each group of tokens (the last group
+    may be short)."""
+    b, h, n, d = keys.shape
+    groups = -(-n // group_size)
+    padded = torch.nn.functional.pad(keys.float(), (0, 0, 0, groups * group_size - n))
+    energy = padded.reshape(b, h, groups, group_size, d).square().sum(-2)
+    return energy.topk(n_outliers, dim=-1).indices.sort(-1).values.to(torch.uint8)
+
+
+def per_token(group_values: torch.Tensor, n: int, group_size: int, first_group_fill: int = 0) -> torch.Tensor:
+    """Repeats per-group rows (dim 2) for the tokens of each group. ``first_group_fill`` tokens already sit in the
+    first group, so it only has ``group_size - first_group_fill`` left."""
+    positions = torch.arange(n, device=group_values.device) + first_group_fill
+    return group_values[:, :, positions // group_size]
+
+
+def outlier_mask(idx_per_token: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """bool ``[b, h, n, d]``, True on each token's outlier channels."""
+    mask = torch.zeros(*idx_per_token.shape[:-1], head_dim, dtype=torch.bool, device=idx_per_token.device)
+    return mask.scatter_(-1, idx_per_token.long(), True)
+
+
+def quantize_keys(keys: torch.Tensor, sketch: QJLSketch, outlier_sketch: QJLSketch | None = None,
+                  idx_per_token: torch.Tensor | None = None) -> QuantizedKeyBlock:
+    """Quantizes ``keys`` ``[b, h, n, d]``; with outliers, ``idx_per_token`` ``[b, h, n, n_outliers]`` says which
+    channels of each token go to ``outlier_sketch``."""
+    if idx_per_token is None:
+        signs, norms = sketch.quantize(keys)
+        return QuantizedKeyBlock(signs, norms, None, None, None)
+    mask = outlier_mask(idx_per_token, keys.shape[-1])
+    keys = keys.float()
+    inliers, outliers = keys.masked_fill(mask, 0), keys.masked_fill(~mask, 0)
+    signs, norms = sketch.quantize(inliers)
+    outlier_signs, outlier_norms = outlier_sketch.quantize(outliers)
+    return QuantizedKeyBlock(signs, norms, None, outlier_signs, outlier_norms)
+
+
+def score_keys(query: torch.Tensor, block: QuantizedKeyBlock, sketch: QJLSketch,
+               outlier_sketch: QJLSketch | None, group_size: int) -> torch.Tensor:
+    """Estimated ``query @ keys^T``: ``query`` float32 ``[b, h, m, d]`` -> float32 ``[b, h, m, n]``."""
+    projected = sketch.project(query)  # [b, h, m, sketch_dim]
+    if block.outlier_idx is None:
+        return sketch.score_projected(projected, block)
+    b, h, m, d = query.shape
+    n = block.signs.shape[-2]
+    groups = block.outlier_idx.shape[-2]
+    pad = groups * group_size - n
+
+    def grouped(t):  # [b, h, n, ...] -> [b, h, groups, group_size, ...]
+        t = torch.nn.functional.pad(t, (0, 0) * (t.dim() - 3) + (0, pad))
+        return t.reshape(b, h, groups, group_size, *t.shape[3:])
+
+    idx = block.outlier_idx.long()  # [b, h, groups, k]
+    query_outliers = torch.gather(query.unsqueeze(2).expand(b, h, groups, m, d), -1,
+                                  idx.unsqueeze(-2).expand(b, h, groups, m, idx.shape[-1]))  # [b, h, g, m, k]
+    inlier_projection = projected.unsqueeze(2) - query_outliers @ sketch.matrix.T[idx]  # [b, h, g, m, sketch_dim]
+    outlier_projection = query_outliers @ outlier_sketch.matrix.T[idx]  # [b, h, g, m, mo]
+
+    def estimate(proj, signs, norms, scale):
+        s = unpack_signs(grouped(signs))  # [b, h, g, group_size, dim]
+        est = proj @ s.transpose(-1, -2) * (grouped(norms.float().unsqueeze(-1)).squeeze(-1) * scale).unsqueeze(-2)
+        return est.permute(0, 1, 3, 2, 4).reshape(b, h, m, groups * group_size)[..., :n]
+
+    return (estimate(inlier_projection, block.signs, block.norms, sketch.scale)
+            + estimate(outlier_projection, block.outlier_signs, block.outlier_norms, outlier_sketch.scale))
