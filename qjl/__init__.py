@@ -4,11 +4,12 @@ from .cache import SUPPORTED_MODEL_TYPES, CompressedCache, QJLCache, QJLLayer, c
 from .config import PRESETS, QJLConfig
 from .layer import CompressedLayer
 from .models import embedded_gguf, load_model
+from .runner import PrefillRecord, StepRecord, encode_prompt, run_side_by_side
 from .sketch import QJLSketch, pack_bits, unpack_bits
 from .values import dequantize_values, quantize_values
 
 __all__ = [
     "PRESETS", "SUPPORTED_MODEL_TYPES", "CompressedCache", "CompressedLayer", "QJLCache", "QJLConfig", "QJLLayer",
-    "QJLSketch", "check_supported", "dequantize_values", "embedded_gguf", "load_model", "pack_bits",
+    "QJLSketch", "PrefillRecord", "StepRecord", "check_supported", "encode_prompt", "run_side_by_side", "dequantize_values", "embedded_gguf", "load_model", "pack_bits",
     "quantize_values", "unpack_bits",
 ]
