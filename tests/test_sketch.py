@@ -1,0 +1,103 @@
+import math
+
+import pytest
+import torch
+
+from qjl import QJLSketch, dequantize_values, pack_bits, quantize_values, unpack_bits
+from qjl.keys import outlier_channels, per_token, quantize_keys, score_keys
+from qjl.sketch import chi_mean, sketch_matrix
+
+
+def test_pack_bits_round_trip():
+    bits = torch.rand(3, 5, 40, generator=torch.Generator().manual_seed(0)) > 0.5
+    packed = pack_bits(bits)
+    assert packed.dtype == torch.uint8 and packed.shape == (3, 5, 5)
+    assert torch.equal(unpack_bits(packed), bits)
+    # LSB first: channel 0 is bit 0 of byte 0.
+    one = torch.zeros(8, dtype=torch.bool)
+    one[0] = True
+    assert pack_bits(one).item() == 1
+
+
+def test_orthogonal_sketch_blocks():
+    matrix = sketch_matrix(64, 160, torch.Generator().manual_seed(1))
+    block = matrix[:64].double()
+    gram = block @ block.T
+    assert torch.allclose(gram, torch.eye(64, dtype=torch.float64) * chi_mean(64) ** 2, atol=1e-3)
+    assert matrix.shape == (160, 64)
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("orthogonal", [False, True])
+def test_estimator_unbiased_and_variance_bounded(head_dim, orthogonal):
+    """Over many independent sketches: mean error within a few standard errors of 0, variance under the bound."""
+    gen = torch.Generator().manual_seed(head_dim + orthogonal)
+    sketch_dim, trials = 64, 3000
+    q = torch.randn(head_dim, generator=gen)
+    k = torch.randn(head_dim, generator=gen) + 0.7 * q  # correlated, so <q, k> is far from 0
+    exact = float(q @ k)
+    estimates = torch.empty(trials, dtype=torch.float64)
+    for t in range(trials):
+        sketch = QJLSketch(head_dim, sketch_dim, seed=10_000 * head_dim + t, orthogonal=orthogonal)
+        estimates[t] = float(sketch.score(q[None], sketch.quantize(k[None])))
+    error = estimates - exact
+    standard_error = error.std() / math.sqrt(trials)
+    assert abs(error.mean()) < 4 * standard_error
+    bound = math.pi / (2 * sketch_dim) * float(q.norm() ** 2 * k.norm() ** 2)
+    assert error.var() < 1.15 * bound  # sampling tolerance of a variance over 3000 draws
+    assert error.var() > 0.05 * bound  # and the estimate is really random
+
+
+def test_score_broadcasts_over_batch_and_heads():
+    sketch = QJLSketch(64, 128, seed=3)
+    keys = torch.randn(2, 3, 10, 64)
+    queries = torch.randn(2, 3, 4, 64)
+    scores = sketch.score(queries, sketch.quantize(keys))
+    assert scores.shape == (2, 3, 4, 10)
+    exact = queries @ keys.transpose(-1, -2)
+    # A 128-bit sketch correlates strongly with the exact scores.
+    assert torch.corrcoef(torch.stack([scores.flatten(), exact.flatten()]))[0, 1] > 0.8
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_value_quantization_error_within_bound(bits):
+    values = torch.randn(2, 3, 17, 64) * 3
+    quantized = quantize_values(values, bits, 32)
+    assert quantized.packed.shape == (2, 3, 17, bits * 64 // 8)
+    restored = dequantize_values(quantized, bits)
+    grouped = values.reshape(2, 3, 17, 2, 32)
+    step = (grouped.amax(-1) - grouped.amin(-1)) / (2**bits - 1)
+    # Half a step, plus the fp16 rounding of the scale and minimum.
+    bound = (step / 2 * (1 + 2**bits * 1e-3) + grouped.abs().amax(-1) * 1e-3).repeat_interleave(32, -1)
+    assert ((restored - values).abs().reshape(2, 3, 17, 64) <= bound.reshape(2, 3, 17, 64)).all()
+
+
+def test_constant_group_is_exact():
+    values = torch.full((1, 1, 3, 32), 1.5)
+    assert torch.equal(dequantize_values(quantize_values(values, 2, 32), 2), values)
+
+
+def test_outlier_split_reconstructs_key_and_score_is_sum_of_parts():
+    gen = torch.Generator().manual_seed(5)
+    keys = torch.randn(1, 2, 64, 64, generator=gen)
+    keys[..., 7] *= 20  # an outlier channel
+    idx = outlier_channels(keys, group_size=32, n_outliers=4)
+    assert idx.shape == (1, 2, 2, 4) and (idx == 7).any(-1).all()
+    idx_tokens = per_token(idx, 64, 32)
+    mask = torch.zeros_like(keys, dtype=torch.bool).scatter_(-1, idx_tokens.long(), True)
+    inliers, outliers = keys.masked_fill(mask, 0), keys.masked_fill(~mask, 0)
+    assert torch.equal(inliers + outliers, keys)
+    sketch, outlier_sketch = QJLSketch(64, 128, seed=1), QJLSketch(64, 64, seed=2)
+    block = quantize_keys(keys, sketch, outlier_sketch, idx_tokens)._replace(outlier_idx=idx)
+    query = torch.randn(1, 2, 3, 64, generator=gen)
+    q_tokens = query.unsqueeze(3).expand(1, 2, 3, 64, 64)
+    token_mask = mask.unsqueeze(2)
+    # The same estimate computed by splitting the query token by token.
+    inlier_est = sketch.score_projected(sketch.project(q_tokens.masked_fill(token_mask, 0)).unsqueeze(-2),
+                                        sketch.quantize(inliers.unsqueeze(2).unsqueeze(-2)))
+    outlier_est = outlier_sketch.score_projected(
+        outlier_sketch.project(q_tokens.masked_fill(~token_mask, 0)).unsqueeze(-2),
+        outlier_sketch.quantize(outliers.unsqueeze(2).unsqueeze(-2)))
+    expected = (inlier_est + outlier_est).reshape(1, 2, 3, 64)
+    got = score_keys(query, block, sketch, outlier_sketch, group_size=32)
+    assert torch.allclose(got, expected, atol=1e-4)
