@@ -1,0 +1,50 @@
+"""Triton helpers shared by the kernels: fp32-accurate matrix products on fp16 tensor cores, and bit unpacking.
+
+fp32 operands go through tensor cores as an fp16 high part plus an fp16 remainder (error about 2^-22 of the
+operands, against 2^-11 for one fp16 product), so a kernel agrees with the fp32 torch reference to ~1e-6 while the
+products run at fp16 rate. Operands must stay below fp16's range (65504): true of projections, queries, keys,
+values and probabilities of real models. (bf16 would have the range, but Triton's interpreter mis-computes bf16 dots.)
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def split_fp16(x):
+    hi = x.to(tl.float16)
+    return hi, (x - hi.to(tl.float32)).to(tl.float16)
+
+
+@triton.jit
+def dot_exact_rhs(a, b):
+    """fp32 ``a @ b`` for ``b`` exactly representable in fp16 (signs, integer codes)."""
+    a_hi, a_lo = split_fp16(a)
+    b16 = b.to(tl.float16)
+    return tl.dot(a_hi, b16) + tl.dot(a_lo, b16)
+
+
+@triton.jit
+def dot3(a, b):
+    """fp32 ``a @ b`` from three fp16 products (the lo x lo term is below fp32 rounding)."""
+    a_hi, a_lo = split_fp16(a)
+    b_hi, b_lo = split_fp16(b)
+    return tl.dot(a_hi, b_hi) + tl.dot(a_lo, b_hi) + tl.dot(a_hi, b_lo)
+
+
+@triton.jit
+def unpack_rows(packed, ROWS: tl.constexpr, BYTES: tl.constexpr):
+    """uint8 ``[ROWS, BYTES]`` -> int32 bits ``[ROWS, 8 BYTES]``, least significant bit first."""
+    bits = (packed.to(tl.int32)[:, :, None] >> tl.arange(0, 8)[None, None, :]) & 1
+    return tl.reshape(bits, (ROWS, BYTES * 8))
+
+
+@triton.jit
+def pack_rows(bits, ROWS: tl.constexpr, BYTES: tl.constexpr):
+    """int32 0/1 ``[ROWS, 8 BYTES]`` -> uint8 ``[ROWS, BYTES]``, least significant bit first."""
+    weighted = tl.reshape(bits, (ROWS, BYTES, 8)) << tl.arange(0, 8)[None, None, :]
+    return tl.sum(weighted, axis=2).to(tl.uint8)
+
+
+def pow2(n: int, minimum: int = 1) -> int:
+    return max(minimum, triton.next_power_of_2(n))
