@@ -5,11 +5,12 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache
 
+from . import backend
 from .config import QJLConfig
-from .keys import QuantizedKeyBlock, outlier_channels, per_token, quantize_keys, score_keys
+from .keys import QuantizedKeyBlock, outlier_channels, per_token
 from .layer import CompressedLayer
 from .sketch import QJLSketch
-from .values import QuantizedValues, dequantize_values, quantize_values
+from .values import QuantizedValues, dequantize_values
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
@@ -56,8 +57,8 @@ class QJLLayer(CompressedLayer):
             group_idx = torch.cat([self.state["outlier_idx"][:, :, -1:], new_idx], 2) if filled else new_idx
             idx_per_token = per_token(group_idx, keys.shape[-2], config.group_size, filled)
             self._append("outlier_idx", new_idx)
-        block = quantize_keys(keys, self.sketch, self.outlier_sketch, idx_per_token)
-        quantized_values = quantize_values(values, config.value_bits, config.value_group_size)
+        block = backend.quantize_keys(keys, self.sketch, self.outlier_sketch, idx_per_token)
+        quantized_values = backend.quantize_values(values, config.value_bits, config.value_group_size)
         for name, tensor in zip(("signs", "norms", "outlier_signs", "outlier_norms"),
                                 (block.signs, block.norms, block.outlier_signs, block.outlier_norms)):
             if tensor is not None:
@@ -76,10 +77,12 @@ class QJLLayer(CompressedLayer):
     def compressed_scores(self, query):
         if not self.n_compressed:
             return query.new_zeros(*query.shape[:-1], 0)
-        scores = score_keys(query, self.keys_block(), self.sketch, self.outlier_sketch, self.config.group_size)
-        if self.key_mean is not None:
-            scores = scores + query @ self.key_mean.float().transpose(-1, -2)
-        return scores
+        return backend.compressed_scores(query, self.keys_block(), self.sketch, self.outlier_sketch,
+                                         self.config.group_size, self.key_mean)
+
+    def attend(self, query, attention_mask, scaling):
+        out = backend.decode_attention(self, query, attention_mask, scaling)  # fused kernel for a decode token
+        return super().attend(query, attention_mask, scaling) if out is None else out
 
     def compressed_output(self, probs):
         if not self.n_compressed:

@@ -1,0 +1,168 @@
+"""Triton kernels against the torch reference: on a GPU when there is one, else in Triton's interpreter.
+
+Shapes are small (the interpreter runs every program in numpy) but cover head dims 64 and 128, 1, 3 and 4 query
+heads per KV head, lengths that are not multiples of any block, batch 2, and fp32/fp16/bf16 inputs.
+"""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # read when the kernels are decorated, so before importing them
+pytest.importorskip("triton")
+
+from kernels.decode_attention import decode_attention  # noqa: E402
+from kernels.quantize_keys import quantize_keys  # noqa: E402
+from kernels.quantize_values import quantize_values  # noqa: E402
+from kernels.scores import compressed_scores  # noqa: E402
+from qjl import keys as ref_keys  # noqa: E402
+from qjl import values as ref_values  # noqa: E402
+from qjl.cache import QJLCache, QJLLayer  # noqa: E402
+from qjl.config import QJLConfig  # noqa: E402
+from qjl.sketch import QJLSketch  # noqa: E402
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def sketches(d, sketch_dim, outlier_dim):
+    return QJLSketch(d, sketch_dim, 1, device=DEVICE), QJLSketch(d, outlier_dim, 2, device=DEVICE)
+
+
+def keys_with_outliers(b, h, n, d, dtype, k, group_size=32):
+    keys = torch.randn(b, h, n, d, generator=torch.Generator().manual_seed(n + d)).to(DEVICE)
+    keys[..., 3] *= 8  # a real outlier channel
+    keys = keys.to(dtype)
+    group_idx = ref_keys.outlier_channels(keys, group_size, k) if k else None
+    return keys, group_idx, ref_keys.per_token(group_idx, n, group_size) if k else None
+
+
+def assert_signs_match(ref_signs, signs, max_fraction):
+    # On a GPU a projection within rounding of 0 may take the other sign; in the interpreter none does.
+    mismatch = (ref_signs != signs).float().mean().item()
+    assert mismatch <= max_fraction, f"{mismatch:.2%} of sign bytes differ"
+
+
+@pytest.mark.parametrize("d,sketch_dim,outlier_dim,k,dtype", [
+    (64, 120, 64, 4, "fp32"), (128, 256, 128, 8, "bf16"), (64, 128, 64, 0, "fp16")])
+def test_quantize_keys_matches_reference(d, sketch_dim, outlier_dim, k, dtype):
+    keys, _, idx = keys_with_outliers(2, 3, 45, d, DTYPES[dtype], k)
+    sketch, outlier_sketch = sketches(d, sketch_dim, outlier_dim)
+    ref = ref_keys.quantize_keys(keys, sketch, outlier_sketch if k else None, idx)
+    signs, norms, osigns, onorms = quantize_keys(keys, sketch.matrix, outlier_sketch.matrix if k else None, idx)
+    tolerance = 0.0 if DEVICE.type == "cpu" else 1e-3
+    assert_signs_match(ref.signs, signs, tolerance)
+    torch.testing.assert_close(norms, ref.norms, rtol=1e-3, atol=1e-3)
+    if k:
+        assert_signs_match(ref.outlier_signs, osigns, tolerance)
+        torch.testing.assert_close(onorms, ref.outlier_norms, rtol=1e-3, atol=1e-3)
+    else:
+        assert osigns is None and onorms is None
+
+
+@pytest.mark.parametrize("bits,d,group,dtype", [(2, 64, 32, "fp32"), (3, 128, 128, "bf16"), (4, 64, 16, "fp16"),
+                                                (8, 128, 32, "fp32"), (1, 64, 64, "fp32")])
+def test_quantize_values_matches_reference(bits, d, group, dtype):
+    values = torch.randn(2, 3, 37, d, generator=torch.Generator().manual_seed(bits)).to(DEVICE, DTYPES[dtype])
+    values[0, 0, 5] = 1.5  # a constant token: scale 0, codes 0
+    ref = ref_values.quantize_values(values, bits, group)
+    packed, scales, minimums = quantize_values(values, bits, group)
+    assert torch.equal(scales, ref.scales) and torch.equal(minimums, ref.minimums)
+    codes, ref_codes = ref_values.unpack_codes(packed, bits), ref_values.unpack_codes(ref.packed, bits)
+    # A GPU division may round a code that sits on a half-way point the other way; the interpreter matches exactly.
+    assert (codes.int() - ref_codes.int()).abs().max() <= (0 if DEVICE.type == "cpu" else 1)
+    assert (codes != ref_codes).float().mean() <= (0 if DEVICE.type == "cpu" else 1e-4)
+
+
+@pytest.mark.parametrize("d,queries,k,centered", [(64, 3, 4, True), (128, 4, 8, False), (64, 1, 0, False),
+                                                  (128, 5, 0, True)])
+def test_scores_match_reference(d, queries, k, centered):
+    n, group_size = 77, 32
+    keys, group_idx, idx = keys_with_outliers(2, 2, n, d, torch.float32, k, group_size)
+    sketch, outlier_sketch = sketches(d, 2 * d - 8, d)
+    block = ref_keys.quantize_keys(keys, sketch, outlier_sketch if k else None, idx)._replace(outlier_idx=group_idx)
+    query = torch.randn(2, 2, queries, d, generator=torch.Generator().manual_seed(7)).to(DEVICE)
+    mean = keys.mean(-2, keepdim=True) if centered else None
+    ref = ref_keys.score_keys(query, block, sketch, outlier_sketch if k else None, group_size)
+    if centered:
+        ref = ref + query @ mean.transpose(-1, -2)
+    out = compressed_scores(query, tuple(block), sketch.matrix, outlier_sketch.matrix if k else None, group_size,
+                            mean)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+
+
+def filled_layer(config, b, h, d, prompt, steps, dtype, seed=0):
+    """A QJLLayer after a prompt and ``steps`` decode tokens (built with the torch reference)."""
+    generator = torch.Generator().manual_seed(seed)
+    layer = QJLLayer(config, layer_idx=1)
+    for n in [prompt] + [1] * steps:
+        k, v = (torch.randn(b, h, n, d, generator=generator).to(DEVICE, dtype) for _ in range(2))
+        layer.update(k, v)
+    return layer
+
+
+@pytest.mark.parametrize("d,group,dtype,config", [
+    (64, 3, "fp32", QJLConfig.preset("3bit", head_dim=64)),
+    (128, 4, "bf16", QJLConfig.preset("paper", head_dim=128)),
+    (64, 1, "fp16", QJLConfig(sketch_dim=72, n_outliers=0, value_bits=3, value_group_size=16, buffer_size=32)),
+    (128, 3, "fp32", QJLConfig(sketch_dim=136, outlier_sketch_dim=40, n_outliers=5, group_size=16, value_bits=4,
+                               value_group_size=64, buffer_size=48, sink_tokens=3, center_keys=True)),
+])
+def test_fused_decode_matches_reference_attend(monkeypatch, d, group, dtype, config):
+    b, h = 2, 2
+    layer = filled_layer(config, b, h, d, prompt=235, steps=2, dtype=DTYPES[dtype])
+    assert layer.n_compressed and layer.n_compressed % 64  # lengths that are not block multiples
+    query = torch.randn(b, h * group, 1, d, generator=torch.Generator().manual_seed(3)).to(DEVICE, DTYPES[dtype])
+    monkeypatch.setenv("QJL_BACKEND", "torch")
+    ref = layer.attend(query, None, d ** -0.5)
+    monkeypatch.setenv("QJL_BACKEND", "triton")
+    out = layer.attend(query, None, d ** -0.5)
+    assert out.shape == ref.shape == (b, 1, h * group, d) and out.dtype == query.dtype
+    atol = {"fp32": 1e-5, "fp16": 2e-3, "bf16": 1e-2}[dtype]
+    torch.testing.assert_close(out, ref, rtol=atol, atol=atol)
+
+
+def test_fused_decode_with_empty_buffer_and_no_compressed_tokens():
+    config = QJLConfig(sketch_dim=64, n_outliers=0, buffer_size=32, group_size=32)
+    layer = filled_layer(config, 1, 1, 64, prompt=31, steps=1, dtype=torch.float32)  # flush: buffer now empty
+    assert layer.buffer_keys.shape[2] == 0 and layer.n_compressed == 32
+    s = layer.state
+    query = torch.randn(1, 1, 1, 64, device=DEVICE)
+    probs_ref = layer.attend(query, None, 0.125)
+    out = decode_attention(query, tuple(layer.keys_block()), (s["value_packed"], s["value_scales"],
+                           s["value_minimums"]), 2, layer.sketch.matrix, None, 32, None,
+                           (layer.sink_keys, layer.buffer_keys), (layer.sink_values, layer.buffer_values), 0.125)
+    torch.testing.assert_close(out, probs_ref, rtol=1e-5, atol=1e-5)
+
+
+def test_whole_model_decoding_through_kernels_matches_torch(monkeypatch, tiny_llama):
+    model = tiny_llama.to(DEVICE)
+    ids = torch.randint(0, 256, (2, 100), generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    config = QJLConfig.preset("3bit", head_dim=64)
+
+    def decode(backend):
+        monkeypatch.setenv("QJL_BACKEND", backend)
+        cache = QJLCache(model, config)
+        with torch.no_grad():
+            out = model(ids, past_key_values=cache, use_cache=True)
+            logits, token = [], out.logits[:, -1:].argmax(-1)
+            for _ in range(4):
+                out = model(token, past_key_values=cache, use_cache=True)
+                logits.append(out.logits[:, -1])
+                token = out.logits[:, -1:].argmax(-1)
+        return torch.stack(logits, 1), cache
+
+    import kernels.decode_attention as fused
+
+    calls = []
+    monkeypatch.setattr(fused, "decode_attention", lambda *args: calls.append(1) or kernel(*args))
+    kernel = decode_attention
+    ref, ref_cache = decode("torch")
+    assert not calls
+    out, cache = decode("triton")
+    assert len(calls) == 4 * len(cache.layers)  # every decode step of every layer took the fused kernel
+    assert cache.nbytes() == ref_cache.nbytes()
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    assert torch.equal(out.argmax(-1), ref.argmax(-1))
