@@ -1,7 +1,8 @@
-"""Cache factories by name: ``"full"`` (transformers' ``DynamicCache``) and every compressed preset.
+"""Cache factories by name. A factory is ``lambda model: cache``.
 
-Compressed presets come from ``qjl.make_cache`` / ``qjl.list_presets`` where the package has them, else from the QJL
-presets (``qjl.QJLCache(model, name)``). A factory is ``lambda model: cache``.
+Names come from ``qjl.list_presets()`` (``"full"`` and every compressed preset, built by ``qjl.make_cache``); the QJL
+config presets (``"paper"``, ``"3bit"``: ``qjl.QJLCache(model, name)``) and ``"full"`` (transformers'
+``DynamicCache``) work where the package has no preset registry.
 """
 
 from __future__ import annotations
@@ -15,23 +16,25 @@ import qjl
 FULL = "full"
 
 
+def registry() -> dict:
+    return qjl.list_presets() if hasattr(qjl, "list_presets") else {}
+
+
 def preset_names() -> list[str]:
-    """The compressed presets available."""
-    if hasattr(qjl, "list_presets"):
-        return list(qjl.list_presets())
-    return list(qjl.PRESETS)
+    """The compressed presets available (not ``"full"``)."""
+    return [name for name in registry() if name != FULL] or list(qjl.PRESETS)
 
 
 def factory(spec) -> Callable:
     """A cache factory for ``spec``: a preset name, ``"full"``, a ``QJLConfig``, or already a factory."""
-    if callable(spec) and not isinstance(spec, (str, qjl.QJLConfig)):
-        return spec
-    if spec == FULL:
-        return lambda model: DynamicCache()
     if isinstance(spec, qjl.QJLConfig):
         return lambda model: qjl.QJLCache(model, spec)
-    if spec not in preset_names():
-        raise ValueError(f"unknown cache preset {spec!r}; known: {FULL}, {', '.join(preset_names())}")
-    if hasattr(qjl, "make_cache"):
+    if callable(spec):
+        return spec
+    if spec in registry():
         return lambda model: qjl.make_cache(model, spec)
-    return lambda model: qjl.QJLCache(model, spec)
+    if spec == FULL:
+        return lambda model: DynamicCache()
+    if spec in qjl.PRESETS:
+        return lambda model: qjl.QJLCache(model, spec)
+    raise ValueError(f"unknown cache preset {spec!r}; known: {FULL}, {', '.join(preset_names())}")
