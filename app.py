@@ -27,6 +27,7 @@ from profiling.caches import FULL, factory, preset_names
 from profiling.export import export_run
 from profiling.memory import MemorySampler
 from profiling.quality import run_summary, teacher_forced
+from profiling.records import as_dict
 
 try:  # ZeroGPU Spaces: a GPU is attached only inside functions wrapped by spaces.GPU
     import spaces
@@ -136,19 +137,18 @@ def summary_rows(summary: dict) -> list[list[str]]:
 def compare(prompt, model_name, method, sketch_dim, n_outliers, value_bits, buffer_size, sink_tokens, center_keys,
             max_new_tokens, teacher_forcing, progress=gr.Progress()):
     """Streams (status, text full, text compressed, four charts, summary rows, run record) while both sides decode."""
-    outputs = [gr.skip()] * 9
     settings = dict(zip(ADVANCED, (sketch_dim, n_outliers, value_bits, buffer_size, sink_tokens, center_keys)))
     run = {"config": {"model": model_name, "method": method, "max_new_tokens": max_new_tokens,
                       "advanced": settings if method == CUSTOM else None, "teacher_forcing": teacher_forcing},
-           "prefill": None, "steps": [], "memory": [], "summary": None}
+           "prefill": None, "steps": [], "memory": [], "memory_info": None, "summary": None}
     sampler, records, clicked = None, None, time.perf_counter()
 
-    def update(message, charts=False, final=False):
+    def update(message, redraw=False, final=False):
         values = [message, gr.skip(), gr.skip()] + [gr.skip()] * 4 + [gr.skip(), gr.skip()]
         if run["steps"]:
             values[1], values[2] = run["steps"][-1]["text_full"], run["steps"][-1]["text_compressed"]
-        if charts:
-            values[3:7] = live_charts(run)
+        if redraw:
+            values[3:7] = list(charts(run).values())
         if final:
             values[7], values[8] = summary_rows(run["summary"]), run
         return values
@@ -164,33 +164,34 @@ def compare(prompt, model_name, method, sketch_dim, n_outliers, value_bits, buff
         run["config"].update(prompt_tokens=input_ids.shape[1], device=str(next(model.parameters()).device),
                              dtype=str(next(model.parameters()).dtype), cache=repr(spec))
         sampler = MemorySampler(next(model.parameters()).device, interval_s=0.25).start()
-        run["memory"] = sampler.samples
+        run["memory"], run["memory_info"] = sampler.samples, sampler.info()
         progress(0.0, desc=f"Prefilling {input_ids.shape[1]:,} tokens")
         yield update(f"Prefilling {input_ids.shape[1]:,} tokens (exact attention), then quantizing the cache…")
         records = qjl.run_side_by_side(model, tokenizer, input_ids, make_cache, max_new_tokens=int(max_new_tokens))
         shown = charted = 0.0
         for record in records:
             if isinstance(record, qjl.PrefillRecord):
-                run["prefill"] = record.to_dict() if hasattr(record, "to_dict") else vars(record).copy()
+                run["prefill"] = as_dict(record)
                 continue
-            run["steps"].append(record.to_dict())
+            run["steps"].append(as_dict(record))
             now = time.perf_counter()
             if now - shown >= TEXT_EVERY_S:
                 progress((record.step + 1) / int(max_new_tokens), desc="Decoding")
-                charts, shown = now - charted >= CHARTS_EVERY_S, now
-                charted = now if charts else charted
+                redraw, shown = now - charted >= CHARTS_EVERY_S, now
+                charted = now if redraw else charted
                 yield update(f"Decoding: step {record.step + 1} of {int(max_new_tokens)}, "
-                             f"{now - clicked:.1f} s since the click", charts=charts)
+                             f"{now - clicked:.1f} s since the click", redraw=redraw)
         run["summary"] = run_summary(run["prefill"], run["steps"])
         if teacher_forcing and len(run["steps"]) > 1:
-            yield update("Teacher forcing the full side's text through the compressed cache…", charts=True)
+            yield update("Teacher forcing the full side's text through the compressed cache…", redraw=True)
             generated = [s["token_full"] for s in run["steps"] if s["token_full"] is not None]
             ids = torch.cat([input_ids, torch.tensor([generated])], dim=1)
             forced = teacher_forced(model, ids, make_cache, input_ids.shape[1], len(generated) - 1)
             run["summary"].update(teacher_forced_top1=forced["top1"], teacher_forced_kl=forced["kl"])
         sampler.stop()
+        run["memory_info"] = sampler.info()
         yield update(f"Done in {time.perf_counter() - clicked:.1f} s: {len(run['steps'])} steps each side.",
-                     charts=True, final=True)
+                     redraw=True, final=True)
     except Exception as error:  # every failure is shown in the page; the next run starts clean
         traceback.print_exc()
         yield update(error_message(error))
@@ -199,7 +200,6 @@ def compare(prompt, model_name, method, sketch_dim, n_outliers, value_bits, buff
             records.close()
         if sampler is not None:
             sampler.stop()
-        records = None
         free_memory()
 
 
@@ -210,15 +210,24 @@ def error_message(error: Exception) -> str:
     return f"**Could not run:** {error}"
 
 
-def live_charts(run: dict) -> list:
-    return figures.live_figures(run["prefill"], run["steps"], run["memory"])
+def charts(run: dict) -> dict:
+    """The run's four figures, by name."""
+    return {"kv_memory": figures.live_memory(run["steps"], run["prefill"]),
+            "device_memory": figures.memory_over_time(run["memory"], run["memory_info"]),
+            "latency": figures.live_latency(run["steps"]),
+            "agreement": figures.live_agreement(run["steps"])}
 
 
-def export(run: dict | None):
+def export(run: dict | None) -> str:
     if not run or not run.get("steps"):
         raise gr.Error("nothing to export yet: run a comparison first")
-    folder = Path(tempfile.mkdtemp(prefix="qjl-run-"))
-    return str(export_run(run, folder / "qjl-run.zip"))
+    records = {"steps": run["steps"], "prefill": [run["prefill"]], "memory": run["memory"],
+               "summary": [run["summary"] or {}]}
+    path, notes = export_run(Path(tempfile.mkdtemp(prefix="qjl-run-")) / "qjl-run.zip", charts(run), records,
+                             run["config"])
+    for note in notes:
+        gr.Warning(note)
+    return str(path)
 
 
 def build() -> gr.Blocks:
