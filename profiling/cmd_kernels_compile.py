@@ -1,0 +1,126 @@
+"""Compile every Triton kernel for a GPU this machine need not have, and read registers, shared memory and spills.
+
+``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))`` runs the real compiler (the interpreter
+accepts code it rejects) down to a cubin; the ``cuobjdump`` inside the Triton wheel reads its resource usage. Each
+kernel is compiled at the constexprs its launcher uses (``launch_config``) for the model shapes below.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import tempfile
+from pathlib import Path
+
+HELP = "compile the Triton kernels for sm_ARCH on any machine; report registers, shared memory, spills"
+
+# (label, head dim, query heads per KV head, preset): the embedded model, Llama-3.1-8B and a head dim of 256.
+SHAPES = [("smollm2", 64, 3, "3bit"), ("smollm2", 64, 3, "paper"), ("llama8b", 128, 4, "3bit"),
+          ("llama8b", 128, 4, "paper"), ("hd256", 256, 2, "3bit")]
+QUICK_SHAPES = [("llama8b", 128, 4, "paper")]
+
+# Pointer and scalar types of each kernel's runtime arguments, as the launchers pass them for a bf16 model.
+POINTERS = {
+    "quantize_keys": dict(keys_ptr="*fp32", idx_ptr="*u8", s_ptr="*fp32", so_ptr="*fp32", signs_ptr="*u8",
+                          norms_ptr="*fp16", osigns_ptr="*u8", onorms_ptr="*fp16", n_tokens="i32"),
+    "quantize_values": dict(values_ptr="*bf16", packed_ptr="*u8", scales_ptr="*fp16", mins_ptr="*fp16",
+                            n_rows="i32"),
+    "scores": dict(q_ptr="*fp32", s_ptr="*fp32", so_ptr="*fp32", mean_ptr="*fp32", signs_ptr="*u8",
+                   norms_ptr="*fp16", idx_ptr="*u8", osigns_ptr="*u8", onorms_ptr="*fp16", out_ptr="*fp32",
+                   n_tokens="i32", n_groups="i32", tokens_per_program="i32", scale="fp32", oscale="fp32"),
+    "decode_split": dict(q_ptr="*bf16", s_ptr="*fp32", so_ptr="*fp32", mean_ptr="*fp32", signs_ptr="*u8",
+                         norms_ptr="*fp16", idx_ptr="*u8", osigns_ptr="*u8", onorms_ptr="*fp16", vpacked_ptr="*u8",
+                         vscales_ptr="*fp16", vmins_ptr="*fp16", sink_k_ptr="*bf16", sink_v_ptr="*bf16",
+                         buf_k_ptr="*bf16", buf_v_ptr="*bf16", part_m_ptr="*fp32", part_l_ptr="*fp32",
+                         part_acc_ptr="*fp32", n_tokens="i32", n_groups="i32", tokens_per_split="i32", n_sink="i32",
+                         n_buffer="i32", scale="fp32", oscale="fp32", qk_scale="fp32"),
+    "combine_splits": dict(part_m_ptr="*fp32", part_l_ptr="*fp32", part_acc_ptr="*fp32", out_ptr="*bf16",
+                           n_splits="i32"),
+}
+
+
+def add_arguments(parser):
+    parser.add_argument("--arch", type=int, action="append", help="compute capability, e.g. 90 (H100) or 80 "
+                        "(A100); repeat for several (default: 90)")
+    parser.add_argument("--out", type=Path, default=Path("profiling/results/kernels-compile"),
+                        help="directory for results.json")
+    parser.add_argument("--quick", action="store_true", help="one model shape only (the Llama-8B paper preset)")
+
+
+def launch_configs(shapes) -> list[tuple[str, str, dict]]:
+    """(kernel, label, constexprs incl. num_warps) for every distinct configuration the launchers would compile."""
+    from kernels import KERNELS
+    from qjl.config import QJLConfig
+
+    seen, configs = set(), []
+    for label, d, group, preset in shapes:
+        c = QJLConfig.preset(preset, head_dim=d)
+        sketch_dims = sorted({c.sketch_dim, c.layer_sketch_dim(0)})
+        for sketch in sketch_dims:
+            k, outlier = c.n_outliers, c.outlier_sketch_dim
+            wanted = {
+                "quantize_keys": (d, sketch, outlier, k),
+                "quantize_values": (d, c.value_bits, c.value_group_size),
+                "scores": (group, d, sketch, outlier, k, c.group_size, c.center_keys),
+                "decode_split": (group, d, sketch, outlier, k, c.group_size, c.center_keys, c.value_bits,
+                                 c.value_group_size),
+                "combine_splits": (d,),
+            }
+            for kernel, args in wanted.items():
+                config = KERNELS[kernel][1](*args)
+                if kernel == "combine_splits":
+                    config = dict(config, M=group)
+                key = (kernel, tuple(sorted(config.items())))
+                if key not in seen:
+                    seen.add(key)
+                    configs.append((kernel, f"{label}/{preset}/sketch{sketch}", config))
+    return configs
+
+
+def resource_usage(cubin: bytes) -> dict:
+    import triton
+
+    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        text = subprocess.run([str(cuobjdump), "-res-usage", f.name], capture_output=True, text=True,
+                              check=True).stdout
+    fields = dict(re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", text))
+    return {name: int(value) for name, value in fields.items()}
+
+
+def compile_kernel(kernel: str, config: dict, arch: int) -> dict:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from kernels import KERNELS
+
+    fn = KERNELS[kernel][0]
+    constexprs = {name: value for name, value in config.items() if name != "num_warps"}
+    signature = {name: POINTERS[kernel].get(name, "constexpr") for name in fn.arg_names}
+    compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
+                              target=GPUTarget("cuda", arch, 32), options={"num_warps": config.get("num_warps", 4)})
+    usage = resource_usage(compiled.asm["cubin"])
+    return dict(registers=usage.get("REG"), shared_bytes=max(compiled.metadata.shared, usage.get("SHARED", 0)),
+                spill_bytes=usage.get("LOCAL", 0) + usage.get("STACK", 0))
+
+
+def run(args) -> int:
+    import triton
+
+    archs = args.arch or [90]
+    rows = []
+    for arch in archs:
+        for kernel, label, config in launch_configs(QUICK_SHAPES if args.quick else SHAPES):
+            row = dict(name=kernel, arch=arch, shapes=label, config=config, **compile_kernel(kernel, config, arch))
+            rows.append(row)
+            print(f"sm_{arch} {kernel:15s} {label:28s} warps={config.get('num_warps', 4)} regs={row['registers']:3d} "
+                  f"shared={row['shared_bytes']:6d} B spills={row['spill_bytes']} B", flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.json").write_text(json.dumps(dict(triton=triton.__version__, kernels=rows), indent=1))
+    spilling = [r for r in rows if r["spill_bytes"]]
+    print(f"{len(rows)} kernels compiled, {len(spilling)} spill; wrote {args.out / 'results.json'}")
+    return 1 if spilling else 0
