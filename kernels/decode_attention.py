@@ -81,7 +81,7 @@ def decode_split_kernel(q_ptr, s_ptr, so_ptr, mean_ptr, signs_ptr, norms_ptr, id
     l_i = tl.zeros((M_PAD,), dtype=tl.float32)
     acc = tl.zeros((M_PAD, D_PAD), dtype=tl.float32)
     if split < n_splits - 1:
-        proj = project(q, s_ptr, SKETCH, S_PAD, D, D_PAD)
+        proj = project(q_ptr, bh, s_ptr, M, M_PAD, SKETCH, S_PAD, D, D_PAD)
         bias = tl.zeros((M_PAD,), dtype=tl.float32)
         if CENTERED:
             bias = query_mean(q, mean_ptr, bh, D, D_PAD) * qk_scale

@@ -8,14 +8,14 @@ import triton.language as tl
 from .common import dot3, pack_rows, pow2
 
 BLOCK_TOKENS = 32
-BLOCK_SKETCH = 64  # sketch rows projected at a time: keeps the [tokens, sketch] tile in registers
+BLOCK_SKETCH = 32  # sketch rows projected at a time: keeps the [tokens, sketch] tile in registers
 
 
 @triton.jit
 def _project_pack(x, s_ptr, signs_ptr, rows, row_ok, SKETCH: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
                   BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
     offs_d = tl.arange(0, D_PAD)
-    for start in tl.static_range(0, SKETCH, BLOCK_M):
+    for start in range(0, SKETCH, BLOCK_M):  # a loop, not unrolled: one chunk of S live at a time
         offs_m = start + tl.arange(0, BLOCK_M)
         s_t = tl.load(s_ptr + offs_m[None, :] * D + offs_d[:, None],
                       mask=(offs_m[None, :] < SKETCH) & (offs_d[:, None] < D), other=0.0)  # S^T [D_PAD, BLOCK_M]
@@ -53,7 +53,7 @@ def quantize_keys_kernel(keys_ptr, idx_ptr, s_ptr, so_ptr, signs_ptr, norms_ptr,
 def launch_config(head_dim: int, sketch_dim: int, outlier_sketch_dim: int, n_outliers: int) -> dict:
     """The constexprs the launcher compiles for these shapes (also what ``kernels-compile`` checks)."""
     return dict(D=head_dim, D_PAD=pow2(head_dim, 16), SKETCH=sketch_dim, OSKETCH=outlier_sketch_dim if n_outliers else 8,
-                K=n_outliers, BLOCK_N=BLOCK_TOKENS, BLOCK_M=BLOCK_SKETCH)
+                K=n_outliers, BLOCK_N=BLOCK_TOKENS, BLOCK_M=BLOCK_SKETCH, num_warps=8 if head_dim >= 128 else 4)
 
 
 def quantize_keys(keys: torch.Tensor, matrix: torch.Tensor, outlier_matrix: torch.Tensor | None = None,

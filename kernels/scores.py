@@ -13,8 +13,9 @@ import triton.language as tl
 
 from .common import dot3, dot_exact_rhs, pow2, unpack_rows
 
-BLOCK_TOKENS = 64  # tile without outliers; with outliers a tile is one token group
+BLOCK_TOKENS = 32  # tile without outliers; with outliers a tile is one token group
 MIN_TOKENS_PER_PROGRAM = 256  # amortises the query projection each program does
+PROJECT_CHUNK: tl.constexpr = tl.constexpr(16)  # head-dim slice of the query projection
 
 
 @triton.jit
@@ -26,13 +27,21 @@ def load_queries(q_ptr, bh, M: tl.constexpr, M_PAD: tl.constexpr, D: tl.constexp
 
 
 @triton.jit
-def project(q, s_ptr, SKETCH: tl.constexpr, S_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr):
-    """``q @ S^T``: ``[M_PAD, S_PAD]`` float32."""
-    offs_d = tl.arange(0, D_PAD)
+def project(q_ptr, bh, s_ptr, M: tl.constexpr, M_PAD: tl.constexpr, SKETCH: tl.constexpr, S_PAD: tl.constexpr,
+            D: tl.constexpr, D_PAD: tl.constexpr):
+    """``q @ S^T``: ``[M_PAD, S_PAD]`` float32, over the head dim in chunks so ``S`` never sits whole in shared
+    memory."""
+    rows = tl.arange(0, M_PAD)
     offs_s = tl.arange(0, S_PAD)
-    s_t = tl.load(s_ptr + offs_s[None, :] * D + offs_d[:, None],
-                  mask=(offs_s[None, :] < SKETCH) & (offs_d[:, None] < D), other=0.0)
-    return dot3(q, s_t)
+    proj = tl.zeros((M_PAD, S_PAD), dtype=tl.float32)
+    for start in range(0, D_PAD, PROJECT_CHUNK):  # a loop, not unrolled: one chunk of S live at a time
+        offs_d = start + tl.arange(0, PROJECT_CHUNK)
+        q = tl.load(q_ptr + (bh * M + rows[:, None]) * D + offs_d[None, :],
+                    mask=(rows[:, None] < M) & (offs_d[None, :] < D), other=0.0).to(tl.float32)
+        s_t = tl.load(s_ptr + offs_s[None, :] * D + offs_d[:, None],
+                      mask=(offs_s[None, :] < SKETCH) & (offs_d[:, None] < D), other=0.0)
+        proj += dot3(q, s_t)
+    return proj
 
 
 @triton.jit
@@ -96,7 +105,7 @@ def scores_kernel(q_ptr, s_ptr, so_ptr, mean_ptr, signs_ptr, norms_ptr, idx_ptr,
     """``out[bh, m, t]`` float32 for queries ``q`` ``[BH, M, D]`` and tokens of program ``(bh, split)``."""
     bh, split = tl.program_id(0), tl.program_id(1)
     q = load_queries(q_ptr, bh, M, M_PAD, D, D_PAD)
-    proj = project(q, s_ptr, SKETCH, S_PAD, D, D_PAD)
+    proj = project(q_ptr, bh, s_ptr, M, M_PAD, SKETCH, S_PAD, D, D_PAD)
     q_rows = tl.arange(0, M_PAD)
     first = split * tokens_per_program
     last = tl.minimum(first + tokens_per_program, n_tokens)
@@ -118,7 +127,7 @@ def launch_config(queries: int, head_dim: int, sketch_dim: int, outlier_sketch_d
     return dict(M=queries, M_PAD=pow2(queries, 16), D=head_dim, D_PAD=pow2(head_dim, 16), SKETCH=sketch_dim,
                 S_PAD=s_pad, OSKETCH=outlier_sketch_dim if n_outliers else 16, OS_PAD=os_pad, K=n_outliers,
                 K_PAD=pow2(n_outliers, 16), STEP=step, BLOCK_N=pow2(step, 16), CENTERED=centered,
-                num_warps=8 if s_pad + os_pad > 512 else 4)
+                num_warps=8 if head_dim >= 128 or s_pad >= 256 else 4)
 
 
 def split_tokens(n_tokens: int, programs_per_split: int, step: int, device: torch.device) -> int:

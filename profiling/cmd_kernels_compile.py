@@ -46,6 +46,7 @@ def add_arguments(parser):
     parser.add_argument("--out", type=Path, default=Path("profiling/results/kernels-compile"),
                         help="directory for results.json")
     parser.add_argument("--quick", action="store_true", help="one model shape only (the Llama-8B paper preset)")
+    parser.add_argument("--only", action="append", help="compile only this kernel (repeatable)")
 
 
 def launch_configs(shapes) -> list[tuple[str, str, dict]]:
@@ -115,6 +116,8 @@ def run(args) -> int:
     rows = []
     for arch in archs:
         for kernel, label, config in launch_configs(QUICK_SHAPES if args.quick else SHAPES):
+            if args.only and kernel not in args.only:
+                continue
             row = dict(name=kernel, arch=arch, shapes=label, config=config, **compile_kernel(kernel, config, arch))
             rows.append(row)
             print(f"sm_{arch} {kernel:15s} {label:28s} warps={config.get('num_warps', 4)} regs={row['registers']:3d} "

@@ -1,0 +1,192 @@
+"""Decode-attention benchmark of one layer with Llama-3.1-8B attention shapes (32 query heads, 8 KV heads, head dim
+128, bf16): bf16 SDPA over a full cache, the fused QJL kernel, the QJL torch reference; the bytes each decode step
+reads and the achieved bandwidth next to the measured copy bandwidth; prompt quantization next to prefill attention;
+and the largest context a whole 32-layer model's KV cache fits in. On a CPU the bytes model still runs (at a nominal
+bandwidth) and the torch reference is timed on the small contexts, so the path stays exercised.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+HELP = "benchmark QJL decode attention (fused kernel, torch reference) against bf16 SDPA; bytes model; JSON + plot"
+
+Q_HEADS, KV_HEADS, HEAD_DIM, LAYERS = 32, 8, 128, 32
+NOMINAL = {"bandwidth_gbs": 3350.0, "memory_gib": 80.0}  # H100 SXM, used where no GPU is measured
+
+
+def add_arguments(parser):
+    parser.add_argument("--contexts", default="1024,4096,16384,32768,65536,131072")
+    parser.add_argument("--batches", default="1,8")
+    parser.add_argument("--preset", default="3bit", help="QJL preset (see qjl.config.PRESETS)")
+    parser.add_argument("--cpu-max-context", type=int, default=1024, help="largest context timed on a CPU")
+    parser.add_argument("--prefill-max-context", type=int, default=32768, help="largest context of the prefill timing")
+    parser.add_argument("--out", type=Path, default=Path("profiling/results/bench-kernels"))
+
+
+def timer(device):
+    """Milliseconds of ``fn``: triton's do_bench (CUDA events, warm-up) on a GPU, a wall-clock median on a CPU."""
+    import torch
+
+    if device.type == "cuda":
+        from triton.testing import do_bench
+
+        return lambda fn: do_bench(fn, warmup=25, rep=100)
+
+    def cpu(fn):
+        fn()
+        runs = []
+        for _ in range(3):
+            start = time.perf_counter()
+            fn()
+            runs.append((time.perf_counter() - start) * 1e3)
+        return sorted(runs)[1]
+
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    return cpu
+
+
+def copy_bandwidth_gbs(device, measure) -> float:
+    import torch
+
+    src = torch.empty(1 << 30, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    return 2 * src.numel() / measure(lambda: dst.copy_(src)) / 1e6
+
+
+def decode_bytes(config, batch: int, context: int) -> dict:
+    """Bytes one decode step of one layer reads: the full bf16 cache, and QJL's compressed state plus its exact
+    tokens (sink and buffer, bf16), from the config's own bit counts."""
+    exact = min(context, config.sink_tokens + (context - config.sink_tokens) % config.buffer_size)
+    compressed = context - exact
+    per_token_bits = config.key_bits_per_token(config.initial_layers) + config.value_bits_per_token(HEAD_DIM)
+    heads = batch * KV_HEADS
+    full = heads * context * HEAD_DIM * 2 * 2
+    qjl = heads * (compressed * per_token_bits / 8 + exact * HEAD_DIM * 2 * 2)
+    return dict(full=int(full), qjl=int(math.ceil(qjl)), compressed_tokens=compressed, exact_tokens=exact)
+
+
+def qjl_layer(config, keys, values):
+    """A layer holding ``keys``/``values`` as the prompt (quantized through the active backend)."""
+    from qjl.cache import QJLLayer
+
+    layer = QJLLayer(config, layer_idx=config.initial_layers)
+    layer.update(keys, values)
+    return layer
+
+
+def measure_row(config, batch, context, device, measure, timed: bool, prefill: bool) -> dict:
+    import torch
+    import torch.nn.functional as F
+
+    from qjl import backend
+
+    row = dict(batch=batch, context=context, bytes=decode_bytes(config, batch, context))
+    if not timed:
+        return row
+    gen = torch.Generator(device=device).manual_seed(context)
+    dtype = torch.bfloat16
+    k, v = (torch.randn(batch, KV_HEADS, context, HEAD_DIM, device=device, dtype=dtype, generator=gen)
+            for _ in range(2))
+    q = torch.randn(batch, Q_HEADS, 1, HEAD_DIM, device=device, dtype=dtype, generator=gen)
+    scale = HEAD_DIM ** -0.5
+    row["sdpa_ms"] = measure(lambda: F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=True))
+    layer = None
+    try:
+        start = time.perf_counter()
+        layer = qjl_layer(config, k, v)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            row["quantize_ms"] = measure(lambda: qjl_layer(config, k, v))
+        else:
+            row["quantize_ms"] = (time.perf_counter() - start) * 1e3
+        if backend.use_triton(q):
+            row["qjl_fused_ms"] = measure(lambda: layer.attend(q, None, scale))
+        os.environ["QJL_BACKEND"] = "torch"
+        row["qjl_torch_ms"] = measure(lambda: layer.attend(q, None, scale))
+    except torch.OutOfMemoryError:
+        row["oom"] = True
+    finally:
+        os.environ.pop("QJL_BACKEND", None)
+    if prefill:
+        qp = torch.randn(batch, Q_HEADS, context, HEAD_DIM, device=device, dtype=dtype, generator=gen)
+        row["prefill_attention_ms"] = measure(
+            lambda: F.scaled_dot_product_attention(qp, k, v, is_causal=True, scale=scale, enable_gqa=True))
+        del qp
+    for name, nbytes in (("sdpa", row["bytes"]["full"]), ("qjl_fused", row["bytes"]["qjl"])):
+        if f"{name}_ms" in row:
+            row[f"{name}_gbs"] = nbytes / row[f"{name}_ms"] / 1e6
+    del layer, k, v
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return row
+
+
+def largest_context(config, memory_bytes: float) -> dict:
+    """Largest context whose KV cache alone fits, for a 32-layer 8B-shaped model at batch 1."""
+    bf16 = LAYERS * KV_HEADS * HEAD_DIM * 2 * 2
+    qjl = LAYERS * KV_HEADS * (config.key_bits_per_token(config.initial_layers)
+                                + config.value_bits_per_token(HEAD_DIM)) / 8
+    return dict(bf16=int(memory_bytes // bf16), qjl=int(memory_bytes // qjl))
+
+
+def figure(result, path: Path) -> bool:
+    try:
+        import plotly.graph_objects as go
+    except ImportError:
+        return False
+    fig = go.Figure()
+    for batch in sorted({r["batch"] for r in result["rows"]}):
+        rows = [r for r in result["rows"] if r["batch"] == batch]
+        for key, label in (("sdpa_ms", "bf16 SDPA"), ("qjl_fused_ms", "QJL fused"), ("qjl_torch_ms", "QJL torch")):
+            points = [(r["context"], r[key]) for r in rows if key in r]
+            if points:
+                fig.add_scatter(x=[p[0] for p in points], y=[p[1] for p in points], name=f"{label}, batch {batch}")
+        bw = result["bandwidth_gbs"]
+        fig.add_scatter(x=[r["context"] for r in rows], y=[r["bytes"]["qjl"] / bw / 1e6 for r in rows],
+                        name=f"QJL bytes at copy bandwidth, batch {batch}", line=dict(dash="dot"))
+    fig.update_layout(title=f"One decode step of one layer ({result['device']})", xaxis_type="log",
+                      yaxis_type="log", xaxis_title="context (tokens)", yaxis_title="ms")
+    fig.write_html(path)
+    return True
+
+
+def run(args) -> int:
+    import torch
+
+    from qjl import backend
+    from qjl.config import QJLConfig
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    measure = timer(device)
+    config = QJLConfig.preset(args.preset, head_dim=HEAD_DIM)
+    if device.type == "cuda":
+        bandwidth, memory = copy_bandwidth_gbs(device, measure), torch.cuda.mem_get_info(device)[1]
+        name, measured = torch.cuda.get_device_name(device), True
+    else:
+        bandwidth, memory = NOMINAL["bandwidth_gbs"], NOMINAL["memory_gib"] * 2**30
+        name, measured = "cpu (bytes model at H100 nominal bandwidth and memory)", False
+    rows = []
+    for batch in [int(b) for b in args.batches.split(",")]:
+        for context in [int(c) for c in args.contexts.split(",")]:
+            timed = device.type == "cuda" or context <= args.cpu_max_context
+            prefill = batch == 1 and context <= args.prefill_max_context
+            row = measure_row(config, batch, context, device, measure, timed, prefill)
+            for key in ("full", "qjl"):
+                row[f"{key}_bytes_at_bandwidth_ms"] = row["bytes"][key] / bandwidth / 1e6
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    result = dict(device=name, bandwidth_measured=measured, bandwidth_gbs=bandwidth, memory_bytes=memory,
+                  backend=backend.name(device), preset=args.preset, config=config.__dict__, torch=torch.__version__,
+                  shapes=dict(q_heads=Q_HEADS, kv_heads=KV_HEADS, head_dim=HEAD_DIM, layers=LAYERS),
+                  largest_context=largest_context(config, memory), rows=rows,
+                  quantized_cache="not measured: transformers' QuantizedCache needs optimum-quanto or hqq")
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.json").write_text(json.dumps(result, indent=1))
+    drew = figure(result, args.out / "figure.html")
+    print(f"wrote {args.out / 'results.json'}" + ("" if drew else " (plotly absent: no figure)"))
+    return 0

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# One command for a short GPU slot: kernel tests on the GPU itself (whole-model decoding through the kernels against
+# the torch path included), the sm_90 compile report, and the decode benchmark. Everything lands in OUTDIR.
+# Needs torch (CUDA), triton, transformers, pytest; not gradio, plotly or kaleido.
+set -uo pipefail
+OUT="${1:?usage: bash scripts/gpu-check.sh OUTDIR}"
+cd "$(dirname "$0")/.."
+mkdir -p "$OUT"
+status=0
+{ nvidia-smi; python -c "import sys, torch, triton, transformers; print(sys.version); print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"; } > "$OUT/environment.txt" 2>&1
+timeout 240 python -m pytest -q tests/test_kernels.py 2>&1 | tee "$OUT/tests.txt" || status=1
+timeout 200 python -m profiling bench-kernels --out "$OUT/bench-kernels" 2>&1 | tee "$OUT/bench.txt" || status=1
+timeout 120 python -m profiling kernels-compile --quick --arch 90 --out "$OUT/kernels-compile" > "$OUT/compile.txt" 2>&1 || status=1
+echo "gpu-check: exit $status; results in $OUT"
+exit $status
