@@ -62,7 +62,12 @@ class SharedModel:
             if name != self.name:
                 self.name, self.pair = None, None
                 free_memory()
-                self.pair = qjl.load_model(None if name == EMBEDDED else name)
+                try:
+                    self.pair = qjl.load_model(None if name == EMBEDDED else name)
+                except RuntimeError:  # load_model's own message names the model and what to do
+                    raise
+                except Exception as error:  # e.g. a folder or repository without a usable tokenizer
+                    raise RuntimeError(f"could not load model {name!r}: {error}") from error
                 self.name = name
             return self.pair
 
@@ -158,8 +163,6 @@ def compare(prompt, model_name, method, sketch_dim, n_outliers, value_bits, buff
         model, tokenizer = MODEL.get(model_name)
         spec = cache_spec(method, model, settings)
         make_cache = factory(spec)
-        if not 1 <= int(max_new_tokens) <= 4096:
-            raise ValueError(f"max new tokens must be between 1 and 4096, not {max_new_tokens}")
         input_ids = qjl.encode_prompt(tokenizer, prompt or "")
         run["config"].update(prompt_tokens=input_ids.shape[1], device=str(next(model.parameters()).device),
                              dtype=str(next(model.parameters()).dtype), cache=repr(spec))
@@ -307,6 +310,14 @@ def launch(**kwargs):
                                              **kwargs)
 
 
+def warm_up():
+    """Loads the embedded model and runs a one-token comparison, so the first click pays for neither (the first
+    quantization of a process builds every layer's sketch and loads the linear-algebra kernels)."""
+    model, tokenizer = MODEL.get(EMBEDDED)
+    for _ in qjl.run_side_by_side(model, tokenizer, "Hello", factory(DEFAULT_METHOD), max_new_tokens=1):
+        pass
+
+
 if __name__ == "__main__":
-    MODEL.get(EMBEDDED)  # load before serving, so the first click does not wait for it
+    warm_up()
     launch()
