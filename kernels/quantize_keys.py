@@ -1,5 +1,10 @@
 """Key quantization in one pass: split the outlier channels, project by the sketch(es), take signs, pack 8 a byte,
-write the norms. Reference: ``qjl.keys.quantize_keys``."""
+write the norms. Reference: ``qjl.keys.quantize_keys``.
+
+Each projection runs in ``[tokens, BLOCK_SKETCH]`` output tiles over 32-channel slices of the head dim, so the
+live tiles (and the registers and shared memory they take) do not grow with the head dim or the sketch size; the
+key slices are reloaded per output tile from L1/L2 rather than held.
+"""
 
 import torch
 import triton
@@ -8,52 +13,93 @@ import triton.language as tl
 from .common import dot3, pack_rows, pow2
 
 BLOCK_TOKENS = 32
-BLOCK_SKETCH = 32  # sketch rows projected at a time: keeps the [tokens, sketch] tile in registers
+BLOCK_SKETCH = 64
 
 
 @triton.jit
-def _project_pack(x, s_ptr, signs_ptr, rows, row_ok, SKETCH: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
-                  BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
-    offs_d = tl.arange(0, D_PAD)
-    for start in range(0, SKETCH, BLOCK_M):  # a loop, not unrolled: one chunk of S live at a time
+def _outlier_words(idx_ptr, rows, ok, K: tl.constexpr, WORDS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The tokens' outlier channels as bitmasks, int32 ``[BLOCK_N, WORDS]``: channel ``c`` is bit ``c % 32`` of
+    word ``c // 32``. Built once, so the ``K`` index loads are not repeated (nor hoisted into ``K`` live tensors)
+    in the slice loops."""
+    offs_w = tl.arange(0, WORDS)
+    words = tl.zeros((BLOCK_N, WORDS), dtype=tl.int32)
+    for k in tl.static_range(K):
+        channel = tl.load(idx_ptr + rows * K + k, mask=ok, other=0).to(tl.int32)
+        words = words | tl.where(offs_w[None, :] == channel[:, None] // 32, 1 << (channel[:, None] % 32), 0)
+    return words
+
+
+@triton.jit
+def _key_slice(keys_ptr, words, rows, ok, start, D: tl.constexpr, K: tl.constexpr, OUTLIERS: tl.constexpr,
+               WORDS: tl.constexpr):
+    """Channels ``start .. start + 31`` of the tokens' keys, float32 ``[BLOCK_N, 32]``: the outlier channels only
+    (``OUTLIERS``) or all but them."""
+    offs_d = start + tl.arange(0, 32)
+    x = tl.load(keys_ptr + rows[:, None] * D + offs_d[None, :], mask=ok[:, None] & (offs_d[None, :] < D),
+                other=0.0).to(tl.float32)
+    if K > 0:
+        word = tl.sum(tl.where(tl.arange(0, WORDS)[None, :] == start // 32, words, 0), axis=1)
+        outlier = ((word[:, None] >> tl.arange(0, 32)[None, :]) & 1) != 0
+        if OUTLIERS:
+            x = tl.where(outlier, x, 0.0)
+        else:
+            x = tl.where(outlier, 0.0, x)
+    return x
+
+
+@triton.jit
+def _norm(keys_ptr, words, rows, ok, D: tl.constexpr, K: tl.constexpr, OUTLIERS: tl.constexpr,
+          WORDS: tl.constexpr, BLOCK_N: tl.constexpr):
+    total = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for start in range(0, D, 32):
+        x = _key_slice(keys_ptr, words, rows, ok, start, D, K, OUTLIERS, WORDS)
+        total += tl.sum(x * x, axis=1)
+    return tl.sqrt(total)
+
+
+@triton.jit
+def _project_pack(keys_ptr, words, s_ptr, signs_ptr, rows, ok, SKETCH: tl.constexpr, D: tl.constexpr,
+                  K: tl.constexpr, OUTLIERS: tl.constexpr, WORDS: tl.constexpr, BLOCK_N: tl.constexpr,
+                  BLOCK_M: tl.constexpr):
+    for start in range(0, SKETCH, BLOCK_M):  # loops, not unrolled: one output tile and one slice live at a time
         offs_m = start + tl.arange(0, BLOCK_M)
-        s_t = tl.load(s_ptr + offs_m[None, :] * D + offs_d[:, None],
-                      mask=(offs_m[None, :] < SKETCH) & (offs_d[:, None] < D), other=0.0)  # S^T [D_PAD, BLOCK_M]
-        bits = (dot3(x, s_t) >= 0).to(tl.int32)
+        proj = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        for d_start in range(0, D, 32):
+            offs_d = d_start + tl.arange(0, 32)
+            x = _key_slice(keys_ptr, words, rows, ok, d_start, D, K, OUTLIERS, WORDS)
+            s_t = tl.load(s_ptr + offs_m[None, :] * D + offs_d[:, None],
+                          mask=(offs_m[None, :] < SKETCH) & (offs_d[:, None] < D), other=0.0)  # S^T slice
+            proj += dot3(x, s_t)
         offs_b = start // 8 + tl.arange(0, BLOCK_M // 8)
-        tl.store(signs_ptr + rows[:, None] * (SKETCH // 8) + offs_b[None, :], pack_rows(bits, BLOCK_N, BLOCK_M // 8),
-                 mask=row_ok[:, None] & (offs_b[None, :] < SKETCH // 8))
+        tl.store(signs_ptr + rows[:, None] * (SKETCH // 8) + offs_b[None, :],
+                 pack_rows((proj >= 0).to(tl.int32), BLOCK_N, BLOCK_M // 8),
+                 mask=ok[:, None] & (offs_b[None, :] < SKETCH // 8))
 
 
 @triton.jit
 def quantize_keys_kernel(keys_ptr, idx_ptr, s_ptr, so_ptr, signs_ptr, norms_ptr, osigns_ptr, onorms_ptr, n_tokens,
-                         D: tl.constexpr, D_PAD: tl.constexpr, SKETCH: tl.constexpr, OSKETCH: tl.constexpr,
-                         K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
+                         D: tl.constexpr, SKETCH: tl.constexpr, OSKETCH: tl.constexpr, K: tl.constexpr,
+                         WORDS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
     """One block of tokens of one (batch, head): keys ``[BH, n, D]``, idx ``[BH, n, K]`` (K = 0: no outliers)."""
     bh, block = tl.program_id(0), tl.program_id(1)
     tokens = block * BLOCK_N + tl.arange(0, BLOCK_N)
     ok = tokens < n_tokens
     rows = bh * n_tokens + tokens
-    offs_d = tl.arange(0, D_PAD)
-    x = tl.load(keys_ptr + rows[:, None] * D + offs_d[None, :], mask=ok[:, None] & (offs_d[None, :] < D),
-                other=0.0).to(tl.float32)
+    words = _outlier_words(idx_ptr, rows, ok, K, WORDS, BLOCK_N)
     if K > 0:
-        outlier = tl.zeros((BLOCK_N, D_PAD), dtype=tl.int1)
-        for k in tl.static_range(K):
-            channel = tl.load(idx_ptr + rows * K + k, mask=ok, other=D_PAD).to(tl.int32)
-            outlier = outlier | (offs_d[None, :] == channel[:, None])
-        x_out = tl.where(outlier, x, 0.0)
-        x = tl.where(outlier, 0.0, x)
-        tl.store(onorms_ptr + rows, tl.sqrt(tl.sum(x_out * x_out, axis=1)).to(tl.float16), mask=ok)
-        _project_pack(x_out, so_ptr, osigns_ptr, rows, ok, OSKETCH, D, D_PAD, BLOCK_N, BLOCK_M)
-    tl.store(norms_ptr + rows, tl.sqrt(tl.sum(x * x, axis=1)).to(tl.float16), mask=ok)
-    _project_pack(x, s_ptr, signs_ptr, rows, ok, SKETCH, D, D_PAD, BLOCK_N, BLOCK_M)
+        onorms = _norm(keys_ptr, words, rows, ok, D, K, True, WORDS, BLOCK_N)
+        tl.store(onorms_ptr + rows, onorms.to(tl.float16), mask=ok)
+        _project_pack(keys_ptr, words, so_ptr, osigns_ptr, rows, ok, OSKETCH, D, K, True, WORDS, BLOCK_N, BLOCK_M)
+    norms = _norm(keys_ptr, words, rows, ok, D, K, False, WORDS, BLOCK_N)
+    tl.store(norms_ptr + rows, norms.to(tl.float16), mask=ok)
+    _project_pack(keys_ptr, words, s_ptr, signs_ptr, rows, ok, SKETCH, D, K, False, WORDS, BLOCK_N, BLOCK_M)
 
 
 def launch_config(head_dim: int, sketch_dim: int, outlier_sketch_dim: int, n_outliers: int) -> dict:
     """The constexprs the launcher compiles for these shapes (also what ``kernels-compile`` checks)."""
-    return dict(D=head_dim, D_PAD=pow2(head_dim, 16), SKETCH=sketch_dim, OSKETCH=outlier_sketch_dim if n_outliers else 8,
-                K=n_outliers, BLOCK_N=BLOCK_TOKENS, BLOCK_M=BLOCK_SKETCH, num_warps=8 if head_dim >= 128 else 4)
+    return dict(D=head_dim, SKETCH=sketch_dim, OSKETCH=outlier_sketch_dim if n_outliers else 8, K=n_outliers,
+                BLOCK_N=BLOCK_TOKENS, BLOCK_M=BLOCK_SKETCH, WORDS=pow2(triton.cdiv(head_dim, 32)), num_warps=4,
+                num_stages=1)
 
 
 def quantize_keys(keys: torch.Tensor, matrix: torch.Tensor, outlier_matrix: torch.Tensor | None = None,

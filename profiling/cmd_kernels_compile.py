@@ -40,6 +40,9 @@ POINTERS = {
 }
 
 
+LAUNCH_OPTIONS = ("num_warps", "num_stages")  # launch options a launch_config may set, not constexprs
+
+
 def add_arguments(parser):
     parser.add_argument("--arch", type=int, action="append", help="compute capability, e.g. 90 (H100) or 80 "
                         "(A100); repeat for several (default: 90)")
@@ -100,10 +103,11 @@ def compile_kernel(kernel: str, config: dict, arch: int) -> dict:
     from kernels import KERNELS
 
     fn = KERNELS[kernel][0]
-    constexprs = {name: value for name, value in config.items() if name != "num_warps"}
+    options = {name: config[name] for name in LAUNCH_OPTIONS if name in config}
+    constexprs = {name: value for name, value in config.items() if name not in LAUNCH_OPTIONS}
     signature = {name: POINTERS[kernel].get(name, "constexpr") for name in fn.arg_names}
     compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
-                              target=GPUTarget("cuda", arch, 32), options={"num_warps": config.get("num_warps", 4)})
+                              target=GPUTarget("cuda", arch, 32), options=options)
     usage = resource_usage(compiled.asm["cubin"])
     return dict(registers=usage.get("REG"), shared_bytes=max(compiled.metadata.shared, usage.get("SHARED", 0)),
                 spill_bytes=usage.get("LOCAL", 0) + usage.get("STACK", 0))
