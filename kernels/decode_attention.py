@@ -65,37 +65,39 @@ def _exact_tokens(q, k_ptr, v_ptr, bh, n, qk_scale, m_i, l_i, acc, D: tl.constex
 
 @triton.jit
 def decode_split_kernel(q_ptr, s_ptr, so_ptr, mean_ptr, signs_ptr, norms_ptr, idx_ptr, osigns_ptr, onorms_ptr,
-                        vpacked_ptr, vscales_ptr, vmins_ptr, sink_k_ptr, sink_v_ptr, buf_k_ptr, buf_v_ptr,
+                        proj_ptr, vpacked_ptr, vscales_ptr, vmins_ptr, sink_k_ptr, sink_v_ptr, buf_k_ptr, buf_v_ptr,
                         part_m_ptr, part_l_ptr, part_acc_ptr, n_tokens, n_groups, tokens_per_split, n_sink, n_buffer,
                         scale, oscale, qk_scale, M: tl.constexpr, M_PAD: tl.constexpr, D: tl.constexpr,
-                        D_PAD: tl.constexpr, SKETCH: tl.constexpr, S_PAD: tl.constexpr, OSKETCH: tl.constexpr,
-                        OS_PAD: tl.constexpr, K: tl.constexpr, K_PAD: tl.constexpr, STEP: tl.constexpr,
-                        BLOCK_N: tl.constexpr, CENTERED: tl.constexpr, BITS: tl.constexpr, VGROUP: tl.constexpr,
+                        D_PAD: tl.constexpr, SKETCH: tl.constexpr, OSKETCH: tl.constexpr, K: tl.constexpr,
+                        K_PAD: tl.constexpr, STEP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
+                        CENTERED: tl.constexpr, BITS: tl.constexpr, VGROUP: tl.constexpr,
                         BLOCK_EXACT: tl.constexpr):
     """Program ``(bh, split)``: splits ``0 .. S-1`` take compressed tokens, split ``S`` the exact ones. Writes the
-    split's max and sum (log2 units) ``[BH, S + 1, M]`` and unnormalised output ``[BH, S + 1, M, D]``."""
+    split's max and sum (log2 units) ``[BH, S + 1, M]`` and unnormalised output ``[BH, S + 1, M, D]``;
+    ``proj_ptr``: float32 scratch ``[BH * S, M, SKETCH]`` for the compressed splits' query projections."""
     bh, split = tl.program_id(0), tl.program_id(1)
     n_splits = tl.num_programs(1)
-    q = load_queries(q_ptr, bh, M, M_PAD, D, D_PAD)
     m_i = tl.full((M_PAD,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((M_PAD,), dtype=tl.float32)
     acc = tl.zeros((M_PAD, D_PAD), dtype=tl.float32)
     if split < n_splits - 1:
-        proj = project(q_ptr, bh, s_ptr, M, M_PAD, SKETCH, S_PAD, D, D_PAD)
+        proj_ptr += (bh * (n_splits - 1) + split) * M * SKETCH
+        project(q_ptr, s_ptr, proj_ptr, bh, M, M_PAD, D, SKETCH, BLOCK_S)
         bias = tl.zeros((M_PAD,), dtype=tl.float32)
         if CENTERED:
-            bias = query_mean(q, mean_ptr, bh, D, D_PAD) * qk_scale
+            bias = query_mean(load_queries(q_ptr, bh, M, M_PAD, D, D_PAD), mean_ptr, bh, D, D_PAD) * qk_scale
         first = split * tokens_per_split
         last = tl.minimum(first + tokens_per_split, n_tokens)
         for start in range(first, last, STEP):
-            scores, tokens, ok = tile_scores(q_ptr, q, proj, bh, start, n_tokens, signs_ptr, norms_ptr, idx_ptr,
+            scores, tokens, ok = tile_scores(proj_ptr, q_ptr, bh, start, n_tokens, signs_ptr, norms_ptr, idx_ptr,
                                              osigns_ptr, onorms_ptr, s_ptr, so_ptr, scale, oscale, n_groups, M,
-                                             M_PAD, D, D_PAD, SKETCH, S_PAD, OSKETCH, OS_PAD, K, K_PAD, STEP, BLOCK_N)
+                                             M_PAD, D, SKETCH, OSKETCH, K, K_PAD, STEP, BLOCK_N, BLOCK_S)
             scores = tl.where(ok[None, :], scores * qk_scale + bias[:, None], float("-inf"))
             v = _dequantize(vpacked_ptr, vscales_ptr, vmins_ptr, bh * n_tokens + tokens, ok, D, D_PAD, BITS, VGROUP,
                             BLOCK_N)
             m_i, l_i, acc = _online_softmax(scores, v, m_i, l_i, acc)
     else:
+        q = load_queries(q_ptr, bh, M, M_PAD, D, D_PAD)
         m_i, l_i, acc = _exact_tokens(q, sink_k_ptr, sink_v_ptr, bh, n_sink, qk_scale, m_i, l_i, acc, D, D_PAD,
                                       BLOCK_EXACT)
         m_i, l_i, acc = _exact_tokens(q, buf_k_ptr, buf_v_ptr, bh, n_buffer, qk_scale, m_i, l_i, acc, D, D_PAD,
@@ -113,7 +115,9 @@ def launch_config(queries: int, head_dim: int, sketch_dim: int, outlier_sketch_d
                   group_size: int, centered: bool, value_bits: int, value_group_size: int) -> dict:
     """The constexprs (and warps) for these shapes; also what ``kernels-compile`` checks."""
     config = scores_config(queries, head_dim, sketch_dim, outlier_sketch_dim, n_outliers, group_size, centered)
-    return dict(config, BITS=value_bits, VGROUP=value_group_size, BLOCK_EXACT=BLOCK_EXACT)
+    # The value tile and output row grow with the head dim: spread them over 8 warps from 256 on (4 spill there).
+    return dict(config, BITS=value_bits, VGROUP=value_group_size, BLOCK_EXACT=BLOCK_EXACT,
+                num_warps=8 if head_dim >= 256 else config["num_warps"])
 
 
 def decode_attention(query: torch.Tensor, keys, values, value_bits: int, matrix: torch.Tensor,
@@ -147,8 +151,10 @@ def decode_attention(query: torch.Tensor, keys, values, value_bits: int, matrix:
     part_m = q.new_empty(b * h, splits + 1, group, dtype=torch.float32)
     part_l = torch.empty_like(part_m)
     part_acc = q.new_empty(b * h, splits + 1, group, d, dtype=torch.float32)
+    scratch = q.new_empty(b * h * splits, group, matrix.shape[0], dtype=torch.float32)  # query projections
     decode_split_kernel[(b * h, splits + 1)](
-        q, matrix.contiguous(), so.contiguous(), mean, signs, norms, idx, osigns, onorms, packed, scales, minimums,
+        q, matrix.contiguous(), so.contiguous(), mean, signs, norms, idx, osigns, onorms, scratch, packed, scales,
+        minimums,
         sink_k, sink_v, buf_k, buf_v, part_m, part_l, part_acc, n, idx.shape[2] if k else 0, max(per_split, 1),
         sink_k.shape[2], buf_k.shape[2], (torch.pi / 2) ** 0.5 / matrix.shape[0],
         (torch.pi / 2) ** 0.5 / outlier_matrix.shape[0] if k else 0.0, scaling * LOG2E, **config)

@@ -27,19 +27,18 @@ POINTERS = {
     "quantize_values": dict(values_ptr="*bf16", packed_ptr="*u8", scales_ptr="*fp16", mins_ptr="*fp16",
                             n_rows="i32"),
     "scores": dict(q_ptr="*fp32", s_ptr="*fp32", so_ptr="*fp32", mean_ptr="*fp32", signs_ptr="*u8",
-                   norms_ptr="*fp16", idx_ptr="*u8", osigns_ptr="*u8", onorms_ptr="*fp16", out_ptr="*fp32",
-                   n_tokens="i32", n_groups="i32", tokens_per_program="i32", scale="fp32", oscale="fp32"),
+                   norms_ptr="*fp16", idx_ptr="*u8", osigns_ptr="*u8", onorms_ptr="*fp16", proj_ptr="*fp32",
+                   out_ptr="*fp32", n_tokens="i32", n_groups="i32", tokens_per_program="i32", scale="fp32",
+                   oscale="fp32"),
     "decode_split": dict(q_ptr="*bf16", s_ptr="*fp32", so_ptr="*fp32", mean_ptr="*fp32", signs_ptr="*u8",
-                         norms_ptr="*fp16", idx_ptr="*u8", osigns_ptr="*u8", onorms_ptr="*fp16", vpacked_ptr="*u8",
-                         vscales_ptr="*fp16", vmins_ptr="*fp16", sink_k_ptr="*bf16", sink_v_ptr="*bf16",
-                         buf_k_ptr="*bf16", buf_v_ptr="*bf16", part_m_ptr="*fp32", part_l_ptr="*fp32",
+                         norms_ptr="*fp16", idx_ptr="*u8", osigns_ptr="*u8", onorms_ptr="*fp16", proj_ptr="*fp32",
+                         vpacked_ptr="*u8", vscales_ptr="*fp16", vmins_ptr="*fp16", sink_k_ptr="*bf16",
+                         sink_v_ptr="*bf16", buf_k_ptr="*bf16", buf_v_ptr="*bf16", part_m_ptr="*fp32", part_l_ptr="*fp32",
                          part_acc_ptr="*fp32", n_tokens="i32", n_groups="i32", tokens_per_split="i32", n_sink="i32",
                          n_buffer="i32", scale="fp32", oscale="fp32", qk_scale="fp32"),
     "combine_splits": dict(part_m_ptr="*fp32", part_l_ptr="*fp32", part_acc_ptr="*fp32", out_ptr="*bf16",
                            n_splits="i32"),
 }
-
-
 LAUNCH_OPTIONS = ("num_warps", "num_stages")  # launch options a launch_config may set, not constexprs
 
 
