@@ -74,7 +74,8 @@ def score_keys(query: torch.Tensor, block: QuantizedKeyBlock, sketch: QJLSketch,
     pad = groups * group_size - n
 
     def grouped(t):  # [b, h, n, ...] -> [b, h, groups, group_size, ...]
-        t = torch.nn.functional.pad(t, (0, 0) * (t.dim() - 3) + (0, pad))
+        if pad:
+            t = torch.nn.functional.pad(t, (0, 0) * (t.dim() - 3) + (0, pad))
         return t.reshape(b, h, groups, group_size, *t.shape[3:])
 
     idx = block.outlier_idx.long()  # [b, h, groups, k]

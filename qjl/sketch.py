@@ -29,9 +29,22 @@ def unpack_bits(packed: torch.Tensor) -> torch.Tensor:
     return (packed.unsqueeze(-1) & weights).ne(0).reshape(*packed.shape[:-1], -1)
 
 
+_BIT_TABLES: dict = {}
+
+
+def unpack_bits_as(packed: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``unpack_bits`` as 0/1 numbers of ``dtype``, by one table lookup per byte (decoding runs this over the whole
+    cache at every step, where bitwise unpacking is several times slower)."""
+    key = (packed.device, dtype)
+    if key not in _BIT_TABLES:
+        every_byte = torch.arange(256, dtype=torch.uint8, device=packed.device).unsqueeze(-1)
+        _BIT_TABLES[key] = unpack_bits(every_byte).to(dtype)  # [256, 8]
+    return _BIT_TABLES[key][packed.long()].reshape(*packed.shape[:-1], -1)
+
+
 def unpack_signs(packed: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Packed sign bits to +1/-1 of ``dtype``."""
-    return unpack_bits(packed).to(dtype) * 2 - 1
+    return unpack_bits_as(packed, dtype) * 2 - 1
 
 
 def chi_mean(dim: int) -> float:

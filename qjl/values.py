@@ -11,7 +11,7 @@ from typing import NamedTuple
 
 import torch
 
-from .sketch import pack_bits, unpack_bits
+from .sketch import pack_bits, unpack_bits, unpack_bits_as
 
 
 class QuantizedValues(NamedTuple):
@@ -45,7 +45,9 @@ def unpack_codes(packed: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def dequantize_values(quantized: QuantizedValues, bits: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    codes = unpack_codes(quantized.packed, bits).float()
+    planes = unpack_bits_as(quantized.packed.reshape(*quantized.packed.shape[:-1], bits, -1))  # [..., bits, d]
+    codes = planes[..., 0, :] if bits == 1 else torch.einsum(
+        "...pd,p->...d", planes, torch.tensor([float(1 << p) for p in range(bits)], device=planes.device))
     group_size = codes.shape[-1] // quantized.scales.shape[-1]
     grouped = codes.reshape(*codes.shape[:-1], -1, group_size)
     x = grouped * quantized.scales.float().unsqueeze(-1) + quantized.minimums.float().unsqueeze(-1)
