@@ -303,8 +303,9 @@ def build() -> gr.Blocks:
         run_event = run_button.click(
             compare, [prompt, model_name, method, *advanced, max_new_tokens, teacher_forcing],
             [status_box, text_full, text_compressed, chart_memory, chart_device, chart_latency, chart_agreement,
-             summary, run_state], api_name="compare", concurrency_limit=1, concurrency_id="device")
-        stop_button.click(lambda: "Stopped: the run was cancelled and its memory freed.", None, status_box,
+             summary, run_state], api_name="compare", concurrency_limit=1, concurrency_id="device",
+            show_progress_on=[status_box])  # the bar sits on the status line, the text and charts stay visible
+        stop_button.click(lambda: "Stopped: a run in progress is cancelled and its memory freed.", None, status_box,
                           cancels=[run_event], queue=False, api_name="stop")
         export_button.click(export, run_state, export_file, api_name="export")
     return demo
