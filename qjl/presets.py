@@ -19,7 +19,7 @@ from transformers import DynamicCache, QuantizedCache
 from .cache import CompressedCache, QJLCache, model_head_dim, text_config
 from .config import FP16_BITS, QJLConfig
 from .kivi import KIVIConfig, KIVILayer
-from .layer import tensors_nbytes
+from .layer import CompressedLayer, tensors_nbytes
 from .turboquant import TurboQuantConfig, TurboQuantLayer
 
 EMBEDDED_HEAD_DIM = 64  # SmolLM2-135M, the embedded model
@@ -32,7 +32,7 @@ class FullCache(DynamicCache):
         super().__init__(config=text_config(model))
 
     def nbytes(self) -> int:
-        return tensors_nbytes(t for layer in self.layers if layer.is_initialized for t in (layer.keys, layer.values))
+        return sum(tensors_nbytes(layer_tensors(layer)) for layer in self.layers)
 
     def fp16_nbytes(self) -> int:
         return sum(layer.keys.numel() + layer.values.numel() for layer in self.layers if layer.is_initialized) * 2
@@ -85,25 +85,44 @@ class QuantoCache(QuantizedCache):
                          q_group_size=config.group_size, residual_length=config.buffer_size)
 
     def nbytes(self) -> int:
-        return sum(quanto_layer_nbytes(layer) for layer in self.layers if layer.is_initialized)
+        return sum(tensors_nbytes(layer_tensors(layer)) for layer in self.layers)
 
     def fp16_nbytes(self) -> int:
         return 2 * 2 * sum(layer.keys.shape[0] * layer.keys.shape[1] * layer.keys.shape[3] * layer.get_seq_length()
                            for layer in self.layers if layer.is_initialized)
 
 
-def quanto_layer_nbytes(layer) -> int:
-    """Bytes of the residual tensors and of every inner tensor of quanto's packed keys and values."""
-    total = tensors_nbytes([layer.keys, layer.values])
-    for quantized in (layer._quantized_keys, layer._quantized_values):
-        stack = [quantized]
-        while stack:
-            tensor = stack.pop()
-            if hasattr(tensor, "__tensor_flatten__"):
-                stack.extend(getattr(tensor, name) for name in tensor.__tensor_flatten__()[0])
-            else:
-                total += tensor.numel() * tensor.element_size()
-    return total
+def layer_tensors(layer):
+    """Every tensor a cache layer holds for its tokens: compressed layers' exact sink and buffer and compressed
+    state, a ``DynamicLayer``'s keys and values, and quanto's residual plus the inner tensors of its packed ones."""
+    if not layer.is_initialized:
+        return
+    if isinstance(layer, CompressedLayer):
+        yield from (layer.sink_keys, layer.sink_values, layer.buffer_keys, layer.buffer_values)
+        yield from layer.compressed_state().values()
+        return
+    yield from (layer.keys, layer.values)
+    stack = [getattr(layer, name) for name in ("_quantized_keys", "_quantized_values") if getattr(layer, name, None)
+             is not None]
+    while stack:
+        tensor = stack.pop()
+        if hasattr(tensor, "__tensor_flatten__"):
+            stack.extend(getattr(tensor, name) for name in tensor.__tensor_flatten__()[0])
+        else:
+            yield tensor
+
+
+def stored_bits(cache, float_bits: int | None = None) -> float:
+    """Measured bits per stored number (keys and values) of a built cache, from the tensors it holds.
+
+    ``float_bits=16`` counts floating-point tensors (exact tokens, norms, scales) at 16 bits whatever the model's
+    dtype: the figure of an fp16 deployment, measured on a float32 CPU run."""
+    total = 0
+    for layer in cache.layers:
+        for tensor in layer_tensors(layer):
+            bits = float_bits if float_bits and tensor.is_floating_point() else 8 * tensor.element_size()
+            total += tensor.numel() * bits
+    return total / (cache.fp16_nbytes() / 2)  # an fp16 cache holds 2 bytes per number
 
 
 @dataclass(frozen=True)

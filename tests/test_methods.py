@@ -125,3 +125,19 @@ def test_every_preset_decodes_like_full_on_a_tiny_model(tiny_llama, name):
     out = tiny_llama.generate(ids, max_new_tokens=4, do_sample=False, **{cache_kwarg(tiny_llama): cache})
     assert out.shape == (1, 154) and cache.get_seq_length() == 153
     assert 0 < cache.nbytes() and cache.fp16_nbytes() == 2 * 2 * 2 * 2 * D * 153
+
+
+@pytest.mark.parametrize("name", list(qjl.list_presets()))
+def test_every_preset_keeps_the_embedded_model_sensible(embedded, name):
+    """On real text, with most of a 200-token prefix compressed, the next-token choices mostly agree with the full
+    cache's, and greedy decoding gives words."""
+    import assets
+    from profiling.quality import teacher_forced
+    from qjl.runner import run_side_by_side
+
+    model, tokenizer = embedded
+    ids = tokenizer(assets.long_text(), return_tensors="pt")["input_ids"][:, :220]
+    forced = teacher_forced(model, ids, lambda m: qjl.make_cache(m, name), 200, 8)
+    assert forced["top1"] >= 0.5
+    *_, last = run_side_by_side(model, tokenizer, ids[:, :200], lambda m: qjl.make_cache(m, name), max_new_tokens=6)
+    assert sum(c.isalpha() for c in last.text_compressed) >= 6
