@@ -115,9 +115,10 @@ def launch_config(queries: int, head_dim: int, sketch_dim: int, outlier_sketch_d
                   group_size: int, centered: bool, value_bits: int, value_group_size: int) -> dict:
     """The constexprs (and warps) for these shapes; also what ``kernels-compile`` checks."""
     config = scores_config(queries, head_dim, sketch_dim, outlier_sketch_dim, n_outliers, group_size, centered)
-    # The value tile and output row grow with the head dim: spread them over 8 warps from 256 on (4 spill there).
+    # The value tile and output row grow with the head dim: 8 warps from 256 on (4 spill there). maxnreg stops
+    # ptxas capping registers at 128 for a second resident program, which spills on sm_80.
     return dict(config, BITS=value_bits, VGROUP=value_group_size, BLOCK_EXACT=BLOCK_EXACT,
-                num_warps=8 if head_dim >= 256 else config["num_warps"])
+                num_warps=8 if head_dim >= 256 else 4, maxnreg=255)
 
 
 def decode_attention(query: torch.Tensor, keys, values, value_bits: int, matrix: torch.Tensor,
