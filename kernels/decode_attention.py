@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 from .combine_splits import combine_splits
-from .common import dot3, pow2, unpack_rows
+from .common import dot3, unpack_rows
 from .scores import launch_config as scores_config
 from .scores import load_queries, project, query_mean, split_tokens, tile_scores
 
