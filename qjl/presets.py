@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -88,7 +89,8 @@ class QuantoCache(QuantizedCache):
         return sum(tensors_nbytes(layer_tensors(layer)) for layer in self.layers)
 
     def fp16_nbytes(self) -> int:
-        return 2 * 2 * sum(layer.keys.shape[0] * layer.keys.shape[1] * layer.keys.shape[3] * layer.get_seq_length()
+        # The residual ``keys`` may be an empty 1-d tensor right after a re-quantization; the packed ones keep the shape.
+        return 2 * 2 * sum(math.prod(layer._quantized_keys.shape[i] for i in (0, 1, 3)) * layer.get_seq_length()
                            for layer in self.layers if layer.is_initialized)
 
 
