@@ -52,9 +52,9 @@ def quantize_keys(keys, sketch, outlier_sketch=None, idx_per_token=None) -> Quan
         return torch_quantize_keys(keys, sketch, outlier_sketch, idx_per_token)
     from kernels.quantize_keys import quantize_keys as kernel
 
-    signs, norms, osigns, onorms = kernel(keys, sketch.matrix, outlier_sketch.matrix if outlier_sketch else None,
-                                          idx_per_token)
-    return QuantizedKeyBlock(signs, norms, None, osigns, onorms)
+    signs, norms, osigns, onorms, ovalues = kernel(keys, sketch.matrix,
+                                                   outlier_sketch.matrix if outlier_sketch else None, idx_per_token)
+    return QuantizedKeyBlock(signs, norms, None, osigns, onorms, ovalues)
 
 
 def quantize_values(values, bits: int, group_size: int) -> QuantizedValues:

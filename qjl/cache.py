@@ -15,7 +15,9 @@ from .values import QuantizedValues, dequantize_values
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
 # Per-token state tensors (tokens on dim 2); `outlier_idx` is per group and `key_mean` per head.
-TOKEN_TENSORS = ("signs", "norms", "outlier_signs", "outlier_norms", "value_packed", "value_scales", "value_minimums")
+TOKEN_TENSORS = ("signs", "norms", "outlier_signs", "outlier_norms", "outlier_values", "value_packed", "value_scales",
+                 "value_minimums")
+KEY_TENSORS = ("signs", "norms", "outlier_idx", "outlier_signs", "outlier_norms", "outlier_values")
 
 
 class QJLLayer(CompressedLayer):
@@ -32,7 +34,7 @@ class QJLLayer(CompressedLayer):
         config.check_head_dim(d)
         seed = config.seed * 100_003 + self.layer_idx
         self.sketch = QJLSketch(d, config.layer_sketch_dim(self.layer_idx), seed, config.orthogonal, self.device)
-        if config.n_outliers:
+        if config.n_outliers and not config.exact_outliers:
             self.outlier_sketch = QJLSketch(d, config.outlier_sketch_dim, seed + 50_000, config.orthogonal,
                                             self.device)
 
@@ -59,9 +61,8 @@ class QJLLayer(CompressedLayer):
             self._append("outlier_idx", new_idx)
         block = backend.quantize_keys(keys, self.sketch, self.outlier_sketch, idx_per_token)
         quantized_values = backend.quantize_values(values, config.value_bits, config.value_group_size)
-        for name, tensor in zip(("signs", "norms", "outlier_signs", "outlier_norms"),
-                                (block.signs, block.norms, block.outlier_signs, block.outlier_norms)):
-            if tensor is not None:
+        for name, tensor in zip(KEY_TENSORS, block):
+            if tensor is not None and name != "outlier_idx":
                 self._append(name, tensor)
         for name, tensor in zip(("value_packed", "value_scales", "value_minimums"), quantized_values):
             self._append(name, tensor)
@@ -70,9 +71,7 @@ class QJLLayer(CompressedLayer):
         self.state[name] = torch.cat([self.state[name], tensor], dim=2) if name in self.state else tensor
 
     def keys_block(self) -> QuantizedKeyBlock:
-        s = self.state
-        return QuantizedKeyBlock(s["signs"], s["norms"], s.get("outlier_idx"), s.get("outlier_signs"),
-                                 s.get("outlier_norms"))
+        return QuantizedKeyBlock(*(self.state.get(name) for name in KEY_TENSORS))
 
     def compressed_scores(self, query):
         if not self.n_compressed:

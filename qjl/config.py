@@ -21,6 +21,8 @@ class QJLConfig:
     ``initial_sketch_dim`` instead of ``sketch_dim``. Values: per-token asymmetric ``value_bits`` quantization in groups
     of ``value_group_size`` channels. The newest tokens (fewer than ``buffer_size``) and the first ``sink_tokens``
     tokens stay in full precision. ``center_keys`` sketches ``k - mean`` and adds ``q . mean`` back exactly.
+    ``exact_outliers`` stores the outlier channels as fp16 numbers instead of sketching them: ``n_outliers * 16``
+    bits, which for 4 channels costs less than a 64-bit outlier sketch and its norm, and scores them without error.
     """
 
     sketch_dim: int = 256
@@ -34,6 +36,7 @@ class QJLConfig:
     initial_sketch_dim: int = 512
     sink_tokens: int = 0
     center_keys: bool = False
+    exact_outliers: bool = False
     orthogonal: bool = True
     seed: int = 42
 
@@ -66,6 +69,7 @@ class QJLConfig:
         require(isinstance(self.sink_tokens, int) and 0 <= self.sink_tokens <= 1024, "sink_tokens",
                 "must be an integer from 0 to 1024")
         require(isinstance(self.center_keys, bool), "center_keys", "must be True or False")
+        require(isinstance(self.exact_outliers, bool), "exact_outliers", "must be True or False")
         require(isinstance(self.orthogonal, bool), "orthogonal", "must be True or False")
         require(isinstance(self.seed, int) and self.seed >= 0, "seed", "must be a non-negative integer")
 
@@ -90,7 +94,8 @@ class QJLConfig:
         """Bits of one key of one head once quantized: signs, norms and the group's outlier indices."""
         bits = self.layer_sketch_dim(layer_idx) + FP16_BITS
         if self.n_outliers:
-            bits += self.outlier_sketch_dim + FP16_BITS + self.n_outliers * INDEX_BITS / self.group_size
+            outlier_bits = self.n_outliers * FP16_BITS if self.exact_outliers else self.outlier_sketch_dim + FP16_BITS
+            bits += outlier_bits + self.n_outliers * INDEX_BITS / self.group_size
         return bits
 
     def value_bits_per_token(self, head_dim: int) -> float:

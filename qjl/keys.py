@@ -2,7 +2,8 @@
 
 Tokens come in groups of ``group_size``; per group and KV head the ``n_outliers`` channels of largest norm are the
 outliers. A key ``k`` is split into ``k_in`` (outlier channels zeroed) and ``k_out`` (the rest zeroed), each stored
-as sign bits of its own sketch plus its norm. A query is split the same way for each group, so the score is
+as sign bits of its own sketch plus its norm (or, with ``exact_outliers``, ``k_out``'s channels as fp16 numbers).
+A query is split the same way for each group, so the score is
 ``est(q_in, k_in) + est(q_out, k_out)``. The inlier sketch of ``q_in`` never needs recomputing per group:
 ``S (q * mask) = S q - S[:, idx] q[idx]``, and only the ``n_outliers`` columns ``idx`` change.
 """
@@ -22,6 +23,7 @@ class QuantizedKeyBlock(NamedTuple):
     outlier_idx: torch.Tensor | None  # uint8 [b, h, groups, n_outliers]
     outlier_signs: torch.Tensor | None  # uint8 [b, h, n, mo // 8]
     outlier_norms: torch.Tensor | None  # float16 [b, h, n]
+    outlier_values: torch.Tensor | None = None  # float16 [b, h, n, n_outliers], exact outliers instead of a sketch
 
 
 def outlier_channels(keys: torch.Tensor, group_size: int, n_outliers: int) -> torch.Tensor:
@@ -50,7 +52,7 @@ def outlier_mask(idx_per_token: torch.Tensor, head_dim: int) -> torch.Tensor:
 def quantize_keys(keys: torch.Tensor, sketch: QJLSketch, outlier_sketch: QJLSketch | None = None,
                   idx_per_token: torch.Tensor | None = None) -> QuantizedKeyBlock:
     """Quantizes ``keys`` ``[b, h, n, d]``; with outliers, ``idx_per_token`` ``[b, h, n, n_outliers]`` says which
-    channels of each token go to ``outlier_sketch``."""
+    channels of each token go to ``outlier_sketch`` (or, without an outlier sketch, are kept as fp16 numbers)."""
     if idx_per_token is None:
         signs, norms = sketch.quantize(keys)
         return QuantizedKeyBlock(signs, norms, None, None, None)
@@ -58,6 +60,9 @@ def quantize_keys(keys: torch.Tensor, sketch: QJLSketch, outlier_sketch: QJLSket
     keys = keys.float()
     inliers, outliers = keys.masked_fill(mask, 0), keys.masked_fill(~mask, 0)
     signs, norms = sketch.quantize(inliers)
+    if outlier_sketch is None:
+        exact = torch.gather(keys, -1, idx_per_token.long()).half()
+        return QuantizedKeyBlock(signs, norms, None, None, None, exact)
     outlier_signs, outlier_norms = outlier_sketch.quantize(outliers)
     return QuantizedKeyBlock(signs, norms, None, outlier_signs, outlier_norms)
 
@@ -82,12 +87,16 @@ def score_keys(query: torch.Tensor, block: QuantizedKeyBlock, sketch: QJLSketch,
     query_outliers = torch.gather(query.unsqueeze(2).expand(b, h, groups, m, d), -1,
                                   idx.unsqueeze(-2).expand(b, h, groups, m, idx.shape[-1]))  # [b, h, g, m, k]
     inlier_projection = projected.unsqueeze(2) - query_outliers @ sketch.matrix.T[idx]  # [b, h, g, m, sketch_dim]
-    outlier_projection = query_outliers @ outlier_sketch.matrix.T[idx]  # [b, h, g, m, mo]
+    outlier_projection = None if outlier_sketch is None else query_outliers @ outlier_sketch.matrix.T[idx]
 
     def estimate(proj, signs, norms, scale):
         s = unpack_signs(grouped(signs))  # [b, h, g, group_size, dim]
         est = proj @ s.transpose(-1, -2) * (grouped(norms.float().unsqueeze(-1)).squeeze(-1) * scale).unsqueeze(-2)
         return est.permute(0, 1, 3, 2, 4).reshape(b, h, m, groups * group_size)[..., :n]
 
-    return (estimate(inlier_projection, block.signs, block.norms, sketch.scale)
-            + estimate(outlier_projection, block.outlier_signs, block.outlier_norms, outlier_sketch.scale))
+    inlier_scores = estimate(inlier_projection, block.signs, block.norms, sketch.scale)
+    if block.outlier_values is not None:
+        exact = query_outliers @ grouped(block.outlier_values.float()).transpose(-1, -2)  # [b, h, g, m, group_size]
+        return inlier_scores + exact.permute(0, 1, 3, 2, 4).reshape(b, h, m, groups * group_size)[..., :n]
+    return inlier_scores + estimate(outlier_projection, block.outlier_signs, block.outlier_norms,
+                                    outlier_sketch.scale)

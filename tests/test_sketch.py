@@ -101,3 +101,18 @@ def test_outlier_split_reconstructs_key_and_score_is_sum_of_parts():
     expected = (inlier_est + outlier_est).reshape(1, 2, 3, 64)
     got = score_keys(query, block, sketch, outlier_sketch, group_size=32)
     assert torch.allclose(got, expected, atol=1e-4)
+
+
+def test_exact_outliers_are_scored_without_error():
+    """With exact outlier channels, the score is the inlier sketch estimate plus the exact outlier product: with the
+    inliers zeroed, the estimate is exact."""
+    gen = torch.Generator().manual_seed(8)
+    keys = torch.zeros(1, 1, 32, 64)
+    keys[..., [3, 9, 20, 41]] = torch.randn(1, 1, 32, 4, generator=gen) * 10
+    idx = outlier_channels(keys, group_size=32, n_outliers=4)
+    sketch = QJLSketch(64, 64, seed=1)
+    block = quantize_keys(keys, sketch, None, per_token(idx, 32, 32))._replace(outlier_idx=idx)
+    assert block.outlier_signs is None and block.outlier_values.dtype == torch.float16
+    query = torch.randn(1, 1, 3, 64, generator=gen)
+    exact = query @ keys.half().float().transpose(-1, -2)
+    assert torch.allclose(score_keys(query, block, sketch, None, group_size=32), exact, atol=1e-3)
