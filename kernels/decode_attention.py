@@ -13,7 +13,7 @@ import triton.language as tl
 from .combine_splits import combine_splits
 from .common import dot3, unpack_rows
 from .scores import launch_config as scores_config
-from .scores import load_queries, project, query_mean, split_tokens, tile_scores
+from .scores import load_queries, outlier_arguments, project, query_mean, split_tokens, tile_scores
 
 BLOCK_EXACT = 32
 LOG2E = 1.4426950408889634
@@ -65,12 +65,12 @@ def _exact_tokens(q, k_ptr, v_ptr, bh, n, qk_scale, m_i, l_i, acc, D: tl.constex
 
 @triton.jit
 def decode_split_kernel(q_ptr, s_ptr, so_ptr, mean_ptr, signs_ptr, norms_ptr, idx_ptr, osigns_ptr, onorms_ptr,
-                        proj_ptr, vpacked_ptr, vscales_ptr, vmins_ptr, sink_k_ptr, sink_v_ptr, buf_k_ptr, buf_v_ptr,
+                        ovalues_ptr, proj_ptr, vpacked_ptr, vscales_ptr, vmins_ptr, sink_k_ptr, sink_v_ptr, buf_k_ptr, buf_v_ptr,
                         part_m_ptr, part_l_ptr, part_acc_ptr, n_tokens, n_groups, tokens_per_split, n_sink, n_buffer,
                         scale, oscale, qk_scale, M: tl.constexpr, M_PAD: tl.constexpr, D: tl.constexpr,
                         D_PAD: tl.constexpr, SKETCH: tl.constexpr, OSKETCH: tl.constexpr, K: tl.constexpr,
-                        K_PAD: tl.constexpr, STEP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
-                        CENTERED: tl.constexpr, BITS: tl.constexpr, VGROUP: tl.constexpr,
+                        K_PAD: tl.constexpr, EXACT: tl.constexpr, STEP: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_S: tl.constexpr, CENTERED: tl.constexpr, BITS: tl.constexpr, VGROUP: tl.constexpr,
                         BLOCK_EXACT: tl.constexpr):
     """Program ``(bh, split)``: splits ``0 .. S-1`` take compressed tokens, split ``S`` the exact ones. Writes the
     split's max and sum (log2 units) ``[BH, S + 1, M]`` and unnormalised output ``[BH, S + 1, M, D]``;
@@ -90,8 +90,9 @@ def decode_split_kernel(q_ptr, s_ptr, so_ptr, mean_ptr, signs_ptr, norms_ptr, id
         last = tl.minimum(first + tokens_per_split, n_tokens)
         for start in range(first, last, STEP):
             scores, tokens, ok = tile_scores(proj_ptr, q_ptr, bh, start, n_tokens, signs_ptr, norms_ptr, idx_ptr,
-                                             osigns_ptr, onorms_ptr, s_ptr, so_ptr, scale, oscale, n_groups, M,
-                                             M_PAD, D, SKETCH, OSKETCH, K, K_PAD, STEP, BLOCK_N, BLOCK_S)
+                                             osigns_ptr, onorms_ptr, ovalues_ptr, s_ptr, so_ptr, scale, oscale,
+                                             n_groups, M, M_PAD, D, SKETCH, OSKETCH, K, K_PAD, EXACT, STEP, BLOCK_N,
+                                             BLOCK_S)
             scores = tl.where(ok[None, :], scores * qk_scale + bias[:, None], float("-inf"))
             v = _dequantize(vpacked_ptr, vscales_ptr, vmins_ptr, bh * n_tokens + tokens, ok, D, D_PAD, BITS, VGROUP,
                             BLOCK_N)
@@ -112,9 +113,11 @@ def decode_split_kernel(q_ptr, s_ptr, so_ptr, mean_ptr, signs_ptr, norms_ptr, id
 
 
 def launch_config(queries: int, head_dim: int, sketch_dim: int, outlier_sketch_dim: int, n_outliers: int,
-                  group_size: int, centered: bool, value_bits: int, value_group_size: int) -> dict:
+                  group_size: int, centered: bool, value_bits: int, value_group_size: int,
+                  exact_outliers: bool = False) -> dict:
     """The constexprs (and warps) for these shapes; also what ``kernels-compile`` checks."""
-    config = scores_config(queries, head_dim, sketch_dim, outlier_sketch_dim, n_outliers, group_size, centered)
+    config = scores_config(queries, head_dim, sketch_dim, outlier_sketch_dim, n_outliers, group_size, centered,
+                           exact_outliers)
     # The value tile and output row grow with the head dim: 8 warps from 256 on (4 spill there). maxnreg stops
     # ptxas capping registers at 128 for a second resident program, which spills on sm_80.
     return dict(config, BITS=value_bits, VGROUP=value_group_size, BLOCK_EXACT=BLOCK_EXACT,
@@ -125,16 +128,17 @@ def decode_attention(query: torch.Tensor, keys, values, value_bits: int, matrix:
                      outlier_matrix: torch.Tensor | None, group_size: int, key_mean: torch.Tensor | None,
                      exact_keys, exact_values, scaling: float) -> torch.Tensor:
     """Attention of one decode token. ``query`` ``[b, hq, 1, d]``; ``keys`` = (signs, norms, outlier_idx,
-    outlier_signs, outlier_norms) and ``values`` = (packed, scales, minimums) as ``QJLLayer`` stores them
-    (``[b, h, n, ...]``); ``exact_keys``/``exact_values`` = (sink, buffer) ``[b, h, *, d]``. Returns
-    ``[b, 1, hq, d]`` in the query's dtype."""
-    signs, norms, idx, osigns, onorms = keys
+    outlier_signs, outlier_norms, outlier_values) (exact outliers: no ``outlier_matrix``) and ``values`` = (packed,
+    scales, minimums) as ``QJLLayer`` stores them (``[b, h, n, ...]``); ``exact_keys``/``exact_values`` = (sink,
+    buffer) ``[b, h, *, d]``. Returns ``[b, 1, hq, d]`` in the query's dtype."""
+    signs, norms, idx, _, _, ovalues = keys
     b, hq, _, d = query.shape
     h, n = signs.shape[1], signs.shape[2]
     group = hq // h
     k = 0 if idx is None else idx.shape[-1]
-    config = launch_config(group, d, matrix.shape[0], outlier_matrix.shape[0] if k else 16, k, group_size,
-                           key_mean is not None, value_bits, d // values[1].shape[-1])
+    config = launch_config(group, d, matrix.shape[0], outlier_matrix.shape[0] if outlier_matrix is not None else 16,
+                           k, group_size, key_mean is not None, value_bits, d // values[1].shape[-1],
+                           ovalues is not None)
     splits = triton.cdiv(n, split_tokens(n, b * h, config["STEP"], query.device)) if n else 0
     per_split = triton.cdiv(n, splits) if splits else 0
     per_split = triton.cdiv(per_split, config["STEP"]) * config["STEP"]
@@ -142,22 +146,16 @@ def decode_attention(query: torch.Tensor, keys, values, value_bits: int, matrix:
     sink_k, buf_k = (t.contiguous() for t in exact_keys)
     sink_v, buf_v = (t.contiguous() for t in exact_values)
     packed, scales, minimums = (t.contiguous() for t in values)
-    signs, norms = signs.contiguous(), norms.contiguous()
-    if k:
-        idx, osigns, onorms, so = idx.contiguous(), osigns.contiguous(), onorms.contiguous(), outlier_matrix
-    else:
-        idx = osigns = onorms = signs  # K = 0 compiles the outlier branch away
-        so = matrix
+    idx, osigns, onorms, ovalues, so, oscale = outlier_arguments(keys, matrix, outlier_matrix)
     mean = key_mean.float().contiguous() if key_mean is not None else q
     part_m = q.new_empty(b * h, splits + 1, group, dtype=torch.float32)
     part_l = torch.empty_like(part_m)
     part_acc = q.new_empty(b * h, splits + 1, group, d, dtype=torch.float32)
     scratch = q.new_empty(b * h * splits, group, matrix.shape[0], dtype=torch.float32)  # query projections
     decode_split_kernel[(b * h, splits + 1)](
-        q, matrix.contiguous(), so.contiguous(), mean, signs, norms, idx, osigns, onorms, scratch, packed, scales,
-        minimums,
-        sink_k, sink_v, buf_k, buf_v, part_m, part_l, part_acc, n, idx.shape[2] if k else 0, max(per_split, 1),
-        sink_k.shape[2], buf_k.shape[2], (torch.pi / 2) ** 0.5 / matrix.shape[0],
-        (torch.pi / 2) ** 0.5 / outlier_matrix.shape[0] if k else 0.0, scaling * LOG2E, **config)
+        q, matrix.contiguous(), so, mean, signs.contiguous(), norms.contiguous(), idx, osigns, onorms, ovalues,
+        scratch, packed, scales, minimums, sink_k, sink_v, buf_k, buf_v, part_m, part_l, part_acc, n,
+        idx.shape[2] if k else 0, max(per_split, 1), sink_k.shape[2], buf_k.shape[2],
+        (torch.pi / 2) ** 0.5 / matrix.shape[0], oscale, scaling * LOG2E, **config)
     out = combine_splits(part_m, part_l, part_acc, query.dtype)  # [b h, group, d]
     return out.reshape(b, 1, hq, d)

@@ -1,5 +1,6 @@
 """Key quantization in one pass: split the outlier channels, project by the sketch(es), take signs, pack 8 a byte,
-write the norms. Reference: ``qjl.keys.quantize_keys``.
+write the norms; with exact outliers (no outlier sketch) the outlier channels are written as fp16 numbers instead.
+Reference: ``qjl.keys.quantize_keys``.
 
 Each projection runs in ``[tokens, BLOCK_SKETCH]`` output tiles over 32-channel slices of the head dim, so the
 live tiles (and the registers and shared memory they take) do not grow with the head dim or the sketch size; the
@@ -77,16 +78,31 @@ def _project_pack(keys_ptr, words, s_ptr, signs_ptr, rows, ok, SKETCH: tl.conste
 
 
 @triton.jit
-def quantize_keys_kernel(keys_ptr, idx_ptr, s_ptr, so_ptr, signs_ptr, norms_ptr, osigns_ptr, onorms_ptr, n_tokens,
-                         D: tl.constexpr, SKETCH: tl.constexpr, OSKETCH: tl.constexpr, K: tl.constexpr,
-                         WORDS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
-    """One block of tokens of one (batch, head): keys ``[BH, n, D]``, idx ``[BH, n, K]`` (K = 0: no outliers)."""
+def _store_exact_outliers(keys_ptr, idx_ptr, ovalues_ptr, rows, ok, D: tl.constexpr, K: tl.constexpr,
+                          K_PAD: tl.constexpr):
+    """``keys[row, idx[row, k]]`` as fp16 at ``ovalues[row, k]``."""
+    offs_k = tl.arange(0, K_PAD)
+    inside = ok[:, None] & (offs_k[None, :] < K)
+    channels = tl.load(idx_ptr + rows[:, None] * K + offs_k[None, :], mask=inside, other=0).to(tl.int32)
+    x = tl.load(keys_ptr + rows[:, None] * D + channels, mask=inside, other=0.0).to(tl.float32)
+    tl.store(ovalues_ptr + rows[:, None] * K + offs_k[None, :], x.to(tl.float16), mask=inside)
+
+
+@triton.jit
+def quantize_keys_kernel(keys_ptr, idx_ptr, s_ptr, so_ptr, signs_ptr, norms_ptr, osigns_ptr, onorms_ptr, ovalues_ptr,
+                         n_tokens, D: tl.constexpr, SKETCH: tl.constexpr, OSKETCH: tl.constexpr, K: tl.constexpr,
+                         K_PAD: tl.constexpr, EXACT: tl.constexpr, WORDS: tl.constexpr, BLOCK_N: tl.constexpr,
+                         BLOCK_M: tl.constexpr):
+    """One block of tokens of one (batch, head): keys ``[BH, n, D]``, idx ``[BH, n, K]`` (K = 0: no outliers);
+    ``EXACT``: outlier values ``[BH, n, K]`` instead of outlier signs and norms."""
     bh, block = tl.program_id(0), tl.program_id(1)
     tokens = block * BLOCK_N + tl.arange(0, BLOCK_N)
     ok = tokens < n_tokens
     rows = bh * n_tokens + tokens
     words = _outlier_words(idx_ptr, rows, ok, K, WORDS, BLOCK_N)
-    if K > 0:
+    if EXACT:
+        _store_exact_outliers(keys_ptr, idx_ptr, ovalues_ptr, rows, ok, D, K, K_PAD)
+    elif K > 0:
         onorms = _norm(keys_ptr, words, rows, ok, D, K, True, WORDS, BLOCK_N)
         tl.store(onorms_ptr + rows, onorms.to(tl.float16), mask=ok)
         _project_pack(keys_ptr, words, so_ptr, osigns_ptr, rows, ok, OSKETCH, D, K, True, WORDS, BLOCK_N, BLOCK_M)
@@ -95,34 +111,40 @@ def quantize_keys_kernel(keys_ptr, idx_ptr, s_ptr, so_ptr, signs_ptr, norms_ptr,
     _project_pack(keys_ptr, words, s_ptr, signs_ptr, rows, ok, SKETCH, D, K, False, WORDS, BLOCK_N, BLOCK_M)
 
 
-def launch_config(head_dim: int, sketch_dim: int, outlier_sketch_dim: int, n_outliers: int) -> dict:
+def launch_config(head_dim: int, sketch_dim: int, outlier_sketch_dim: int, n_outliers: int,
+                  exact_outliers: bool = False) -> dict:
     """The constexprs the launcher compiles for these shapes (also what ``kernels-compile`` checks)."""
-    return dict(D=head_dim, SKETCH=sketch_dim, OSKETCH=outlier_sketch_dim if n_outliers else 8, K=n_outliers,
-                BLOCK_N=BLOCK_TOKENS, BLOCK_M=BLOCK_SKETCH, WORDS=pow2(triton.cdiv(head_dim, 32)), num_warps=4,
-                num_stages=1)
+    sketched = n_outliers and not exact_outliers
+    return dict(D=head_dim, SKETCH=sketch_dim, OSKETCH=outlier_sketch_dim if sketched else 8, K=n_outliers,
+                K_PAD=pow2(n_outliers), EXACT=bool(n_outliers and exact_outliers), BLOCK_N=BLOCK_TOKENS,
+                BLOCK_M=BLOCK_SKETCH, WORDS=pow2(triton.cdiv(head_dim, 32)), num_warps=4, num_stages=1)
 
 
 def quantize_keys(keys: torch.Tensor, matrix: torch.Tensor, outlier_matrix: torch.Tensor | None = None,
                   idx_per_token: torch.Tensor | None = None):
-    """``keys`` ``[b, h, n, d]``, sketch ``matrix`` ``[m, d]`` float32; with outliers, ``outlier_matrix`` ``[mo, d]``
-    and ``idx_per_token`` uint8 ``[b, h, n, k]``. Returns signs, norms, outlier signs, outlier norms (the last two
-    None without outliers), laid out as ``qjl.keys.QuantizedKeyBlock``."""
+    """``keys`` ``[b, h, n, d]``, sketch ``matrix`` ``[m, d]`` float32; with outliers, ``idx_per_token`` uint8
+    ``[b, h, n, k]`` and ``outlier_matrix`` ``[mo, d]`` (None: exact outliers). Returns signs, norms, outlier signs,
+    outlier norms and outlier values (None where unused), laid out as ``qjl.keys.QuantizedKeyBlock``."""
     b, h, n, d = keys.shape
     keys = keys.contiguous()
     k = 0 if idx_per_token is None else idx_per_token.shape[-1]
+    exact = bool(k) and outlier_matrix is None
     sketch_dim = matrix.shape[0]
-    outlier_dim = outlier_matrix.shape[0] if k else 8
+    outlier_dim = outlier_matrix.shape[0] if k and not exact else 8
     signs = keys.new_empty(b, h, n, sketch_dim // 8, dtype=torch.uint8)
     norms = keys.new_empty(b, h, n, dtype=torch.float16)
-    osigns = onorms = None
-    if k:
+    osigns = onorms = ovalues = None
+    if exact:
+        ovalues = keys.new_empty(b, h, n, k, dtype=torch.float16)
+    elif k:
         osigns = keys.new_empty(b, h, n, outlier_dim // 8, dtype=torch.uint8)
         onorms = torch.empty_like(norms)
     if n:
-        unused = signs  # K = 0 compiles the outlier branch away; its pointers are never read
+        unused = signs  # pointers of the branches the constexprs compile away are never read
         grid = (b * h, triton.cdiv(n, BLOCK_TOKENS))
         quantize_keys_kernel[grid](keys, idx_per_token.contiguous() if k else unused, matrix.contiguous(),
-                                   outlier_matrix.contiguous() if k else matrix, signs, norms,
-                                   osigns if k else unused, onorms if k else unused, n,
-                                   **launch_config(d, sketch_dim, outlier_dim, k))
-    return signs, norms, osigns, onorms
+                                   matrix if outlier_matrix is None else outlier_matrix.contiguous(), signs, norms,
+                                   unused if osigns is None else osigns, unused if onorms is None else onorms,
+                                   unused if ovalues is None else ovalues, n,
+                                   **launch_config(d, sketch_dim, outlier_dim, k, exact))
+    return signs, norms, osigns, onorms, ovalues

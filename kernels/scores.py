@@ -6,7 +6,8 @@ by the sketch once into a scratch row of its own, then per tile of tokens takes 
 one ``BLOCK_SKETCH`` slice of the sketch at a time (reloading the projection slice, unpacking that slice's sign bits),
 so registers and shared memory do not grow with the sketch or head dim. With outliers a tile is one token group:
 the group's ``K`` outlier channels move from the inlier projection to the outlier one,
-``S (q * mask) = S q - S[:, idx] q[idx]``.
+``S (q * mask) = S q - S[:, idx] q[idx]``; with exact outliers (``EXACT``, no outlier sketch) the outlier part is
+``q[idx] . outlier_values``, one more small tensor-core product per tile.
 """
 
 import torch
@@ -71,10 +72,19 @@ def sign_dot(proj, signs_ptr, rows, ok, start, SKETCH: tl.constexpr, BLOCK_N: tl
 
 
 @triton.jit
-def tile_scores(proj_ptr, q_ptr, bh, start, n_tokens, signs_ptr, norms_ptr, idx_ptr, osigns_ptr, onorms_ptr, s_ptr,
-                so_ptr, scale, oscale, n_groups, M: tl.constexpr, M_PAD: tl.constexpr, D: tl.constexpr,
-                SKETCH: tl.constexpr, OSKETCH: tl.constexpr, K: tl.constexpr, K_PAD: tl.constexpr,
-                STEP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr):
+def exact_outlier_dot(q_out, ovalues_ptr, rows, ok, K: tl.constexpr, K_PAD: tl.constexpr):
+    """``q[idx] . outlier_values`` for the tile's tokens: ``[M_PAD, BLOCK_N]``."""
+    offs_k = tl.arange(0, K_PAD)
+    values = tl.load(ovalues_ptr + rows[:, None] * K + offs_k[None, :], mask=ok[:, None] & (offs_k[None, :] < K),
+                     other=0.0)  # fp16 [BLOCK_N, K_PAD]
+    return dot_exact_rhs(q_out, tl.trans(values))
+
+
+@triton.jit
+def tile_scores(proj_ptr, q_ptr, bh, start, n_tokens, signs_ptr, norms_ptr, idx_ptr, osigns_ptr, onorms_ptr,
+                ovalues_ptr, s_ptr, so_ptr, scale, oscale, n_groups, M: tl.constexpr, M_PAD: tl.constexpr,
+                D: tl.constexpr, SKETCH: tl.constexpr, OSKETCH: tl.constexpr, K: tl.constexpr, K_PAD: tl.constexpr,
+                EXACT: tl.constexpr, STEP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr):
     """Estimated scores of the ``STEP`` tokens from ``start`` (one group with outliers): ``[M_PAD, BLOCK_N]``,
     and the tile's token indices and validity. ``proj_ptr``: the program's ``q @ S^T`` from ``project``."""
     tokens = start + tl.arange(0, BLOCK_N)
@@ -96,7 +106,9 @@ def tile_scores(proj_ptr, q_ptr, bh, start, n_tokens, signs_ptr, norms_ptr, idx_
         scores += sign_dot(proj, signs_ptr, rows, ok, s_start, SKETCH, BLOCK_N, BLOCK_S)
     norms = tl.load(norms_ptr + rows, mask=ok, other=0.0).to(tl.float32)
     scores *= (norms * scale)[None, :]
-    if K > 0:
+    if EXACT:
+        scores += exact_outlier_dot(q_out, ovalues_ptr, rows, ok, K, K_PAD)
+    elif K > 0:
         oscores = tl.zeros((M_PAD, BLOCK_N), dtype=tl.float32)
         for s_start in range(0, OSKETCH, BLOCK_S):
             proj = gathered_projection(q_out, so_ptr, idx, s_start + tl.arange(0, BLOCK_S), OSKETCH, D, K, K_PAD)
@@ -115,11 +127,11 @@ def query_mean(q, mean_ptr, bh, D: tl.constexpr, D_PAD: tl.constexpr):
 
 
 @triton.jit
-def scores_kernel(q_ptr, s_ptr, so_ptr, mean_ptr, signs_ptr, norms_ptr, idx_ptr, osigns_ptr, onorms_ptr, proj_ptr,
-                  out_ptr, n_tokens, n_groups, tokens_per_program, scale, oscale, M: tl.constexpr,
+def scores_kernel(q_ptr, s_ptr, so_ptr, mean_ptr, signs_ptr, norms_ptr, idx_ptr, osigns_ptr, onorms_ptr, ovalues_ptr,
+                  proj_ptr, out_ptr, n_tokens, n_groups, tokens_per_program, scale, oscale, M: tl.constexpr,
                   M_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, SKETCH: tl.constexpr,
-                  OSKETCH: tl.constexpr, K: tl.constexpr, K_PAD: tl.constexpr, STEP: tl.constexpr,
-                  BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, CENTERED: tl.constexpr):
+                  OSKETCH: tl.constexpr, K: tl.constexpr, K_PAD: tl.constexpr, EXACT: tl.constexpr,
+                  STEP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, CENTERED: tl.constexpr):
     """``out[bh, m, t]`` float32 for queries ``q`` ``[BH, M, D]`` and tokens of program ``(bh, split)``;
     ``proj_ptr``: float32 scratch ``[programs, M, SKETCH]``."""
     bh, split = tl.program_id(0), tl.program_id(1)
@@ -133,20 +145,21 @@ def scores_kernel(q_ptr, s_ptr, so_ptr, mean_ptr, signs_ptr, norms_ptr, idx_ptr,
     last = tl.minimum(first + tokens_per_program, n_tokens)
     for start in range(first, last, STEP):
         scores, tokens, ok = tile_scores(proj_ptr, q_ptr, bh, start, n_tokens, signs_ptr, norms_ptr, idx_ptr,
-                                         osigns_ptr, onorms_ptr, s_ptr, so_ptr, scale, oscale, n_groups, M, M_PAD,
-                                         D, SKETCH, OSKETCH, K, K_PAD, STEP, BLOCK_N, BLOCK_S)
+                                         osigns_ptr, onorms_ptr, ovalues_ptr, s_ptr, so_ptr, scale, oscale, n_groups,
+                                         M, M_PAD, D, SKETCH, OSKETCH, K, K_PAD, EXACT, STEP, BLOCK_N, BLOCK_S)
         tl.store(out_ptr + (bh * M + q_rows[:, None]) * n_tokens + tokens[None, :], scores + bias[:, None],
                  mask=(q_rows[:, None] < M) & ok[None, :])
 
 
 def launch_config(queries: int, head_dim: int, sketch_dim: int, outlier_sketch_dim: int, n_outliers: int,
-                  group_size: int, centered: bool) -> dict:
+                  group_size: int, centered: bool, exact_outliers: bool = False) -> dict:
     """The constexprs (and warps) for these shapes; also what ``kernels-compile`` checks."""
     step = group_size if n_outliers else BLOCK_TOKENS
+    sketched = n_outliers and not exact_outliers
     return dict(M=queries, M_PAD=pow2(queries, 16), D=head_dim, D_PAD=pow2(head_dim, 16), SKETCH=sketch_dim,
-                OSKETCH=outlier_sketch_dim if n_outliers else 16, K=n_outliers, K_PAD=pow2(n_outliers, 16),
-                STEP=step, BLOCK_N=pow2(step, 16), BLOCK_S=BLOCK_SKETCH, CENTERED=centered, num_warps=4,
-                num_stages=1)
+                OSKETCH=outlier_sketch_dim if sketched else 16, K=n_outliers, K_PAD=pow2(n_outliers, 16),
+                EXACT=bool(n_outliers and exact_outliers), STEP=step, BLOCK_N=pow2(step, 16), BLOCK_S=BLOCK_SKETCH,
+                CENTERED=centered, num_warps=4, num_stages=1)
 
 
 def split_tokens(n_tokens: int, programs_per_split: int, step: int, device: torch.device) -> int:
@@ -157,33 +170,41 @@ def split_tokens(n_tokens: int, programs_per_split: int, step: int, device: torc
     return triton.cdiv(tokens, step) * step
 
 
+def outlier_arguments(keys, matrix: torch.Tensor, outlier_matrix: torch.Tensor | None):
+    """(idx, outlier signs, outlier norms, outlier values, outlier matrix, outlier scale) as the kernels take them:
+    contiguous, with the signs (or sketch matrix) standing in for what the constexprs compile away (never read)."""
+    signs, _, idx, osigns, onorms, ovalues = keys
+
+    def present(t):
+        return signs if t is None else t.contiguous()
+
+    if outlier_matrix is None:
+        return present(idx), signs, signs, present(ovalues), matrix, 0.0
+    oscale = (torch.pi / 2) ** 0.5 / outlier_matrix.shape[0]
+    return present(idx), present(osigns), present(onorms), signs, outlier_matrix.contiguous(), oscale
+
+
 def compressed_scores(query: torch.Tensor, keys, matrix: torch.Tensor, outlier_matrix: torch.Tensor | None,
                       group_size: int, key_mean: torch.Tensor | None = None) -> torch.Tensor:
     """``query`` float32 ``[b, h, m, d]`` against ``keys`` = (signs, norms, outlier_idx, outlier_signs,
-    outlier_norms) laid out as ``qjl.keys.QuantizedKeyBlock``; ``key_mean`` ``[b, h, 1, d]`` adds ``q . mean``.
-    Returns float32 ``[b, h, m, n]``."""
-    signs, norms, idx, osigns, onorms = keys
+    outlier_norms, outlier_values) laid out as ``qjl.keys.QuantizedKeyBlock`` (exact outliers: outlier values and
+    no ``outlier_matrix``); ``key_mean`` ``[b, h, 1, d]`` adds ``q . mean``. Returns float32 ``[b, h, m, n]``."""
+    signs, norms, idx, _, _, ovalues = keys
     b, h, m, d = query.shape
     n = signs.shape[2]
     k = 0 if idx is None else idx.shape[-1]
     out = query.new_empty(b, h, m, n, dtype=torch.float32)
     if not n:
         return out
-    config = launch_config(m, d, matrix.shape[0], outlier_matrix.shape[0] if k else 16, k, group_size,
-                           key_mean is not None)
+    config = launch_config(m, d, matrix.shape[0], outlier_matrix.shape[0] if outlier_matrix is not None else 16, k,
+                           group_size, key_mean is not None, ovalues is not None)
     per_program = split_tokens(n, b * h, config["STEP"], query.device)
     q = query.float().contiguous()
-    signs, norms = signs.contiguous(), norms.contiguous()
-    if k:
-        idx, osigns, onorms, so = idx.contiguous(), osigns.contiguous(), onorms.contiguous(), outlier_matrix
-    else:
-        idx = osigns = onorms = signs  # K = 0 compiles the outlier branch away
-        so = matrix
+    idx, osigns, onorms, ovalues, so, oscale = outlier_arguments(keys, matrix, outlier_matrix)
     mean = key_mean.float().contiguous() if key_mean is not None else q
-    oscale = 0.0 if not k else (torch.pi / 2) ** 0.5 / outlier_matrix.shape[0]
     grid = (b * h, triton.cdiv(n, per_program))
     scratch = q.new_empty(grid[0] * grid[1], m, matrix.shape[0])  # each program's query projection
-    scores_kernel[grid](q, matrix.contiguous(), so.contiguous(), mean, signs, norms, idx, osigns, onorms, scratch,
-                        out, n, idx.shape[2] if k else 0, per_program, (torch.pi / 2) ** 0.5 / matrix.shape[0],
-                        oscale, **config)
+    scores_kernel[grid](q, matrix.contiguous(), so, mean, signs.contiguous(), norms.contiguous(), idx, osigns,
+                        onorms, ovalues, scratch, out, n, idx.shape[2] if k else 0, per_program,
+                        (torch.pi / 2) ** 0.5 / matrix.shape[0], oscale, **config)
     return out

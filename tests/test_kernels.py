@@ -1,9 +1,11 @@
 """Triton kernels against the torch reference: on a GPU when there is one, else in Triton's interpreter.
 
 Shapes are small (the interpreter runs every program in numpy) but cover head dims 64 and 128, 1, 3 and 4 query
-heads per KV head, lengths that are not multiples of any block, batch 2, and fp32/fp16/bf16 inputs.
+heads per KV head, lengths that are not multiples of any block, batch 2, fp32/fp16/bf16 inputs, and outlier channels
+sketched, kept exact (``exact_outliers``) or absent.
 """
 
+import dataclasses
 import os
 
 import pytest
@@ -46,20 +48,27 @@ def assert_signs_match(ref_signs, signs, max_fraction):
 
 
 @pytest.mark.parametrize("d,sketch_dim,outlier_dim,k,dtype", [
-    (64, 120, 64, 4, "fp32"), (128, 256, 128, 8, "bf16"), (64, 128, 64, 0, "fp16")])
+    (64, 120, 64, 4, "fp32"), (128, 256, 128, 8, "bf16"), (64, 128, 64, 0, "fp16"), (64, 120, None, 4, "bf16"),
+    (128, 248, None, 5, "fp16")])
 def test_quantize_keys_matches_reference(d, sketch_dim, outlier_dim, k, dtype):
+    """``outlier_dim`` None: exact outliers (fp16 outlier values, no outlier sketch)."""
     keys, _, idx = keys_with_outliers(2, 3, 45, d, DTYPES[dtype], k)
-    sketch, outlier_sketch = sketches(d, sketch_dim, outlier_dim)
-    ref = ref_keys.quantize_keys(keys, sketch, outlier_sketch if k else None, idx)
-    signs, norms, osigns, onorms = quantize_keys(keys, sketch.matrix, outlier_sketch.matrix if k else None, idx)
+    sketch, outlier_sketch = sketches(d, sketch_dim, outlier_dim or 8)
+    outlier_sketch = outlier_sketch if k and outlier_dim else None
+    ref = ref_keys.quantize_keys(keys, sketch, outlier_sketch, idx)
+    signs, norms, osigns, onorms, ovalues = quantize_keys(keys, sketch.matrix,
+                                                          outlier_sketch.matrix if outlier_sketch else None, idx)
     tolerance = 0.0 if DEVICE.type == "cpu" else 1e-3
     assert_signs_match(ref.signs, signs, tolerance)
     torch.testing.assert_close(norms, ref.norms, rtol=1e-3, atol=1e-3)
-    if k:
+    if outlier_sketch:
         assert_signs_match(ref.outlier_signs, osigns, tolerance)
         torch.testing.assert_close(onorms, ref.outlier_norms, rtol=1e-3, atol=1e-3)
     else:
         assert osigns is None and onorms is None
+    assert (ovalues is None) == (ref.outlier_values is None)
+    if ovalues is not None:
+        assert ovalues.dtype == torch.float16 and torch.equal(ovalues, ref.outlier_values)
 
 
 @pytest.mark.parametrize("bits,d,group,dtype", [(2, 64, 32, "fp32"), (3, 128, 128, "bf16"), (4, 64, 16, "fp16"),
@@ -76,20 +85,23 @@ def test_quantize_values_matches_reference(bits, d, group, dtype):
     assert (codes != ref_codes).float().mean() <= (0 if DEVICE.type == "cpu" else 1e-4)
 
 
-@pytest.mark.parametrize("d,queries,k,centered", [(64, 3, 4, True), (128, 4, 8, False), (64, 1, 0, False),
-                                                  (128, 5, 0, True)])
-def test_scores_match_reference(d, queries, k, centered):
+@pytest.mark.parametrize("d,queries,k,centered,exact", [
+    (64, 3, 4, True, False), (128, 4, 8, False, False), (64, 1, 0, False, False), (128, 5, 0, True, False),
+    (64, 3, 4, True, True), (128, 4, 5, False, True)])
+def test_scores_match_reference(d, queries, k, centered, exact):
     n, group_size = 77, 32
     keys, group_idx, idx = keys_with_outliers(2, 2, n, d, torch.float32, k, group_size)
     sketch, outlier_sketch = sketches(d, 2 * d - 8, d)
-    block = ref_keys.quantize_keys(keys, sketch, outlier_sketch if k else None, idx)._replace(outlier_idx=group_idx)
+    outlier_sketch = outlier_sketch if k and not exact else None
+    block = ref_keys.quantize_keys(keys, sketch, outlier_sketch, idx)._replace(outlier_idx=group_idx)
+    assert (block.outlier_values is not None) == exact
     query = torch.randn(2, 2, queries, d, generator=torch.Generator().manual_seed(7)).to(DEVICE)
     mean = keys.mean(-2, keepdim=True) if centered else None
-    ref = ref_keys.score_keys(query, block, sketch, outlier_sketch if k else None, group_size)
+    ref = ref_keys.score_keys(query, block, sketch, outlier_sketch, group_size)
     if centered:
         ref = ref + query @ mean.transpose(-1, -2)
-    out = compressed_scores(query, tuple(block), sketch.matrix, outlier_sketch.matrix if k else None, group_size,
-                            mean)
+    out = compressed_scores(query, tuple(block), sketch.matrix, outlier_sketch.matrix if outlier_sketch else None,
+                            group_size, mean)
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
 
 
@@ -104,7 +116,7 @@ def filled_layer(config, b, h, d, prompt, steps, dtype, seed=0):
 
 
 @pytest.mark.parametrize("d,group,dtype,config", [
-    (64, 3, "fp32", QJLConfig.preset("3bit", head_dim=64)),
+    (64, 3, "fp32", dataclasses.replace(QJLConfig.preset("3bit", head_dim=64), sketch_dim=120, exact_outliers=True)),
     (128, 4, "bf16", QJLConfig.preset("paper", head_dim=128)),
     (64, 1, "fp16", QJLConfig(sketch_dim=72, n_outliers=0, value_bits=3, value_group_size=16, buffer_size=32)),
     (128, 3, "fp32", QJLConfig(sketch_dim=136, outlier_sketch_dim=40, n_outliers=5, group_size=16, value_bits=4,
@@ -140,7 +152,8 @@ def test_fused_decode_with_empty_buffer_and_no_compressed_tokens():
 def test_whole_model_decoding_through_kernels_matches_torch(monkeypatch, tiny_llama):
     model = tiny_llama.to(DEVICE)
     ids = torch.randint(0, 256, (2, 100), generator=torch.Generator().manual_seed(0)).to(DEVICE)
-    config = QJLConfig.preset("3bit", head_dim=64)
+    # Exact outliers (with centred keys and sinks) from compression to the fused decode; sketched ones are above.
+    config = dataclasses.replace(QJLConfig.preset("3bit", head_dim=64), exact_outliers=True)
 
     def decode(backend):
         monkeypatch.setenv("QJL_BACKEND", backend)
