@@ -24,7 +24,7 @@ class QJLLayer(CompressedLayer):
     """QJL keys (signs of a seeded projection, norms, optional outlier channels and centring) and few-bit values."""
 
     def __init__(self, config: QJLConfig, layer_idx: int, **kwargs):
-        super().__init__(config.sink_tokens, config.buffer_size, config.group_size, **kwargs)
+        super().__init__(config.sink_tokens, config.buffer_size, config.group_size, config.buffer_keep, **kwargs)
         self.config, self.layer_idx = config, layer_idx
         self.sketch = self.outlier_sketch = None
 

@@ -20,7 +20,8 @@ class QJLConfig:
     and sketched by their own ``outlier_sketch_dim`` sketch. The first ``initial_layers`` layers use
     ``initial_sketch_dim`` instead of ``sketch_dim``. Values: per-token asymmetric ``value_bits`` quantization in groups
     of ``value_group_size`` channels. The newest tokens (fewer than ``buffer_size``) and the first ``sink_tokens``
-    tokens stay in full precision. ``center_keys`` sketches ``k - mean`` and adds ``q . mean`` back exactly.
+    tokens stay in full precision; a flush compresses all buffered tokens but the newest ``buffer_keep``.
+    ``center_keys`` sketches ``k - mean`` and adds ``q . mean`` back exactly.
     ``exact_outliers`` stores the outlier channels as fp16 numbers instead of sketching them: ``n_outliers * 16``
     bits, which for 4 channels costs less than a 64-bit outlier sketch and its norm, and scores them without error.
     """
@@ -32,6 +33,7 @@ class QJLConfig:
     value_bits: int = 2
     value_group_size: int = 32
     buffer_size: int = 128
+    buffer_keep: int = 0
     initial_layers: int = 0
     initial_sketch_dim: int = 512
     sink_tokens: int = 0
@@ -64,6 +66,8 @@ class QJLConfig:
         require(isinstance(self.buffer_size, int) and self.buffer_size >= self.group_size
                 and self.buffer_size % self.group_size == 0 and self.buffer_size <= 8192, "buffer_size",
                 f"must be a multiple of group_size ({self.group_size}) up to 8192")
+        require(isinstance(self.buffer_keep, int) and 0 <= self.buffer_keep < self.buffer_size, "buffer_keep",
+                f"must be an integer from 0 to buffer_size - 1 ({self.buffer_size - 1})")
         require(isinstance(self.initial_layers, int) and 0 <= self.initial_layers <= 1024, "initial_layers",
                 "must be an integer from 0 to 1024")
         require(isinstance(self.sink_tokens, int) and 0 <= self.sink_tokens <= 1024, "sink_tokens",

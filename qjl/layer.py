@@ -2,7 +2,8 @@
 
 Tokens are kept in logical order: ``sink | compressed | buffer``. The first ``sink_tokens`` tokens go to the sink and
 stay exact. Later tokens enter the buffer; once it holds ``buffer_size`` tokens, its oldest tokens are compressed in
-whole groups of ``group_size`` (the buffer keeps fewer than ``buffer_size``). A method (QJL, KIVI, TurboQuant) is a
+whole groups of ``group_size``, all but the newest ``buffer_keep`` (0 in the paper: the whole buffer, so right after a
+flush no recent token is exact; ``buffer_size - group_size`` slides a window of exact recent tokens instead). A method (QJL, KIVI, TurboQuant) is a
 subclass that says how a block is compressed, how a query scores it and how probabilities weight its values.
 
 ``update`` returns the new keys and values themselves on the first call (the prompt: attention is exact) and, once
@@ -25,9 +26,10 @@ def tensors_nbytes(tensors) -> int:
 class CompressedLayer(DynamicLayer):
     """Sink and buffer bookkeeping, and attention over ``sink | compressed | buffer``; subclasses compress."""
 
-    def __init__(self, sink_tokens: int, buffer_size: int, group_size: int, **kwargs):
+    def __init__(self, sink_tokens: int, buffer_size: int, group_size: int, buffer_keep: int = 0, **kwargs):
         super().__init__(**kwargs)
         self.sink_tokens, self.buffer_size, self.group_size = sink_tokens, buffer_size, group_size
+        self.buffer_keep = buffer_keep
         self._clear()
         self.reset_compressed()
 
@@ -98,9 +100,10 @@ class CompressedLayer(DynamicLayer):
         return tagged_keys, value_states
 
     def flush(self) -> None:
-        """Compresses the oldest buffered tokens, as many as leave the compressed count a multiple of the group."""
-        buffered = self.buffer_keys.shape[-2]
-        n = buffered - (self.n_compressed + buffered) % self.group_size
+        """Compresses the oldest buffered tokens but ``buffer_keep``, as many as leave the compressed count a multiple
+        of the group."""
+        n = self.buffer_keys.shape[-2] - self.buffer_keep
+        n -= (self.n_compressed + n) % self.group_size
         if n <= 0:
             return
         self.compress(self.buffer_keys[:, :, :n], self.buffer_values[:, :, :n])

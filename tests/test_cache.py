@@ -153,3 +153,18 @@ def test_empty_prompt_is_refused(tiny_llama):
 
     with pytest.raises(ValueError, match="prompt is empty"):
         next(qjl.run_side_by_side(tiny_llama, Tokenizer(), "   ", lambda m: QJLCache(m, SMALL)))
+
+
+def test_buffer_keep_slides_a_window_of_exact_tokens(tiny_llama):
+    config = SMALL.replace(buffer_keep=SMALL.buffer_size - SMALL.group_size)
+    cache = QJLCache(tiny_llama, config)
+    ids = torch.randint(0, 256, (1, 90), generator=torch.Generator().manual_seed(9))
+    forward(tiny_llama, ids[:, :40], cache)
+    layer = cache.layers[0]
+    for t in range(40, 90):
+        forward(tiny_llama, ids[:, t:t + 1], cache)
+        assert config.buffer_keep <= layer.buffer_keys.shape[-2] < config.buffer_size
+        assert layer.n_compressed % config.group_size == 0
+    assert cache.get_seq_length() == 90
+    with pytest.raises(ValueError, match="QJLConfig.buffer_keep="):
+        SMALL.replace(buffer_keep=SMALL.buffer_size)
