@@ -72,12 +72,17 @@ def sign_dot(proj, signs_ptr, rows, ok, start, SKETCH: tl.constexpr, BLOCK_N: tl
 
 
 @triton.jit
-def exact_outlier_dot(q_out, ovalues_ptr, rows, ok, K: tl.constexpr, K_PAD: tl.constexpr):
-    """``q[idx] . outlier_values`` for the tile's tokens: ``[M_PAD, BLOCK_N]``."""
+def exact_outlier_scores(q_out, ovalues_ptr, rows, ok, K: tl.constexpr, K_PAD: tl.constexpr):
+    """``q[idx] . outlier_values`` for the tile's tokens, ``[M_PAD, BLOCK_N]``, from the group's outlier channels
+    of the queries ``q_out`` ``[M_PAD, K_PAD]``: ``K`` rank-one updates in fp32 (a product padded to the 16 x 16
+    tensor-core minimum would be mostly padding for the few outlier channels)."""
     offs_k = tl.arange(0, K_PAD)
-    values = tl.load(ovalues_ptr + rows[:, None] * K + offs_k[None, :], mask=ok[:, None] & (offs_k[None, :] < K),
-                     other=0.0)  # fp16 [BLOCK_N, K_PAD]
-    return dot_exact_rhs(q_out, tl.trans(values))
+    out = tl.zeros((q_out.shape[0], rows.shape[0]), dtype=tl.float32)
+    for k in tl.static_range(K):
+        q_k = tl.sum(tl.where(offs_k[None, :] == k, q_out, 0.0), axis=1)
+        v_k = tl.load(ovalues_ptr + rows * K + k, mask=ok, other=0.0).to(tl.float32)
+        out += q_k[:, None] * v_k[None, :]
+    return out
 
 
 @triton.jit
@@ -107,7 +112,7 @@ def tile_scores(proj_ptr, q_ptr, bh, start, n_tokens, signs_ptr, norms_ptr, idx_
     norms = tl.load(norms_ptr + rows, mask=ok, other=0.0).to(tl.float32)
     scores *= (norms * scale)[None, :]
     if EXACT:
-        scores += exact_outlier_dot(q_out, ovalues_ptr, rows, ok, K, K_PAD)
+        scores += exact_outlier_scores(q_out, ovalues_ptr, rows, ok, K, K_PAD)
     elif K > 0:
         oscores = tl.zeros((M_PAD, BLOCK_N), dtype=tl.float32)
         for s_start in range(0, OSKETCH, BLOCK_S):

@@ -9,6 +9,8 @@ than the architecture allows.
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import json
 import re
 import subprocess
@@ -18,10 +20,11 @@ from pathlib import Path
 HELP = "compile the Triton kernels for sm_ARCH on any machine; report registers, shared memory, spills"
 
 # (label, head dim, query heads per KV head, preset): the embedded model, Llama-3.1-8B and a head dim of 256. The
-# paper preset sketches by 4 x head dim in its first layers (512 at 128, 1024 at 256).
+# paper preset sketches by 4 x head dim in its first layers (512 at 128, 1024 at 256). Presets with outlier channels
+# are compiled both ways, sketched and exact (``exact_outliers``), whichever the preset chooses.
 SHAPES = [("smollm2", 64, 3, "3bit"), ("smollm2", 64, 3, "paper"), ("llama8b", 128, 4, "3bit"),
           ("llama8b", 128, 4, "paper"), ("hd256", 256, 2, "3bit"), ("hd256", 256, 2, "paper")]
-# Every kernel at each head dim, sketches 128 to 512, outliers (64 to 256 sketch) and centred keys.
+# Every kernel at each head dim, sketches 128 to 512, outliers (64 to 256 sketch, or exact) and centred keys.
 QUICK_SHAPES = [("smollm2", 64, 3, "3bit"), ("llama8b", 128, 4, "paper"), ("hd256", 256, 2, "3bit")]
 
 # Shared memory one program may use (opt-in maximum per block), bytes.
@@ -30,19 +33,21 @@ SHARED_LIMITS = {80: 163 * 1024, 86: 99 * 1024, 87: 163 * 1024, 89: 99 * 1024, 9
 # Pointer and scalar types of each kernel's runtime arguments, as the launchers pass them for a bf16 model.
 POINTERS = {
     "quantize_keys": dict(keys_ptr="*fp32", idx_ptr="*u8", s_ptr="*fp32", so_ptr="*fp32", signs_ptr="*u8",
-                          norms_ptr="*fp16", osigns_ptr="*u8", onorms_ptr="*fp16", n_tokens="i32"),
+                          norms_ptr="*fp16", osigns_ptr="*u8", onorms_ptr="*fp16", ovalues_ptr="*fp16",
+                          n_tokens="i32"),
     "quantize_values": dict(values_ptr="*bf16", packed_ptr="*u8", scales_ptr="*fp16", mins_ptr="*fp16",
                             n_rows="i32"),
     "scores": dict(q_ptr="*fp32", s_ptr="*fp32", so_ptr="*fp32", mean_ptr="*fp32", signs_ptr="*u8",
-                   norms_ptr="*fp16", idx_ptr="*u8", osigns_ptr="*u8", onorms_ptr="*fp16", proj_ptr="*fp32",
-                   out_ptr="*fp32", n_tokens="i32", n_groups="i32", tokens_per_program="i32", scale="fp32",
+                   norms_ptr="*fp16", idx_ptr="*u8", osigns_ptr="*u8", onorms_ptr="*fp16", ovalues_ptr="*fp16",
+                   proj_ptr="*fp32", out_ptr="*fp32", n_tokens="i32", n_groups="i32", tokens_per_program="i32", scale="fp32",
                    oscale="fp32"),
     "decode_split": dict(q_ptr="*bf16", s_ptr="*fp32", so_ptr="*fp32", mean_ptr="*fp32", signs_ptr="*u8",
-                         norms_ptr="*fp16", idx_ptr="*u8", osigns_ptr="*u8", onorms_ptr="*fp16", proj_ptr="*fp32",
-                         vpacked_ptr="*u8", vscales_ptr="*fp16", vmins_ptr="*fp16", sink_k_ptr="*bf16",
-                         sink_v_ptr="*bf16", buf_k_ptr="*bf16", buf_v_ptr="*bf16", part_m_ptr="*fp32",
-                         part_l_ptr="*fp32", part_acc_ptr="*fp32", n_tokens="i32", n_groups="i32", tokens_per_split="i32", n_sink="i32",
-                         n_buffer="i32", scale="fp32", oscale="fp32", qk_scale="fp32"),
+                         norms_ptr="*fp16", idx_ptr="*u8", osigns_ptr="*u8", onorms_ptr="*fp16",
+                         ovalues_ptr="*fp16", proj_ptr="*fp32", vpacked_ptr="*u8", vscales_ptr="*fp16",
+                         vmins_ptr="*fp16", sink_k_ptr="*bf16", sink_v_ptr="*bf16", buf_k_ptr="*bf16",
+                         buf_v_ptr="*bf16", part_m_ptr="*fp32", part_l_ptr="*fp32", part_acc_ptr="*fp32",
+                         n_tokens="i32", n_groups="i32", tokens_per_split="i32", n_sink="i32", n_buffer="i32",
+                         scale="fp32", oscale="fp32", qk_scale="fp32"),
     "combine_splits": dict(part_m_ptr="*fp32", part_l_ptr="*fp32", part_acc_ptr="*fp32", out_ptr="*bf16",
                            n_splits="i32"),
 }
@@ -66,15 +71,15 @@ def launch_configs(shapes) -> list[tuple[str, str, dict]]:
     seen, configs = set(), []
     for label, d, group, preset in shapes:
         c = QJLConfig.preset(preset, head_dim=d)
-        sketch_dims = sorted({c.sketch_dim, c.layer_sketch_dim(0)})
-        for sketch in sketch_dims:
-            k, outlier = c.n_outliers, c.outlier_sketch_dim
+        variants = [c, dataclasses.replace(c, exact_outliers=not c.exact_outliers)] if c.n_outliers else [c]
+        for c, sketch in itertools.product(variants, sorted({c.sketch_dim, c.layer_sketch_dim(0)})):
+            k, outlier, exact = c.n_outliers, c.outlier_sketch_dim, c.exact_outliers
             wanted = {
-                "quantize_keys": (d, sketch, outlier, k),
+                "quantize_keys": (d, sketch, outlier, k, exact),
                 "quantize_values": (d, c.value_bits, c.value_group_size),
-                "scores": (group, d, sketch, outlier, k, c.group_size, c.center_keys),
+                "scores": (group, d, sketch, outlier, k, c.group_size, c.center_keys, exact),
                 "decode_split": (group, d, sketch, outlier, k, c.group_size, c.center_keys, c.value_bits,
-                                 c.value_group_size),
+                                 c.value_group_size, exact),
                 "combine_splits": (d,),
             }
             for kernel, args in wanted.items():
@@ -84,7 +89,8 @@ def launch_configs(shapes) -> list[tuple[str, str, dict]]:
                 key = (kernel, tuple(sorted(config.items())))
                 if key not in seen:
                     seen.add(key)
-                    configs.append((kernel, f"{label}/{preset}/sketch{sketch}", config))
+                    outliers = ("/exact" if exact else "/sketched") if k else ""
+                    configs.append((kernel, f"{label}/{preset}{outliers}/sketch{sketch}", config))
     return configs
 
 
