@@ -65,9 +65,9 @@ def _exact_tokens(q, k_ptr, v_ptr, bh, n, qk_scale, m_i, l_i, acc, D: tl.constex
 
 @triton.jit
 def decode_split_kernel(q_ptr, s_ptr, so_ptr, mean_ptr, signs_ptr, norms_ptr, idx_ptr, osigns_ptr, onorms_ptr,
-                        ovalues_ptr, proj_ptr, vpacked_ptr, vscales_ptr, vmins_ptr, sink_k_ptr, sink_v_ptr, buf_k_ptr, buf_v_ptr,
-                        part_m_ptr, part_l_ptr, part_acc_ptr, n_tokens, n_groups, tokens_per_split, n_sink, n_buffer,
-                        scale, oscale, qk_scale, M: tl.constexpr, M_PAD: tl.constexpr, D: tl.constexpr,
+                        ovalues_ptr, proj_ptr, vpacked_ptr, vscales_ptr, vmins_ptr, sink_k_ptr, sink_v_ptr, buf_k_ptr,
+                        buf_v_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, n_tokens, n_groups, tokens_per_split, n_sink,
+                        n_buffer, scale, oscale, qk_scale, M: tl.constexpr, M_PAD: tl.constexpr, D: tl.constexpr,
                         D_PAD: tl.constexpr, SKETCH: tl.constexpr, OSKETCH: tl.constexpr, K: tl.constexpr,
                         K_PAD: tl.constexpr, EXACT: tl.constexpr, STEP: tl.constexpr, BLOCK_N: tl.constexpr,
                         BLOCK_S: tl.constexpr, CENTERED: tl.constexpr, BITS: tl.constexpr, VGROUP: tl.constexpr,
