@@ -100,7 +100,10 @@ def cache_spec(method: str, model, settings: dict):
     if method != CUSTOM:
         return method
     values = {name: int(value) if name != "center_keys" else bool(value) for name, value in settings.items()}
-    return qjl.QJLConfig.preset("3bit", qjl.cache.model_head_dim(model)).replace(**values)
+    base = qjl.QJLConfig.preset("3bit", qjl.cache.model_head_dim(model))
+    if base.buffer_keep:  # the preset's buffer slides: keep all but one group of whatever buffer is asked for
+        values["buffer_keep"] = max(0, values["buffer_size"] - base.group_size)
+    return base.replace(**values)
 
 
 def read_upload(path: str | None) -> str:
@@ -124,13 +127,14 @@ def preset_prompt(name: str, model_name: str) -> str:
     return assets.PROMPTS[name](tokenizer)
 
 
-def passkey(length: int, depth: float, model_name: str) -> tuple[str, str]:
+def passkey(length: int, depth: float, model_name: str) -> tuple[str, str, bool]:
+    """A passkey prompt, its key, and the chat template switched off: the model continues "The pass key is"."""
     try:
         _, tokenizer = MODEL.get(model_name)
         prompt, key = assets.passkey_prompt(tokenizer, int(length), float(depth))
     except Exception as error:
         raise gr.Error(str(error)) from None
-    return prompt, f"The pass key hidden in this prompt is **{key}**."
+    return prompt, f"The pass key hidden in this prompt is **{key}**.", False
 
 
 def summary_rows(summary: dict) -> list[list[str]]:
@@ -146,10 +150,10 @@ def summary_rows(summary: dict) -> list[list[str]]:
 
 @on_gpu
 def compare(prompt, model_name, method, sketch_dim, n_outliers, value_bits, buffer_size, sink_tokens, center_keys,
-            max_new_tokens, teacher_forcing, progress=gr.Progress()):
+            max_new_tokens, teacher_forcing, chat=True, progress=gr.Progress()):
     """Streams (status, text full, text compressed, four charts, summary rows, run record) while both sides decode."""
     settings = dict(zip(ADVANCED, (sketch_dim, n_outliers, value_bits, buffer_size, sink_tokens, center_keys)))
-    run = {"config": {"model": model_name, "method": method, "max_new_tokens": max_new_tokens,
+    run = {"config": {"model": model_name, "method": method, "max_new_tokens": max_new_tokens, "chat_template": chat,
                       "advanced": settings if method == CUSTOM else None, "teacher_forcing": teacher_forcing},
            "prefill": None, "steps": [], "memory": [], "memory_info": None, "summary": None}
     sampler, records, clicked = None, None, time.perf_counter()
@@ -169,7 +173,7 @@ def compare(prompt, model_name, method, sketch_dim, n_outliers, value_bits, buff
         model, tokenizer = MODEL.get(model_name)
         spec = cache_spec(method, model, settings)
         make_cache = factory(spec)
-        input_ids = qjl.encode_prompt(tokenizer, prompt or "")
+        input_ids = qjl.encode_prompt(tokenizer, prompt or "", chat=bool(chat))
         run["config"].update(prompt_tokens=input_ids.shape[1], device=str(next(model.parameters()).device),
                              dtype=str(next(model.parameters()).dtype), cache=repr(spec))
         sampler = MemorySampler(next(model.parameters()).device, interval_s=0.25).start()
@@ -273,6 +277,8 @@ def build() -> gr.Blocks:
                                             label="Buffer (recent exact tokens)")
                     sink_tokens = gr.Slider(0, 64, value=defaults["sink_tokens"], step=1, label="Sink tokens")
                     center_keys = gr.Checkbox(value=defaults["center_keys"], label="Centre the keys")
+                chat = gr.Checkbox(value=True, label="Wrap the prompt in the model's chat template (off: the model "
+                                   "continues the text, as passkey prompts want)")
                 teacher_forcing = gr.Checkbox(value=torch.cuda.is_available(), label="Teacher-forced top-1 and KL "
                                               "at the end (one more prefill and decode)")
                 with gr.Row():
@@ -299,9 +305,9 @@ def build() -> gr.Blocks:
         method.change(method_settings, method, advanced, queue=False)
         preset.select(preset_prompt, [preset, model_name], prompt)
         upload.upload(read_upload, upload, prompt, api_name="upload")
-        passkey_button.click(passkey, [passkey_length, passkey_depth, model_name], [prompt, passkey_note])
+        passkey_button.click(passkey, [passkey_length, passkey_depth, model_name], [prompt, passkey_note, chat])
         run_event = run_button.click(
-            compare, [prompt, model_name, method, *advanced, max_new_tokens, teacher_forcing],
+            compare, [prompt, model_name, method, *advanced, max_new_tokens, teacher_forcing, chat],
             [status_box, text_full, text_compressed, chart_memory, chart_device, chart_latency, chart_agreement,
              summary, run_state], api_name="compare", concurrency_limit=1, concurrency_id="device",
             show_progress_on=[status_box])  # the bar sits on the status line, the text and charts stay visible

@@ -138,11 +138,11 @@ def _paper(head_dim: int) -> QJLConfig:
 
 def _3bit(head_dim: int) -> QJLConfig:
     # Chosen on the embedded model (README, "Choosing the 3bit preset"): a 2d-bit sketch of the inliers, d/16 outlier
-    # channels kept exactly, 2-bit values in groups of d, 4 sink tokens, centred keys, and a buffer that slides so the
-    # newest 96-127 tokens stay exact. 2.88 bits per number at head dim 64; 3.07 with the buffer at 8k tokens.
+    # channels kept exactly, 2-bit values in groups of d, 4 sink tokens and centred keys: 2.88 bits per number at head
+    # dim 64, about 3.1 with the buffer at 8k tokens.
     return QJLConfig(sketch_dim=2 * head_dim, n_outliers=max(1, head_dim // 16), exact_outliers=True, group_size=32,
-                     value_bits=2, value_group_size=head_dim, buffer_size=128, buffer_keep=96, initial_layers=0,
-                     sink_tokens=4, center_keys=True, seed=42)
+                     value_bits=2, value_group_size=head_dim, buffer_size=128, initial_layers=0, sink_tokens=4,
+                     center_keys=True, seed=42)
 
 
 PRESETS = {"paper": _paper, "3bit": _3bit}

@@ -47,9 +47,10 @@ def client(url):
     return gradio_client.Client(url, verbose=False, httpx_kwargs={"timeout": 120})
 
 
-def compare(c, prompt, method="qjl-3bit", tokens=3, teacher_forcing=False, model=app.EMBEDDED, sketch_dim=128):
+def compare(c, prompt, method="qjl-3bit", tokens=3, teacher_forcing=False, model=app.EMBEDDED, sketch_dim=128,
+            chat=True):
     """Submits a comparison; returns the job (its ``outputs()`` are every streamed update)."""
-    return c.submit(prompt, model, method, sketch_dim, 4, 2, 64, 4, True, tokens, teacher_forcing,
+    return c.submit(prompt, model, method, sketch_dim, 4, 2, 64, 4, True, tokens, teacher_forcing, chat,
                     api_name="/compare")
 
 

@@ -3,18 +3,30 @@ launchers use (head dims 64, 128 and 256; sketches 128 to 512, with outliers ske
 without spills and within each architecture's shared memory per program."""
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 pytest.importorskip("triton")
 
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def kernels_compile(*args: str, setup: str = "") -> int:
+    """Runs ``python -m profiling kernels-compile ARGS`` in a fresh process without ``TRITON_INTERPRET`` (the kernel
+    tests set it in this one, which makes the kernels interpreted functions that the compiler cannot take)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = f"{setup}\nfrom profiling.__main__ import main\nraise SystemExit(main({['kernels-compile', *args]!r}))"
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env).returncode
+
 KERNEL_NAMES = {"quantize_keys", "quantize_values", "scores", "decode_split", "combine_splits"}
 
 
 def test_every_kernel_compiles_for_hopper_and_ampere_without_spills(tmp_path):
-    from profiling.__main__ import main
-
-    code = main(["kernels-compile", "--quick", "--arch", "90", "--arch", "80", "--out", str(tmp_path)])
+    code = kernels_compile("--quick", "--arch", "90", "--arch", "80", "--out", str(tmp_path))
     kernels = json.loads((tmp_path / "results.json").read_text())["kernels"]
     for arch in (90, 80):
         compiled = [k for k in kernels if k["arch"] == arch]
@@ -32,12 +44,9 @@ def test_every_kernel_compiles_for_hopper_and_ampere_without_spills(tmp_path):
     assert code == 0
 
 
-def test_kernels_compile_fails_over_the_shared_memory_limit(tmp_path, monkeypatch):
+def test_kernels_compile_fails_over_the_shared_memory_limit(tmp_path):
     """The check can fail: a kernel over the architecture's shared memory is reported and sets the exit code."""
-    from profiling import cmd_kernels_compile
-    from profiling.__main__ import main
-
-    monkeypatch.setitem(cmd_kernels_compile.SHARED_LIMITS, 80, 64)
-    code = main(["kernels-compile", "--quick", "--arch", "80", "--only", "quantize_values", "--out", str(tmp_path)])
+    code = kernels_compile("--quick", "--arch", "80", "--only", "quantize_values", "--out", str(tmp_path),
+                           setup="from profiling import cmd_kernels_compile\ncmd_kernels_compile.SHARED_LIMITS[80] = 64")
     rows = json.loads((tmp_path / "results.json").read_text())["kernels"]
     assert code == 1 and rows and all(k["shared_bytes"] > k["shared_limit"] == 64 for k in rows)
