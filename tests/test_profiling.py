@@ -207,13 +207,13 @@ def read_results(folder):
 
 def test_cli_end_to_end(tmp_path, embedded):
     common = ["--device", "cpu", "--preset", "qjl-3bit", "--no-png", "--out"]
-    assert main(["sweep", "--lengths", "100", "--steps", "1", *common, str(tmp_path / "sweep")]) == 0
+    assert main(["sweep", "--lengths", "300", "--steps", "1", *common, str(tmp_path / "sweep")]) == 0
     rows = read_results(tmp_path / "sweep")["results"]
     assert [r["cache"] for r in rows] == ["full", "qjl-3bit"] and rows[1]["bytes"] < rows[0]["bytes"]
     assert main(["compare", "--prompt", "Hello there.", "--max-new-tokens", "2", *common, str(tmp_path / "cmp")]) == 0
     summary = read_results(tmp_path / "cmp")["results"]["qjl-3bit"]["summary"]
     assert summary["steps"] == 2 and summary["bytes_compressed"] > 0
-    assert main(["agreement", "--prefix", "40", "--eval-tokens", "2", "--layers", "0", "--score-tokens", "100",
+    assert main(["agreement", "--prefix", "200", "--eval-tokens", "2", "--layers", "0", "--score-tokens", "300",
                  *common, str(tmp_path / "agr")]) == 0
     results = read_results(tmp_path / "agr")["results"]
     assert results["teacher_forced"]["qjl-3bit"]["n"] == 2 and results["attention_scores"]["qjl-3bit"][0]["layer"] == 0
