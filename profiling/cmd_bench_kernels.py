@@ -26,6 +26,9 @@ def add_arguments(parser):
     parser.add_argument("--cpu-max-context", type=int, default=1024, help="largest context timed on a CPU")
     parser.add_argument("--prefill-max-context", type=int, default=32768, help="largest context of the prefill timing")
     parser.add_argument("--out", type=Path, default=Path("profiling/results/bench-kernels"))
+    parser.add_argument("--figure-from", type=Path, metavar="RESULTS_JSON",
+                        help="only draw the figure of an earlier run's results.json (written where plotly was "
+                             "missing, as on a bare GPU box) into --out")
 
 
 def timer(device):
@@ -156,6 +159,12 @@ def figure(result, path: Path) -> bool:
 
 
 def run(args) -> int:
+    if args.figure_from:
+        args.out.mkdir(parents=True, exist_ok=True)
+        if not figure(json.loads(args.figure_from.read_text()), args.out / "figure.html"):
+            raise SystemExit("drawing the figure needs plotly: pip install plotly")
+        print(f"wrote {args.out / 'figure.html'}")
+        return 0
     import torch
 
     from qjl import backend

@@ -13,3 +13,31 @@ def test_bench_kernels_cpu_bytes_model(tmp_path):
     assert small["qjl_torch_ms"] > 0 and small["sdpa_ms"] > 0 and "sdpa_ms" not in large
     assert 4 < large["bytes"]["full"] / large["bytes"]["qjl"] < 8  # 3-bit preset: ~5x fewer bytes
     assert result["largest_context"]["qjl"] > 4 * result["largest_context"]["bf16"]
+
+
+def test_bench_kernels_runs_without_plotly_and_draws_later(tmp_path):
+    """A bare GPU box has no plotly or gradio: the benchmark still runs there, the other subcommands say what is
+    missing, and the figure is drawn afterwards from the JSON."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from profiling.__main__ import main
+
+    blocked = "import sys; [sys.modules.__setitem__(m, None) for m in ('plotly', 'gradio', 'kaleido')]; "
+    run = "from profiling.__main__ import main; sys.exit(main(sys.argv[1:]))"
+    root = Path(__file__).resolve().parents[1]
+
+    def without_plotly(*argv):
+        return subprocess.run([sys.executable, "-c", blocked + run, *argv], cwd=root, capture_output=True, text=True,
+                              timeout=300)
+
+    bench = without_plotly("bench-kernels", "--contexts", "256", "--batches", "1", "--out", str(tmp_path / "gpu"),
+                           "--cpu-max-context", "0")
+    assert bench.returncode == 0, bench.stderr
+    assert "plotly absent: no figure" in bench.stdout and not (tmp_path / "gpu" / "figure.html").exists()
+    compare = without_plotly("compare", "--max-new-tokens", "2")
+    assert compare.returncode == 2 and "needs the package 'plotly'" in compare.stderr
+    assert main(["bench-kernels", "--figure-from", str(tmp_path / "gpu" / "results.json"),
+                 "--out", str(tmp_path / "drawn")]) == 0
+    assert "<html>" in (tmp_path / "drawn" / "figure.html").read_text()[:500].lower()
