@@ -15,6 +15,37 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # read when the kernels are decorated, so before importing them
 pytest.importorskip("triton")
 
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+
+@triton.jit
+def _dynamic_loop(out_ptr, n):
+    total = 0
+    for i in range(0, n, 2):
+        total += i
+    tl.store(out_ptr, total)
+
+
+def interpreter_runs_dynamic_loops() -> bool:
+    """Triton 3.6's interpreter turns a loop bound into an int with ``int(array)``, which NumPy 2.3 and newer refuse
+    for the 1-element arrays it holds; newer Tritons, and the GPU, are unaffected."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return True
+    out = torch.zeros(1, dtype=torch.int32)
+    try:
+        _dynamic_loop[(1,)](out, 5)
+    except Exception:  # noqa: BLE001  (InterpreterError wrapping the TypeError)
+        return False
+    return int(out) == 6
+
+
+if not interpreter_runs_dynamic_loops():
+    import numpy
+
+    pytest.skip(f"Triton {triton.__version__}'s interpreter cannot run kernels with NumPy {numpy.__version__}: "
+                "install numpy<2.3 or a newer Triton", allow_module_level=True)
+
 from kernels.decode_attention import decode_attention  # noqa: E402
 from kernels.quantize_keys import quantize_keys  # noqa: E402
 from kernels.quantize_values import quantize_values  # noqa: E402

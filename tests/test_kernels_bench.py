@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 
 def test_bench_kernels_cpu_bytes_model(tmp_path):
     from profiling.__main__ import main
@@ -38,6 +40,7 @@ def test_bench_kernels_runs_without_plotly_and_draws_later(tmp_path):
     assert "plotly absent: no figure" in bench.stdout and not (tmp_path / "gpu" / "figure.html").exists()
     compare = without_plotly("compare", "--max-new-tokens", "2")
     assert compare.returncode == 2 and "needs the package 'plotly'" in compare.stderr
+    pytest.importorskip("plotly")
     assert main(["bench-kernels", "--figure-from", str(tmp_path / "gpu" / "results.json"),
                  "--out", str(tmp_path / "drawn")]) == 0
     assert "<html>" in (tmp_path / "drawn" / "figure.html").read_text()[:500].lower()
