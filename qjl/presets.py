@@ -138,10 +138,18 @@ PRESET_LIST = [
     Preset("full", "full", lambda head_dim: None),
     Preset("qjl-paper", "qjl", lambda head_dim: QJLConfig.preset("paper", head_dim)),
     Preset("qjl-3bit", "qjl", lambda head_dim: QJLConfig.preset("3bit", head_dim)),
+    # The same bits for the compressed tokens; a flush leaves the newest 96-127 tokens exact instead of 0-127.
+    Preset("qjl-3bit-sliding", "qjl", lambda head_dim: QJLConfig.preset("3bit", head_dim).replace(buffer_keep=96)),
     Preset("kivi-2bit", "kivi", lambda head_dim: KIVIConfig(bits=2)),
     Preset("kivi-4bit", "kivi", lambda head_dim: KIVIConfig(bits=4)),
+    # Half the scales and minimums of kivi-4bit (4.5 bits a number instead of 5), and the attention sink kept exact.
+    Preset("kivi-4bit-g64-sinks", "kivi",
+           lambda head_dim: KIVIConfig(bits=4, group_size=64, value_group_size=64, sink_tokens=4)),
     Preset("turboquant-3bit", "turboquant", lambda head_dim: TurboQuantConfig(bits=3)),
     Preset("turboquant-4bit", "turboquant", lambda head_dim: TurboQuantConfig(bits=4)),
+    # The paper's MSE variant for keys: biased, but a smaller error than the unbiased one at the same bits.
+    Preset("turboquant-mse-3bit", "turboquant", lambda head_dim: TurboQuantConfig(bits=3, unbiased_keys=False)),
+    Preset("turboquant-mse-4bit", "turboquant", lambda head_dim: TurboQuantConfig(bits=4, unbiased_keys=False)),
 ]
 if quanto_available():
     PRESET_LIST += [Preset("hf-quanto-2bit", "hf-quanto", lambda head_dim: QuantoConfig(bits=2)),

@@ -8,6 +8,8 @@ and head dim, cached), and ``||x||`` is stored in fp16: the MSE quantizer.
 Values use the MSE quantizer at ``bits`` bits. Keys use the inner-product variant: the MSE quantizer at ``bits - 1``
 bits, plus a 1-bit QJL sketch (``qjl.sketch.QJLSketch``, sketch dim = head dim) of the residual ``r = k - k_mse``
 with ``||r||``. The score ``<q, k_mse> + est(q, r)`` is unbiased because the QJL estimate of ``<q, r>`` is.
+``unbiased_keys=False`` is the paper's other variant: keys through the MSE quantizer at ``bits`` bits, biased but
+with a smaller error (at a few bits the sketch's variance exceeds the bias it removes).
 """
 
 from __future__ import annotations
@@ -59,9 +61,11 @@ def lloyd_max(bits: int, dim: int | None = None) -> tuple[float, ...]:
 
 @dataclass(frozen=True)
 class TurboQuantConfig:
-    """``bits`` per key coordinate (``bits - 1`` codebook + 1 sketch bit) and per value coordinate."""
+    """``bits`` per key coordinate (``bits - 1`` codebook + 1 sketch bit, or a ``bits`` codebook without
+    ``unbiased_keys``) and per value coordinate."""
 
     bits: int = 3
+    unbiased_keys: bool = True
     buffer_size: int = 32
     group_size: int = 32
     sink_tokens: int = 0
@@ -76,7 +80,7 @@ class TurboQuantConfig:
 
     def bits_per_number(self, head_dim: int) -> float:
         """Analytic bits per stored number: key codes, signs, norm and residual norm; value codes and norm."""
-        key_bits = self.bits + 2 * FP16_BITS / head_dim
+        key_bits = self.bits + (2 if self.unbiased_keys else 1) * FP16_BITS / head_dim
         value_bits = self.bits + FP16_BITS / head_dim
         return (key_bits + value_bits) / 2
 
@@ -107,7 +111,8 @@ class MSEQuantizer:
 
 
 class TurboQuantLayer(CompressedLayer):
-    """Keys: (bits-1)-bit MSE quantizer + QJL sketch of the residual; values: bits-bit MSE quantizer."""
+    """Keys: (bits-1)-bit MSE quantizer + QJL sketch of the residual (or a bits-bit MSE quantizer); values: bits-bit
+    MSE quantizer."""
 
     def __init__(self, config: TurboQuantConfig, layer_idx: int = 0, **kwargs):
         super().__init__(config.sink_tokens, config.buffer_size, config.group_size, **kwargs)
@@ -119,21 +124,23 @@ class TurboQuantLayer(CompressedLayer):
         # A Haar-distributed orthogonal matrix: the QJL sketch's orthogonal block, rows scaled back to unit length.
         rotation = sketch_matrix(d, d, torch.Generator().manual_seed(seed)) / chi_mean(d)
         rotation = rotation.to(self.device)
-        self.keys_mse = MSEQuantizer(rotation, self.config.bits - 1)
+        unbiased = self.config.unbiased_keys
+        self.keys_mse = MSEQuantizer(rotation, self.config.bits - 1 if unbiased else self.config.bits)
         self.values_mse = MSEQuantizer(rotation, self.config.bits)
-        self.residual_sketch = QJLSketch(d, d, seed + 50_000, device=self.device)
+        self.residual_sketch = QJLSketch(d, d, seed + 50_000, device=self.device) if unbiased else None
 
     def reset_compressed(self):
         self.state: dict[str, torch.Tensor] = {}
 
     def compress(self, keys, values):
         key_codes, key_norms = self.keys_mse.quantize(keys)
-        residual = keys.float() - self.keys_mse.dequantize(key_codes, key_norms)
-        signs, residual_norms = self.residual_sketch.quantize(residual)
         value_codes, value_norms = self.values_mse.quantize(values)
-        for name, tensor in zip(("key_codes", "key_norms", "residual_signs", "residual_norms", "value_codes",
-                                 "value_norms"), (key_codes, key_norms, signs, residual_norms, value_codes,
-                                                  value_norms)):
+        blocks = {"key_codes": key_codes, "key_norms": key_norms, "value_codes": value_codes,
+                  "value_norms": value_norms}
+        if self.residual_sketch is not None:
+            residual = keys.float() - self.keys_mse.dequantize(key_codes, key_norms)
+            blocks["residual_signs"], blocks["residual_norms"] = self.residual_sketch.quantize(residual)
+        for name, tensor in blocks.items():
             self.state[name] = torch.cat([self.state[name], tensor], dim=2) if name in self.state else tensor
 
     def compressed_scores(self, query):
@@ -142,6 +149,8 @@ class TurboQuantLayer(CompressedLayer):
         s = self.state
         rotated_keys = self.keys_mse.rotated(s["key_codes"], s["key_norms"])
         mse_scores = (query @ self.keys_mse.rotation.T) @ rotated_keys.transpose(-1, -2)
+        if self.residual_sketch is None:
+            return mse_scores
         return mse_scores + self.residual_sketch.score(query, QuantizedKeys(s["residual_signs"], s["residual_norms"]))
 
     def compressed_output(self, probs):
