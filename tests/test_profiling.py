@@ -217,3 +217,9 @@ def test_cli_end_to_end(tmp_path, embedded):
                  *common, str(tmp_path / "agr")]) == 0
     results = read_results(tmp_path / "agr")["results"]
     assert results["teacher_forced"]["qjl-3bit"]["n"] == 2 and results["attention_scores"]["qjl-3bit"][0]["layer"] == 0
+    assert main(["table", "--memory-tokens", "300", "--prefix", "200", "--eval-tokens", "2", "--lengths", "300",
+                 "--depths", "0.5", *common, str(tmp_path / "table")]) == 0
+    (row,) = read_results(tmp_path / "table")["results"]["rows"]
+    # 300 tokens: 4 sinks and 8 exact buffer tokens beside 288 compressed ones, all counted.
+    assert row["preset"] == "qjl-3bit" and 2.88 < row["bits_per_number"] < 16 / 4
+    assert row["reduction_vs_fp16"] == pytest.approx(16 / row["bits_per_number"])
