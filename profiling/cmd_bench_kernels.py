@@ -193,7 +193,8 @@ def run(args) -> int:
                   backend=backend.name(device), preset=args.preset, config=config.__dict__, torch=torch.__version__,
                   shapes=dict(q_heads=Q_HEADS, kv_heads=KV_HEADS, head_dim=HEAD_DIM, layers=LAYERS),
                   largest_context=largest_context(config, memory), rows=rows,
-                  quantized_cache="not measured: transformers' QuantizedCache needs optimum-quanto or hqq")
+                  quantized_cache="not measured by this benchmark (the pareto study times the hf-quanto-* "
+                                  "decode steps where optimum-quanto is installed)")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(result, indent=1))
     drew = figure(result, args.out / "figure.html")
