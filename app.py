@@ -100,10 +100,7 @@ def cache_spec(method: str, model, settings: dict):
     if method != CUSTOM:
         return method
     values = {name: int(value) if name != "center_keys" else bool(value) for name, value in settings.items()}
-    base = qjl.QJLConfig.preset("3bit", qjl.cache.model_head_dim(model))
-    if base.buffer_keep:  # the preset's buffer slides: keep all but one group of whatever buffer is asked for
-        values["buffer_keep"] = max(0, values["buffer_size"] - base.group_size)
-    return base.replace(**values)
+    return qjl.QJLConfig.preset("3bit", qjl.cache.model_head_dim(model)).replace(**values)
 
 
 def read_upload(path: str | None) -> str:

@@ -80,6 +80,11 @@ class QJLConfig:
     def replace(self, **changes) -> "QJLConfig":
         return dataclasses.replace(self, **changes)
 
+    def sliding(self) -> "QJLConfig":
+        """These settings with a sliding buffer: a flush compresses all but one group, so the newest
+        ``buffer_size - group_size`` to ``buffer_size - 1`` tokens always stay exact."""
+        return self.replace(buffer_keep=self.buffer_size - self.group_size)
+
     def check_head_dim(self, head_dim: int) -> None:
         """Checks the settings that depend on the model's head dim."""
         if head_dim % 8:

@@ -139,7 +139,7 @@ PRESET_LIST = [
     Preset("qjl-paper", "qjl", lambda head_dim: QJLConfig.preset("paper", head_dim)),
     Preset("qjl-3bit", "qjl", lambda head_dim: QJLConfig.preset("3bit", head_dim)),
     # The same bits for the compressed tokens; a flush leaves the newest 96-127 tokens exact instead of 0-127.
-    Preset("qjl-3bit-sliding", "qjl", lambda head_dim: QJLConfig.preset("3bit", head_dim).replace(buffer_keep=96)),
+    Preset("qjl-3bit-sliding", "qjl", lambda head_dim: QJLConfig.preset("3bit", head_dim).sliding()),
     Preset("kivi-2bit", "kivi", lambda head_dim: KIVIConfig(bits=2)),
     Preset("kivi-4bit", "kivi", lambda head_dim: KIVIConfig(bits=4)),
     # Half the scales and minimums of kivi-4bit (4.5 bits a number instead of 5), and the attention sink kept exact.

@@ -79,7 +79,8 @@ class TurboQuantConfig:
                              f"group_size={self.group_size}")
 
     def bits_per_number(self, head_dim: int) -> float:
-        """Analytic bits per stored number: key codes, signs, norm and residual norm; value codes and norm."""
+        """Analytic bits per stored number: key codes and norm (with ``unbiased_keys`` also the residual's signs and
+        norm); value codes and norm."""
         key_bits = self.bits + (2 if self.unbiased_keys else 1) * FP16_BITS / head_dim
         value_bits = self.bits + FP16_BITS / head_dim
         return (key_bits + value_bits) / 2

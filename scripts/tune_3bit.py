@@ -17,7 +17,7 @@ from profiling.quality import teacher_forced  # noqa: E402
 BASE = qjl.QJLConfig.preset("3bit", head_dim=64)
 VARIANTS = {
     "3bit": BASE,
-    "3bit, sliding buffer (keep 96)": BASE.replace(buffer_keep=96),
+    "3bit, sliding buffer (keep 96)": BASE.sliding(),
     "3bit, sketch 96, values in groups of 32": BASE.replace(sketch_dim=96, value_group_size=32),
     "3bit, outliers sketched (64 bits)": BASE.replace(exact_outliers=False, outlier_sketch_dim=64),
     "3bit, no sinks, no centring": BASE.replace(sink_tokens=0, center_keys=False),

@@ -156,7 +156,7 @@ def test_empty_prompt_is_refused(tiny_llama):
 
 
 def test_buffer_keep_slides_a_window_of_exact_tokens(tiny_llama):
-    config = SMALL.replace(buffer_keep=SMALL.buffer_size - SMALL.group_size)
+    config = SMALL.sliding()
     cache = QJLCache(tiny_llama, config)
     ids = torch.randint(0, 256, (1, 90), generator=torch.Generator().manual_seed(9))
     forward(tiny_llama, ids[:, :40], cache)

@@ -182,7 +182,8 @@ def test_fused_decode_with_empty_buffer_and_no_compressed_tokens():
 
 def test_whole_model_decoding_through_kernels_matches_torch(monkeypatch, tiny_llama):
     model = tiny_llama.to(DEVICE)
-    ids = torch.randint(0, 256, (2, 200), generator=torch.Generator().manual_seed(0)).to(DEVICE)  # past the 128-token buffer
+    # 200 tokens: past the preset's 128-token buffer, so decoding reads compressed tokens.
+    ids = torch.randint(0, 256, (2, 200), generator=torch.Generator().manual_seed(0)).to(DEVICE)
     # Exact outliers (with centred keys and sinks) from compression to the fused decode; sketched ones are above.
     config = dataclasses.replace(QJLConfig.preset("3bit", head_dim=64), exact_outliers=True)
 
