@@ -19,6 +19,7 @@ from .common import dot3, dot_exact_rhs, pow2, unpack_rows
 BLOCK_TOKENS = 32  # tile without outliers; with outliers a tile is one token group
 BLOCK_SKETCH = 64  # sketch slice scored at a time
 MIN_TOKENS_PER_PROGRAM = 256  # amortises the query projection each program does
+PROGRAMS_PER_SM = 2  # programs per multiprocessor a split aims at
 
 
 @triton.jit
@@ -167,11 +168,12 @@ def launch_config(queries: int, head_dim: int, sketch_dim: int, outlier_sketch_d
                 CENTERED=centered, num_warps=4, num_stages=1)
 
 
-def split_tokens(n_tokens: int, programs_per_split: int, step: int, device: torch.device) -> int:
+def split_tokens(n_tokens: int, programs_per_split: int, step: int, device: torch.device,
+                 programs_per_sm: int = PROGRAMS_PER_SM, min_tokens: int = MIN_TOKENS_PER_PROGRAM) -> int:
     """Tokens per program: enough programs to fill the GPU (flash-decoding), a multiple of ``step``."""
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
-    splits = max(1, triton.cdiv(2 * sms, programs_per_split))
-    tokens = max(triton.cdiv(n_tokens, splits), MIN_TOKENS_PER_PROGRAM)
+    splits = max(1, triton.cdiv(programs_per_sm * sms, programs_per_split))
+    tokens = max(triton.cdiv(n_tokens, splits), min_tokens)
     return triton.cdiv(tokens, step) * step
 
 
