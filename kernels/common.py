@@ -48,12 +48,3 @@ def pack_rows(bits, ROWS: tl.constexpr, BYTES: tl.constexpr):
 
 def pow2(n: int, minimum: int = 1) -> int:
     return max(minimum, triton.next_power_of_2(n))
-
-
-@triton.jit
-def signs_fp16(packed, ROWS: tl.constexpr, BYTES: tl.constexpr):
-    """uint8 ``[ROWS, BYTES]`` -> fp16 ``[ROWS, 8 BYTES]``, bit 1 -> +1 and 0 -> -1, least significant bit first,
-    by setting fp16's sign bit: 0xBC00 is -1 and 0x3C00 is +1."""
-    bits = (packed.to(tl.int32)[:, :, None] >> tl.arange(0, 8)[None, None, :]) & 1
-    halves = ((bits << 15) ^ 0xBC00).to(tl.int16)
-    return tl.reshape(halves, (ROWS, BYTES * 8)).to(tl.float16, bitcast=True)

@@ -33,9 +33,11 @@ def quantize_values_kernel(values_ptr, packed_ptr, scales_ptr, mins_ptr, n_rows,
     minimum = tl.min(tl.where(grouped_in, grouped, float("inf")), axis=2).to(tl.float16).to(tl.float32)
     maximum = tl.max(tl.where(grouped_in, grouped, float("-inf")), axis=2)
     levels: tl.constexpr = (1 << BITS) - 1
-    scale = ((maximum - minimum) / levels).to(tl.float16).to(tl.float32)
+    # IEEE division (div_rn) as torch's: Triton's default fp32 division is approximate, which moves codes that sit
+    # on a rounding boundary.
+    scale = tl.math.div_rn(maximum - minimum, levels).to(tl.float16).to(tl.float32)
     safe = tl.where(scale > 0, scale, 1.0)  # a constant group gets code 0, which reconstructs it
-    codes = _round_half_even((grouped - minimum[:, :, None]) / safe[:, :, None])
+    codes = _round_half_even(tl.math.div_rn(grouped - minimum[:, :, None], safe[:, :, None]))
     codes = tl.reshape(tl.minimum(tl.maximum(codes, 0.0), levels), (BLOCK_N, D_PAD)).to(tl.int32)
     offs_g = tl.arange(0, D_PAD // GROUP)
     group_ok = ok[:, None] & (offs_g[None, :] < D // GROUP)
@@ -50,7 +52,9 @@ def quantize_values_kernel(values_ptr, packed_ptr, scales_ptr, mins_ptr, n_rows,
 
 def launch_config(head_dim: int, bits: int, group_size: int) -> dict:
     """The constexprs the launcher compiles for these shapes (also what ``kernels-compile`` checks)."""
-    return dict(D=head_dim, D_PAD=pow2(head_dim, 16), GROUP=group_size, BITS=bits, BLOCK_N=BLOCK_TOKENS)
+    # 8 warps from head dim 256 on, where a tile of 4 warps spills.
+    return dict(D=head_dim, D_PAD=pow2(head_dim, 16), GROUP=group_size, BITS=bits, BLOCK_N=BLOCK_TOKENS,
+                num_warps=8 if head_dim >= 256 else 4)
 
 
 def quantize_values(values: torch.Tensor, bits: int, group_size: int):

@@ -6,6 +6,7 @@ sign of projection ``8 j + i`` (1 for ``>= 0``).
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -72,6 +73,13 @@ def sketch_matrix(head_dim: int, sketch_dim: int, generator: torch.Generator, or
     return (torch.cat(blocks) * chi_mean(head_dim)).float()
 
 
+@functools.lru_cache(maxsize=1024)
+def _seeded_matrix(head_dim: int, sketch_dim: int, seed: int, orthogonal: bool, device: str) -> torch.Tensor:
+    """One matrix per seed and device, shared by every cache that asks for it (a model's layers draw theirs for each
+    new cache; the QR decompositions cost milliseconds per layer). Nothing writes to it."""
+    return sketch_matrix(head_dim, sketch_dim, torch.Generator().manual_seed(seed), orthogonal).to(device)
+
+
 class QuantizedKeys(NamedTuple):
     signs: torch.Tensor  # uint8 [..., n, sketch_dim // 8]
     norms: torch.Tensor  # float16 [..., n]
@@ -84,9 +92,8 @@ class QJLSketch:
                  device: torch.device | str | None = None):
         if sketch_dim % 8:
             raise ValueError(f"sketch_dim={sketch_dim} must be a multiple of 8")
-        generator = torch.Generator().manual_seed(seed)
         self.head_dim, self.sketch_dim = head_dim, sketch_dim
-        self.matrix = sketch_matrix(head_dim, sketch_dim, generator, orthogonal).to(device)
+        self.matrix = _seeded_matrix(head_dim, sketch_dim, seed, orthogonal, str(torch.device(device or "cpu")))
         self.scale = math.sqrt(math.pi / 2) / sketch_dim
 
     def to(self, device) -> "QJLSketch":
