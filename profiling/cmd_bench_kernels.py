@@ -160,23 +160,35 @@ def largest_context(config, memory_bytes: float) -> dict:
 
 
 def figure(result, path: Path) -> bool:
+    """Decode-step time against context, per batch: CUDA-graph times where the run has them (GPU time), else the
+    plain timer's. Writes ``path`` (HTML) and a PNG beside it where kaleido and a Chromium are at hand."""
     try:
         import plotly.graph_objects as go
     except ImportError:
         return False
+    from .export import PNGUnavailable, write_html, write_png
+
+    graphs = any(r.get("qjl_fused_graph_ms") for r in result["rows"])
     fig = go.Figure()
     for batch in sorted({r["batch"] for r in result["rows"]}):
         rows = [r for r in result["rows"] if r["batch"] == batch]
-        for key, label in (("sdpa_ms", "bf16 SDPA"), ("qjl_fused_ms", "QJL fused"), ("qjl_torch_ms", "QJL torch")):
-            points = [(r["context"], r[key]) for r in rows if key in r]
+        for key, label in (("sdpa", "bf16 SDPA"), ("qjl_fused", "QJL fused"), ("qjl_torch", "QJL torch")):
+            points = [(r["context"], r.get(f"{key}_graph_ms") if graphs and key != "qjl_torch" else r.get(f"{key}_ms"))
+                      for r in rows]
+            points = [p for p in points if p[1]]
             if points:
                 fig.add_scatter(x=[p[0] for p in points], y=[p[1] for p in points], name=f"{label}, batch {batch}")
         bw = result["bandwidth_gbs"]
         fig.add_scatter(x=[r["context"] for r in rows], y=[r["bytes"]["qjl"] / bw / 1e6 for r in rows],
                         name=f"QJL bytes at copy bandwidth, batch {batch}", line=dict(dash="dot"))
-    fig.update_layout(title=f"One decode step of one layer ({result['device']})", xaxis_type="log",
-                      yaxis_type="log", xaxis_title="context (tokens)", yaxis_title="ms")
-    fig.write_html(path)
+    timing = "CUDA graphs; QJL torch: CUDA events" if graphs else "median of runs"
+    fig.update_layout(title=f"One decode step of one layer, Llama-3.1-8B shapes ({result['device']}, {timing})",
+                      xaxis_type="log", yaxis_type="log", xaxis_title="context (tokens)", yaxis_title="ms")
+    write_html(fig, path)
+    try:
+        write_png(fig, path.with_suffix(".png"))
+    except PNGUnavailable as error:
+        print(f"no PNG: {error}")
     return True
 
 
