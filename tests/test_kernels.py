@@ -167,6 +167,22 @@ def test_fused_decode_matches_reference_attend(monkeypatch, d, group, dtype, con
     torch.testing.assert_close(out, ref, rtol=atol, atol=atol)
 
 
+def test_fused_decode_launch_choices_agree():
+    """The sweep's launch choices (scripts/sweep_decode.py) split the tokens differently (2, 3 and 9 splits of the 288
+    compressed tokens here), not the result."""
+    config = QJLConfig.preset("3bit", head_dim=64)
+    layer = filled_layer(config, 1, 2, 64, prompt=300, steps=1, dtype=torch.float32)
+    assert layer.n_compressed == 288
+    query = torch.randn(1, 6, 1, 64, generator=torch.Generator().manual_seed(5)).to(DEVICE)
+    s = layer.state
+    arguments = (query, tuple(layer.keys_block()), (s["value_packed"], s["value_scales"], s["value_minimums"]),
+                 config.value_bits, layer.sketch.matrix, None, config.group_size, layer.key_mean,
+                 (layer.sink_keys, layer.buffer_keys), (layer.sink_values, layer.buffer_values), 0.125)
+    default = decode_attention(*arguments)
+    for tuning in (dict(programs_per_sm=1, min_tokens=64), dict(programs_per_sm=64, min_tokens=32, num_stages=1)):
+        torch.testing.assert_close(decode_attention(*arguments, tuning=tuning), default, rtol=1e-5, atol=1e-5)
+
+
 def test_fused_decode_with_empty_buffer_and_no_compressed_tokens():
     config = QJLConfig(sketch_dim=64, n_outliers=0, buffer_size=32, group_size=32)
     layer = filled_layer(config, 1, 1, 64, prompt=31, steps=1, dtype=torch.float32)  # flush: buffer now empty

@@ -116,3 +116,12 @@ def test_exact_outliers_are_scored_without_error():
     query = torch.randn(1, 1, 3, 64, generator=gen)
     exact = query @ keys.half().float().transpose(-1, -2)
     assert torch.allclose(score_keys(query, block, sketch, None, group_size=32), exact, atol=1e-3)
+
+
+def test_sketches_of_one_seed_share_one_matrix():
+    # Each new cache draws its layers' sketches again; one seed gives one (cached, never written) matrix.
+    a, b, other = QJLSketch(64, 128, seed=7), QJLSketch(64, 128, seed=7), QJLSketch(64, 128, seed=8)
+    assert a.matrix is b.matrix
+    assert not torch.equal(a.matrix, other.matrix)
+    fresh = sketch_matrix(64, 128, torch.Generator().manual_seed(7))
+    assert torch.equal(a.matrix, fresh)
