@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # One command for a short GPU slot: kernel tests on the GPU itself (whole-model decoding through the kernels against
-# the torch path included), the sm_90 compile report, and the decode benchmark. Everything lands in OUTDIR.
+# the torch path included), the decode benchmark, the sm_90 compile report and the sweep of the fused decode kernel's
+# launch choices. Everything lands in OUTDIR (8 files, what a GPU slot returns at most); the same commands took 198 s
+# on an H200.
 # Needs torch (CUDA), triton, transformers, pytest; not gradio, plotly or kaleido.
 set -uo pipefail
 OUT="${1:?usage: bash scripts/gpu-check.sh OUTDIR}"
@@ -11,5 +13,6 @@ status=0
 timeout 240 python -m pytest -q tests/test_kernels.py 2>&1 | tee "$OUT/tests.txt" || status=1
 timeout 200 python -m profiling bench-kernels --out "$OUT/bench-kernels" 2>&1 | tee "$OUT/bench.txt" || status=1
 timeout 120 python -m profiling kernels-compile --quick --arch 90 --out "$OUT/kernels-compile" > "$OUT/compile.txt" 2>&1 || status=1
+timeout 150 python scripts/sweep_decode.py "$OUT/sweep-decode.json" > "$OUT/sweep-decode.txt" 2>&1 || status=1
 echo "gpu-check: exit $status; results in $OUT"
 exit $status
