@@ -1,5 +1,6 @@
 """Decode-attention benchmark of one layer with Llama-3.1-8B attention shapes (32 query heads, 8 KV heads, head dim
-128, bf16): bf16 SDPA over a full cache, the fused QJL kernel, the QJL torch reference; the bytes each decode step
+128, bf16): bf16 SDPA over a full cache, the fused QJL kernel, the QJL torch reference, transformers' QuantizedCache
+where optimum-quanto is installed; the bytes each decode step
 reads and the achieved bandwidth next to the measured copy bandwidth; prompt quantization next to prefill attention;
 and the largest context a whole 32-layer model's KV cache fits in. On a CPU the bytes model still runs (at a nominal
 bandwidth) and the torch reference is timed on the small contexts, so the path stays exercised.
@@ -95,11 +96,43 @@ def qjl_layer(config, keys, values):
     return layer
 
 
+def quantized_cache_step_ms(k, v, q, scale: float) -> float:
+    """transformers' ``QuantizedCache`` decode path on optimum-quanto, at the ``hf-quanto-4bit`` preset's settings:
+    the mean time of one step (dequantize the whole cache, attend) over one cycle of its exact buffer, whose last step
+    re-quantizes the whole cache. Wall clock around the cycle: the path is host-bound as much as device-bound."""
+    import torch
+    import torch.nn.functional as F
+    from transformers.cache_utils import QuantoQuantizedLayer
+
+    from qjl.presets import QuantoConfig
+
+    config = QuantoConfig(bits=4)
+    layer = QuantoQuantizedLayer(nbits=config.bits, q_group_size=config.group_size,
+                                 residual_length=config.buffer_size)
+    layer.update(k, v)  # the prompt, quantized
+    token_k, token_v = k[:, :, -1:], v[:, :, -1:]
+
+    def step():
+        keys, values = layer.update(token_k, token_v)
+        return F.scaled_dot_product_attention(q, keys, values, scale=scale, enable_gqa=True)
+
+    step()
+    if k.is_cuda:
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(config.buffer_size):
+        step()
+    if k.is_cuda:
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) * 1e3 / config.buffer_size
+
+
 def measure_row(config, batch, context, device, measure, timed: bool, prefill: bool) -> dict:
     import torch
     import torch.nn.functional as F
 
     from qjl import backend
+    from qjl.presets import quanto_available
 
     row = dict(batch=batch, context=context, bytes=decode_bytes(config, batch, context))
     if not timed:
@@ -136,6 +169,8 @@ def measure_row(config, batch, context, device, measure, timed: bool, prefill: b
         row["oom"] = True
     finally:
         os.environ.pop("QJL_BACKEND", None)
+    if quanto_available():
+        row["quantized_cache_ms"] = quantized_cache_step_ms(k, v, q, scale)
     if prefill:
         qp = torch.randn(batch, Q_HEADS, context, HEAD_DIM, device=device, dtype=dtype, generator=gen)
         row["prefill_attention_ms"] = measure(
@@ -172,16 +207,17 @@ def figure(result, path: Path) -> bool:
     fig = go.Figure()
     for batch in sorted({r["batch"] for r in result["rows"]}):
         rows = [r for r in result["rows"] if r["batch"] == batch]
-        for key, label in (("sdpa", "bf16 SDPA"), ("qjl_fused", "QJL fused"), ("qjl_torch", "QJL torch")):
-            points = [(r["context"], r.get(f"{key}_graph_ms") if graphs and key != "qjl_torch" else r.get(f"{key}_ms"))
-                      for r in rows]
+        for key, label in (("sdpa", "bf16 SDPA"), ("qjl_fused", "QJL fused"), ("qjl_torch", "QJL torch"),
+                           ("quantized_cache", "transformers QuantizedCache (quanto, 4 bits)")):
+            graphed = graphs and key in ("sdpa", "qjl_fused")
+            points = [(r["context"], r.get(f"{key}_graph_ms") if graphed else r.get(f"{key}_ms")) for r in rows]
             points = [p for p in points if p[1]]
             if points:
                 fig.add_scatter(x=[p[0] for p in points], y=[p[1] for p in points], name=f"{label}, batch {batch}")
         bw = result["bandwidth_gbs"]
         fig.add_scatter(x=[r["context"] for r in rows], y=[r["bytes"]["qjl"] / bw / 1e6 for r in rows],
                         name=f"QJL bytes at copy bandwidth, batch {batch}", line=dict(dash="dot"))
-    timing = "CUDA graphs; QJL torch: CUDA events" if graphs else "median of runs"
+    timing = "CUDA graphs; QJL torch: CUDA events; QuantizedCache: wall clock" if graphs else "median of runs"
     fig.update_layout(title=f"One decode step of one layer, Llama-3.1-8B shapes ({result['device']}, {timing})",
                       xaxis_type="log", yaxis_type="log", xaxis_title="context (tokens)", yaxis_title="ms")
     write_html(fig, path)
@@ -203,6 +239,7 @@ def run(args) -> int:
 
     from qjl import backend
     from qjl.config import QJLConfig
+    from qjl.presets import quanto_available
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     measure = timer(device)
@@ -227,8 +264,8 @@ def run(args) -> int:
                   backend=backend.name(device), preset=args.preset, config=config.__dict__, torch=torch.__version__,
                   shapes=dict(q_heads=Q_HEADS, kv_heads=KV_HEADS, head_dim=HEAD_DIM, layers=LAYERS),
                   largest_context=largest_context(config, memory), rows=rows,
-                  quantized_cache="not measured by this benchmark (the pareto study times the hf-quanto-* "
-                                  "decode steps where optimum-quanto is installed)")
+                  quantized_cache="quantized_cache_ms: transformers' QuantizedCache on optimum-quanto, 4 bits"
+                  if quanto_available() else "not measured: optimum-quanto is not installed")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(result, indent=1))
     drew = figure(result, args.out / "figure.html")

@@ -13,6 +13,9 @@ def test_bench_kernels_cpu_bytes_model(tmp_path):
     result = json.loads((tmp_path / "results.json").read_text())
     small, large = result["rows"]
     assert small["qjl_torch_ms"] > 0 and small["sdpa_ms"] > 0 and "sdpa_ms" not in large
+    from qjl.presets import quanto_available
+
+    assert ("quantized_cache_ms" in small) == quanto_available() and "quantized_cache_ms" not in large
     assert 4 < large["bytes"]["full"] / large["bytes"]["qjl"] < 8  # 3-bit preset: ~5x fewer bytes
     assert result["largest_context"]["qjl"] > 4 * result["largest_context"]["bf16"]
 
