@@ -144,7 +144,7 @@ def decode_attention(query: torch.Tensor, keys, values, value_bits: int, matrix:
     config = launch_config(group, d, matrix.shape[0], outlier_matrix.shape[0] if outlier_matrix is not None else 16,
                            k, group_size, key_mean is not None, value_bits, d // values[1].shape[-1],
                            ovalues is not None)
-    tuning = dict(dict(programs_per_sm=PROGRAMS_PER_SM), **(tuning or {}))
+    tuning = {"programs_per_sm": PROGRAMS_PER_SM, **(tuning or {})}
     config.update({name: tuning.pop(name) for name in ("num_warps", "num_stages") if name in tuning})
     splits = triton.cdiv(n, split_tokens(n, b * h, config["STEP"], query.device, **tuning)) if n else 0
     per_split = triton.cdiv(n, splits) if splits else 0

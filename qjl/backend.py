@@ -76,6 +76,15 @@ def compressed_scores(query, block: QuantizedKeyBlock, sketch, outlier_sketch, g
                   key_mean)
 
 
+def decode_arguments(layer, query, scaling: float) -> tuple:
+    """The fused decode kernel's arguments for ``query`` against a ``QJLLayer``'s state, in its order."""
+    state = layer.state
+    values = (state["value_packed"], state["value_scales"], state["value_minimums"])
+    return (query, tuple(layer.keys_block()), values, layer.config.value_bits, layer.sketch.matrix,
+            layer.outlier_sketch.matrix if layer.outlier_sketch else None, layer.config.group_size, layer.key_mean,
+            (layer.sink_keys, layer.buffer_keys), (layer.sink_values, layer.buffer_values), scaling)
+
+
 def decode_attention(layer, query, attention_mask, scaling: float):
     """The fused kernel for one decode token without a mask (the common decode step), else None (use the
     reference ``attend``). ``layer`` is a ``QJLLayer``; returns ``[b, 1, hq, d]``."""
@@ -83,9 +92,4 @@ def decode_attention(layer, query, attention_mask, scaling: float):
         return None
     from kernels.decode_attention import decode_attention as kernel
 
-    state = layer.state
-    values = (state["value_packed"], state["value_scales"], state["value_minimums"])
-    return kernel(query, tuple(layer.keys_block()), values, layer.config.value_bits, layer.sketch.matrix,
-                  layer.outlier_sketch.matrix if layer.outlier_sketch else None, layer.config.group_size,
-                  layer.key_mean, (layer.sink_keys, layer.buffer_keys), (layer.sink_values, layer.buffer_values),
-                  scaling)
+    return kernel(*decode_arguments(layer, query, scaling))

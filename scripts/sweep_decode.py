@@ -21,18 +21,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kernels.decode_attention import decode_attention  # noqa: E402
 from profiling.cmd_bench_kernels import HEAD_DIM, KV_HEADS, Q_HEADS, decode_bytes, qjl_layer  # noqa: E402
+from qjl.backend import decode_arguments  # noqa: E402
 from qjl.config import QJLConfig  # noqa: E402
 
 TUNINGS = [dict(num_warps=w, num_stages=s, programs_per_sm=p, min_tokens=t)
            for w, s, p, t in itertools.product((4, 8), (1, 2), (2, 4), (256, 1024))]
-
-
-def arguments(layer, q, scale):
-    s = layer.state
-    return (q, tuple(layer.keys_block()), (s["value_packed"], s["value_scales"], s["value_minimums"]),
-            layer.config.value_bits, layer.sketch.matrix,
-            layer.outlier_sketch.matrix if layer.outlier_sketch else None, layer.config.group_size, layer.key_mean,
-            (layer.sink_keys, layer.buffer_keys), (layer.sink_values, layer.buffer_values), scale)
 
 
 def main():
@@ -58,7 +51,7 @@ def main():
                    sdpa_folded_ms=bench(lambda: F.scaled_dot_product_attention(folded, k, v, scale=scale)))
         layer = qjl_layer(config, k, v)
         del k, v
-        fused_args = arguments(layer, q, scale)
+        fused_args = decode_arguments(layer, q, scale)
         reference = decode_attention(*fused_args).float()
         row["tunings"] = []
         for tuning in TUNINGS:

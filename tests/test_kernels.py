@@ -52,6 +52,7 @@ from kernels.quantize_values import quantize_values  # noqa: E402
 from kernels.scores import compressed_scores  # noqa: E402
 from qjl import keys as ref_keys  # noqa: E402
 from qjl import values as ref_values  # noqa: E402
+from qjl.backend import decode_arguments  # noqa: E402
 from qjl.cache import QJLCache, QJLLayer  # noqa: E402
 from qjl.config import QJLConfig  # noqa: E402
 from qjl.sketch import QJLSketch  # noqa: E402
@@ -174,10 +175,7 @@ def test_fused_decode_launch_choices_agree():
     layer = filled_layer(config, 1, 2, 64, prompt=300, steps=1, dtype=torch.float32)
     assert layer.n_compressed == 288
     query = torch.randn(1, 6, 1, 64, generator=torch.Generator().manual_seed(5)).to(DEVICE)
-    s = layer.state
-    arguments = (query, tuple(layer.keys_block()), (s["value_packed"], s["value_scales"], s["value_minimums"]),
-                 config.value_bits, layer.sketch.matrix, None, config.group_size, layer.key_mean,
-                 (layer.sink_keys, layer.buffer_keys), (layer.sink_values, layer.buffer_values), 0.125)
+    arguments = decode_arguments(layer, query, 0.125)
     default = decode_attention(*arguments)
     for tuning in (dict(programs_per_sm=1, min_tokens=64), dict(programs_per_sm=64, min_tokens=32, num_stages=1)):
         torch.testing.assert_close(decode_attention(*arguments, tuning=tuning), default, rtol=1e-5, atol=1e-5)
@@ -187,12 +185,9 @@ def test_fused_decode_with_empty_buffer_and_no_compressed_tokens():
     config = QJLConfig(sketch_dim=64, n_outliers=0, buffer_size=32, group_size=32)
     layer = filled_layer(config, 1, 1, 64, prompt=31, steps=1, dtype=torch.float32)  # flush: buffer now empty
     assert layer.buffer_keys.shape[2] == 0 and layer.n_compressed == 32
-    s = layer.state
     query = torch.randn(1, 1, 1, 64, device=DEVICE)
     probs_ref = layer.attend(query, None, 0.125)
-    out = decode_attention(query, tuple(layer.keys_block()), (s["value_packed"], s["value_scales"],
-                           s["value_minimums"]), 2, layer.sketch.matrix, None, 32, None,
-                           (layer.sink_keys, layer.buffer_keys), (layer.sink_values, layer.buffer_values), 0.125)
+    out = decode_attention(*decode_arguments(layer, query, 0.125))
     torch.testing.assert_close(out, probs_ref, rtol=1e-5, atol=1e-5)
 
 
