@@ -32,9 +32,9 @@ SHARED_LIMITS = {80: 163 * 1024, 86: 99 * 1024, 87: 163 * 1024, 89: 99 * 1024, 9
 
 # Pointer and scalar types of each kernel's runtime arguments, as the launchers pass them for a bf16 model.
 POINTERS = {
-    "quantize_keys": dict(keys_ptr="*fp32", idx_ptr="*u8", s_ptr="*fp32", so_ptr="*fp32", signs_ptr="*u8",
-                          norms_ptr="*fp16", osigns_ptr="*u8", onorms_ptr="*fp16", ovalues_ptr="*fp16",
-                          n_tokens="i32"),
+    "quantize_keys": dict(keys_ptr="*bf16", mean_ptr="*fp32", idx_ptr="*u8", s_ptr="*fp32", so_ptr="*fp32",
+                          signs_ptr="*u8", norms_ptr="*fp16", osigns_ptr="*u8", onorms_ptr="*fp16",
+                          ovalues_ptr="*fp16", n_tokens="i32", keys_head_stride="i32"),
     "quantize_values": dict(values_ptr="*bf16", packed_ptr="*u8", scales_ptr="*fp16", mins_ptr="*fp16",
                             n_rows="i32"),
     "scores": dict(q_ptr="*fp32", s_ptr="*fp32", so_ptr="*fp32", mean_ptr="*fp32", signs_ptr="*u8",

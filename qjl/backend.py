@@ -47,13 +47,14 @@ def name(device: torch.device | str) -> str:
     return "triton" if use_triton(torch.empty(0, device=device)) else "torch"
 
 
-def quantize_keys(keys, sketch, outlier_sketch=None, idx_per_token=None) -> QuantizedKeyBlock:
+def quantize_keys(keys, sketch, outlier_sketch=None, idx_per_token=None, mean=None) -> QuantizedKeyBlock:
     if not use_triton(keys):
-        return torch_quantize_keys(keys, sketch, outlier_sketch, idx_per_token)
+        return torch_quantize_keys(keys, sketch, outlier_sketch, idx_per_token, mean)
     from kernels.quantize_keys import quantize_keys as kernel
 
     signs, norms, osigns, onorms, ovalues = kernel(keys, sketch.matrix,
-                                                   outlier_sketch.matrix if outlier_sketch else None, idx_per_token)
+                                                   outlier_sketch.matrix if outlier_sketch else None, idx_per_token,
+                                                   mean)
     return QuantizedKeyBlock(signs, norms, None, osigns, onorms, ovalues)
 
 

@@ -44,22 +44,20 @@ class QJLLayer(CompressedLayer):
 
     def start(self, keys, values):
         if self.config.center_keys:
-            self.key_mean = keys.float().mean(dim=-2, keepdim=True).to(keys.dtype)
+            self.key_mean = keys.mean(dim=-2, keepdim=True, dtype=torch.float32).to(keys.dtype)  # no fp32 copy
 
     def compress(self, keys, values):
-        config = self.config
-        if self.key_mean is not None:
-            keys = keys.float() - self.key_mean.float()
+        config, mean = self.config, self.key_mean  # the keys are centred where they are read, not copied centred
         idx_per_token = None
         if config.n_outliers:
             filled = self.n_compressed % config.group_size
             fresh = keys[:, :, (config.group_size - filled) % config.group_size:] if filled else keys
-            new_idx = outlier_channels(fresh, config.group_size, config.n_outliers)
+            new_idx = outlier_channels(fresh, config.group_size, config.n_outliers, mean)
             # A group left short by `crop` is completed with its own channels.
             group_idx = torch.cat([self.state["outlier_idx"][:, :, -1:], new_idx], 2) if filled else new_idx
             idx_per_token = per_token(group_idx, keys.shape[-2], config.group_size, filled)
             self._append("outlier_idx", new_idx)
-        block = backend.quantize_keys(keys, self.sketch, self.outlier_sketch, idx_per_token)
+        block = backend.quantize_keys(keys, self.sketch, self.outlier_sketch, idx_per_token, mean)
         quantized_values = backend.quantize_values(values, config.value_bits, config.value_group_size)
         for name, tensor in zip(KEY_TENSORS, block):
             if tensor is not None and name != "outlier_idx":

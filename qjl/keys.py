@@ -26,13 +26,18 @@ class QuantizedKeyBlock(NamedTuple):
     outlier_values: torch.Tensor | None = None  # float16 [b, h, n, n_outliers], exact outliers instead of a sketch
 
 
-def outlier_channels(keys: torch.Tensor, group_size: int, n_outliers: int) -> torch.Tensor:
-    """uint8 ``[b, h, groups, n_outliers]``: the channels of largest norm over each group of tokens (the last group
-    may be short)."""
+def outlier_channels(keys: torch.Tensor, group_size: int, n_outliers: int,
+                     mean: torch.Tensor | None = None) -> torch.Tensor:
+    """uint8 ``[b, h, groups, n_outliers]``: the channels of largest norm of ``keys - mean`` over each group of
+    tokens (the last group may be short)."""
     b, h, n, d = keys.shape
     groups = -(-n // group_size)
-    padded = torch.nn.functional.pad(keys.float(), (0, 0, 0, groups * group_size - n))
-    energy = padded.reshape(b, h, groups, group_size, d).square().sum(-2)
+    # One fp32 temporary of our own (``keys - mean`` casts to fp32 as it subtracts), squared in place.
+    squares = keys.to(torch.float32, copy=True) if mean is None else keys - mean.float()
+    squares.square_()
+    if n % group_size:  # only a short last group needs padding; `compress` passes whole groups
+        squares = torch.nn.functional.pad(squares, (0, 0, 0, groups * group_size - n))
+    energy = squares.reshape(b, h, groups, group_size, d).sum(-2)
     return energy.topk(n_outliers, dim=-1).indices.sort(-1).values.to(torch.uint8)
 
 
@@ -50,9 +55,12 @@ def outlier_mask(idx_per_token: torch.Tensor, head_dim: int) -> torch.Tensor:
 
 
 def quantize_keys(keys: torch.Tensor, sketch: QJLSketch, outlier_sketch: QJLSketch | None = None,
-                  idx_per_token: torch.Tensor | None = None) -> QuantizedKeyBlock:
-    """Quantizes ``keys`` ``[b, h, n, d]``; with outliers, ``idx_per_token`` ``[b, h, n, n_outliers]`` says which
-    channels of each token go to ``outlier_sketch`` (or, without an outlier sketch, are kept as fp16 numbers)."""
+                  idx_per_token: torch.Tensor | None = None, mean: torch.Tensor | None = None) -> QuantizedKeyBlock:
+    """Quantizes ``keys - mean`` (``keys`` ``[b, h, n, d]``, ``mean`` ``[b, h, 1, d]``, subtracted in fp32); with
+    outliers, ``idx_per_token`` ``[b, h, n, n_outliers]`` says which channels of each token go to ``outlier_sketch``
+    (or, without an outlier sketch, are kept as fp16 numbers)."""
+    if mean is not None:
+        keys = keys - mean.float()
     if idx_per_token is None:
         signs, norms = sketch.quantize(keys)
         return QuantizedKeyBlock(signs, norms, None, None, None)

@@ -89,8 +89,11 @@ class CompressedLayer(DynamicLayer):
         if keys.shape[-2] and not self.started:
             self.start(keys, values)
             self.started = True
-        self.buffer_keys = torch.cat([self.buffer_keys, keys], dim=-2)
-        self.buffer_values = torch.cat([self.buffer_values, values], dim=-2)
+        if self.buffer_keys.shape[-2]:
+            self.buffer_keys = torch.cat([self.buffer_keys, keys], dim=-2)
+            self.buffer_values = torch.cat([self.buffer_values, values], dim=-2)
+        else:  # the prompt: held as given, no copy (nothing writes into the buffer; `flush` clones what it keeps)
+            self.buffer_keys, self.buffer_values = keys, values
         if self.buffer_keys.shape[-2] >= self.buffer_size:
             self.flush()
         if not had_history:

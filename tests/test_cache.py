@@ -168,3 +168,31 @@ def test_buffer_keep_slides_a_window_of_exact_tokens(tiny_llama):
     assert cache.get_seq_length() == 90
     with pytest.raises(ValueError, match="QJLConfig.buffer_keep="):
         SMALL.replace(buffer_keep=SMALL.buffer_size)
+
+
+def test_outlier_channels_centre_as_the_reference_did():
+    """The mean is subtracted (in fp32) inside ``outlier_channels``: the same channels as for ``keys.float() - mean``,
+    with whole groups and a short last one, and fp32 keys are not squared in place."""
+    from qjl.keys import outlier_channels
+
+    keys = torch.randn(2, 3, 45, 64, generator=torch.Generator().manual_seed(0)) * torch.linspace(0.5, 2, 64)
+    mean = keys.mean(-2, keepdim=True).bfloat16()
+    for n in (32, 45):
+        for x in (keys[:, :, :n], keys.bfloat16()[:, :, :n]):
+            assert torch.equal(outlier_channels(x, 16, 4, mean), outlier_channels(x.float() - mean.float(), 16, 4))
+        before = keys.clone()
+        outlier_channels(keys[:, :, :n], 16, 4)
+        assert torch.equal(keys, before)
+
+
+def test_prompt_is_buffered_without_a_copy(tiny_llama):
+    """The prompt waits in the buffer as given (a view of the incoming keys); what a flush keeps is cloned, and later
+    tokens are concatenated, so the caller's tensors are never written."""
+    layer = QJLCache(tiny_llama, SMALL).layers[0]
+    keys, values = torch.randn(1, 2, 13, 64), torch.randn(1, 2, 13, 64)
+    originals = keys.clone(), values.clone()
+    layer.update(keys, values)
+    assert layer.buffer_keys.data_ptr() == keys[:, :, SMALL.sink_tokens:].data_ptr()
+    for _ in range(6):
+        layer.update(torch.randn(1, 2, 1, 64), torch.randn(1, 2, 1, 64))
+    assert layer.n_compressed and torch.equal(keys, originals[0]) and torch.equal(values, originals[1])

@@ -88,12 +88,33 @@ def test_quantize_keys_matches_reference(d, sketch_dim, outlier_dim, k, dtype):
     sketch, outlier_sketch = sketches(d, sketch_dim, outlier_dim or 8)
     outlier_sketch = outlier_sketch if k and outlier_dim else None
     ref = ref_keys.quantize_keys(keys, sketch, outlier_sketch, idx)
-    signs, norms, osigns, onorms, ovalues = quantize_keys(keys, sketch.matrix,
-                                                          outlier_sketch.matrix if outlier_sketch else None, idx)
+    assert_keys_match(ref, quantize_keys(keys, sketch.matrix, outlier_sketch.matrix if outlier_sketch else None, idx))
+
+
+@pytest.mark.parametrize("exact", [False, True])
+def test_quantize_keys_centres_keys_read_in_place(exact):
+    """As ``QJLLayer.compress`` calls it: bf16 keys, a slice of the buffer (heads further apart than the tokens
+    quantized), centred by the kernel as it reads them."""
+    d, k = 64, 4
+    buffer = torch.randn(2, 3, 50, d, generator=torch.Generator().manual_seed(5)).to(DEVICE)
+    buffer[..., 3] *= 8
+    keys = buffer.bfloat16()[:, :, :45]
+    mean = buffer[:, :, :45].mean(-2, keepdim=True).bfloat16()
+    idx = ref_keys.per_token(ref_keys.outlier_channels(keys, 32, k, mean), 45, 32)
+    sketch, outlier_sketch = sketches(d, 120, 64)
+    outlier_sketch = None if exact else outlier_sketch
+    ref = ref_keys.quantize_keys(keys, sketch, outlier_sketch, idx, mean)
+    assert not keys.is_contiguous()
+    assert_keys_match(ref, quantize_keys(keys, sketch.matrix, outlier_sketch.matrix if outlier_sketch else None, idx,
+                                         mean))
+
+
+def assert_keys_match(ref, out):
+    signs, norms, osigns, onorms, ovalues = out
     tolerance = 0.0 if DEVICE.type == "cpu" else 1e-3
     assert_signs_match(ref.signs, signs, tolerance)
     torch.testing.assert_close(norms, ref.norms, rtol=1e-3, atol=1e-3)
-    if outlier_sketch:
+    if ref.outlier_signs is not None:
         assert_signs_match(ref.outlier_signs, osigns, tolerance)
         torch.testing.assert_close(onorms, ref.outlier_norms, rtol=1e-3, atol=1e-3)
     else:
