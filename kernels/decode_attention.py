@@ -10,7 +10,8 @@ the products' operand layout (no reshape):
   ``8 j + i``) and ``P_i`` those entries of ``S q``, split into fp16 high and low parts by ``project_kernel``;
 - outlier channels (one set per token group, so a tile is one group): the inlier sketch saw ``k`` without them,
   ``S (q * mask) . sign = S q . sign - sum_k q[i_k] u_k`` with ``u_k = S[:, i_k] . sign`` from ``S``'s columns in
-  the same bit order; exact outliers add ``q[i_k] v_k``, sketched ones ``q[i_k] (S_o[:, i_k] . sign_o)``;
+  the same bit order, taken in the same product as ``S q . sign`` (more rows of one operand); exact outliers add
+  ``q[i_k] v_k``, sketched ones ``q[i_k] (S_o[:, i_k] . sign_o)``;
 - values: ``code * scale + minimum``; the output columns ``8 j + i`` come from bit ``i`` of byte ``j``, so one
   batched product over the 8 bit positions; with one group per token row ``p @ v = (p * scale) @ codes +
   p . minimum`` with the integer codes exact in fp16, else the dequantized values in fp32.
@@ -35,7 +36,7 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _signs(packed, i: tl.constexpr):
+def _signs(packed, i):
     """fp16 +-1 of bit ``i`` of int32 bytes ``packed``, by setting fp16's sign bit: 0xBC00 is -1, 0x3C00 is +1."""
     return ((((packed >> i) & 1) << 15) ^ 0xBC00).to(tl.int16).to(tl.float16, bitcast=True)
 
@@ -65,22 +66,21 @@ def project_kernel(q_ptr, sp_hi_ptr, sp_lo_ptr, tables_ptr, M: tl.constexpr, M_P
 
 
 @triton.jit
-def _sign_sums(signs_ptr, hi_ptr, lo_ptr, table_rows, n_rows: tl.constexpr, rows, ok, BYTES: tl.constexpr,
-               BP: tl.constexpr, R_PAD: tl.constexpr, BLOCK_N: tl.constexpr, PRECISE: tl.constexpr):
-    """``sum_s T[r, s] sign_t[s]`` ``[R_PAD, BLOCK_N]`` for the tile's tokens (global rows ``rows``), with
-    ``T = hi + lo`` in bit order, rows ``table_rows`` of ``[*, 8 BP]`` tables at ``hi_ptr`` and ``lo_ptr``."""
+def _sign_sums(signs_ptr, hi_rows, lo_rows, inside, rows, ok, BYTES: tl.constexpr, BP: tl.constexpr,
+               BLOCK_N: tl.constexpr, PRECISE: tl.constexpr, UNROLL: tl.constexpr):
+    """``sum_s T[r, s] sign_t[s]`` ``[R, BLOCK_N]`` for the tile's tokens (global rows ``rows``), with ``T = hi + lo``
+    in bit order: row ``r`` of each is ``8 BP`` numbers from pointer ``hi_rows[r]`` (``lo_rows[r]``), zero where not
+    ``inside[r]``."""
     offs_j = tl.arange(0, BP)
     packed = tl.load(signs_ptr + rows[None, :] * BYTES + offs_j[:, None], mask=ok[None, :] & (offs_j[:, None] < BYTES),
                      other=0).to(tl.int32)  # [BP, BLOCK_N]
-    offs_r = tl.arange(0, R_PAD)
-    table = table_rows[:, None] * (8 * BP) + offs_j[None, :]
-    inside = offs_r[:, None] < n_rows
-    out = tl.zeros((R_PAD, BLOCK_N), dtype=tl.float32)
-    for i in tl.static_range(8):
+    out = tl.zeros((hi_rows.shape[0], BLOCK_N), dtype=tl.float32)
+    for i in tl.range(0, 8, loop_unroll_factor=UNROLL):
         signs = _signs(packed, i)
-        out += tl.dot(tl.load(hi_ptr + table + i * BP, mask=inside, other=0.0), signs)
+        out += tl.dot(tl.load(hi_rows[:, None] + i * BP + offs_j[None, :], mask=inside[:, None], other=0.0), signs)
         if PRECISE:
-            out += tl.dot(tl.load(lo_ptr + table + i * BP, mask=inside, other=0.0), signs)
+            out += tl.dot(tl.load(lo_rows[:, None] + i * BP + offs_j[None, :], mask=inside[:, None], other=0.0),
+                          signs)
     return out
 
 
@@ -88,33 +88,48 @@ def _sign_sums(signs_ptr, hi_ptr, lo_ptr, table_rows, n_rows: tl.constexpr, rows
 def _tile_scores(tables_ptr, q_ptr, bh, start, n_tokens, n_groups, signs_ptr, norms_ptr, idx_ptr, osigns_ptr,
                  onorms_ptr, ovalues_ptr, sp_hi_ptr, sp_lo_ptr, spo_hi_ptr, spo_lo_ptr, scale, oscale,
                  M: tl.constexpr, M_PAD: tl.constexpr, D: tl.constexpr, BYTES: tl.constexpr, BP: tl.constexpr,
-                 OBYTES: tl.constexpr, OBP: tl.constexpr, K: tl.constexpr, K_PAD: tl.constexpr, EXACT: tl.constexpr,
-                 GROUP: tl.constexpr, STEP: tl.constexpr, BLOCK_N: tl.constexpr, PRECISE: tl.constexpr):
+                 OBYTES: tl.constexpr, OBP: tl.constexpr, K: tl.constexpr, R_PAD: tl.constexpr, EXACT: tl.constexpr,
+                 GROUP: tl.constexpr, STEP: tl.constexpr, BLOCK_N: tl.constexpr, PRECISE: tl.constexpr,
+                 UNROLL: tl.constexpr):
     """Estimated scores of the ``STEP`` tokens from ``start`` (within one outlier group of ``GROUP`` tokens):
-    ``[M_PAD, BLOCK_N]``, the tokens and their validity."""
+    ``[M_PAD, BLOCK_N]``, the tokens and their validity.
+
+    One product serves the queries and the group's outlier channels: rows ``r < M`` of the table are the queries'
+    projections, rows ``M + k`` the sketch's column ``idx_k`` (``S[:, idx_k]``, bit order), so ``u = T . sign``
+    holds ``S q . sign`` then ``S[:, idx_k] . sign``; then ``Y`` replaces the outlier rows by each channel's
+    correction and outlier term, and ``W @ Y`` with ``W = [I | q[idx]]`` sums them per query."""
     tokens = start + tl.arange(0, BLOCK_N)
     ok = (tl.arange(0, BLOCK_N) < STEP) & (tokens < n_tokens)
     rows = bh * n_tokens + tokens
-    q_rows = tl.arange(0, M_PAD)
     weight = tl.load(norms_ptr + rows, mask=ok, other=0.0).to(tl.float32) * scale
-    projections = tables_ptr + bh * 2 * M_PAD * 8 * BP
-    scores = _sign_sums(signs_ptr, projections, projections + M_PAD * 8 * BP, q_rows, M_PAD, rows, ok, BYTES, BP,
-                        M_PAD, BLOCK_N, PRECISE) * weight[None, :]
-    if K > 0:
-        offs_k = tl.arange(0, K_PAD)
-        idx = tl.load(idx_ptr + (bh * n_groups + start // GROUP) * K + offs_k, mask=offs_k < K, other=0).to(tl.int32)
-        q_out = tl.load(q_ptr + (bh * M + q_rows[:, None]) * D + idx[None, :],
-                        mask=(q_rows[:, None] < M) & (offs_k[None, :] < K), other=0.0).to(tl.float32)
-        outlier = -_sign_sums(signs_ptr, sp_hi_ptr, sp_lo_ptr, idx, K, rows, ok, BYTES, BP, K_PAD,
-                              BLOCK_N, PRECISE) * weight[None, :]
+    r = tl.arange(0, R_PAD)
+    table = tables_ptr + (bh * 2 * M_PAD + r) * (8 * BP)  # rows r < M
+    if K == 0:
+        scores = _sign_sums(signs_ptr, table, table + M_PAD * 8 * BP, r < M, rows, ok, BYTES, BP, BLOCK_N,
+                            PRECISE, UNROLL) * weight[None, :]
+    else:
+        is_outlier = (r >= M) & (r < M + K)
+        group_idx = idx_ptr + (bh * n_groups + start // GROUP) * K
+        channel = tl.load(group_idx + (r - M), mask=is_outlier, other=0).to(tl.int32)
+        hi_rows = tl.where(is_outlier, sp_hi_ptr + channel * (8 * BP), table)
+        lo_rows = tl.where(is_outlier, sp_lo_ptr + channel * (8 * BP), table + M_PAD * 8 * BP)
+        u = _sign_sums(signs_ptr, hi_rows, lo_rows, r < M + K, rows, ok, BYTES, BP, BLOCK_N, PRECISE, UNROLL)
+        u *= weight[None, :]
         if EXACT:
-            outlier += tl.load(ovalues_ptr + rows[None, :] * K + offs_k[:, None],
-                               mask=(offs_k[:, None] < K) & ok[None, :], other=0.0).to(tl.float32)
+            term = tl.load(ovalues_ptr + rows[None, :] * K + (r - M)[:, None], mask=is_outlier[:, None] & ok[None, :],
+                           other=0.0).to(tl.float32)
         else:
+            ohi = tl.where(is_outlier, spo_hi_ptr + channel * (8 * OBP), spo_hi_ptr)
+            olo = tl.where(is_outlier, spo_lo_ptr + channel * (8 * OBP), spo_lo_ptr)
             oweight = tl.load(onorms_ptr + rows, mask=ok, other=0.0).to(tl.float32) * oscale
-            outlier += _sign_sums(osigns_ptr, spo_hi_ptr, spo_lo_ptr, idx, K, rows, ok, OBYTES, OBP, K_PAD,
-                                  BLOCK_N, PRECISE) * oweight[None, :]
-        scores += dot3(q_out, outlier)
+            term = _sign_sums(osigns_ptr, ohi, olo, is_outlier, rows, ok, OBYTES, OBP, BLOCK_N, PRECISE, UNROLL)
+            term *= oweight[None, :]
+        y = tl.where(is_outlier[:, None], term - u, u)
+        q_rows = tl.arange(0, M_PAD)
+        w = tl.load(q_ptr + (bh * M + q_rows[:, None]) * D + channel[None, :],
+                    mask=(q_rows[:, None] < M) & is_outlier[None, :], other=0.0).to(tl.float32)
+        w = tl.where(q_rows[:, None] == r[None, :], 1.0, w)
+        scores = dot3(w, y)
     return scores, ok, rows
 
 
@@ -197,10 +212,10 @@ def decode_split_kernel(q_ptr, tables_ptr, sp_hi_ptr, sp_lo_ptr, spo_hi_ptr, spo
                         n_groups, tokens_per_split, n_sink, n_buffer, scale, oscale, qk_scale, M: tl.constexpr,
                         M_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, DB_PAD: tl.constexpr,
                         BYTES: tl.constexpr, BP: tl.constexpr, OBYTES: tl.constexpr, OBP: tl.constexpr,
-                        K: tl.constexpr, K_PAD: tl.constexpr, EXACT: tl.constexpr, GROUP: tl.constexpr,
+                        K: tl.constexpr, R_PAD: tl.constexpr, EXACT: tl.constexpr, GROUP: tl.constexpr,
                         STEP: tl.constexpr,
                         BLOCK_N: tl.constexpr, CENTERED: tl.constexpr, BITS: tl.constexpr, VGROUP: tl.constexpr,
-                        BLOCK_EXACT: tl.constexpr, PRECISE: tl.constexpr):
+                        BLOCK_EXACT: tl.constexpr, PRECISE: tl.constexpr, UNROLL: tl.constexpr):
     """Program ``(bh, split)``: splits ``0 .. S-1`` take compressed tokens, split ``S`` the exact ones. Writes the
     split's max and sum (log2 units) ``[BH, S + 1, M]`` and unnormalised output ``[BH, S + 1, M, D]``.
     ``tables``: ``project_kernel``'s output; ``sp_*`` (``spo_*``): the (outlier) sketch in bit order."""
@@ -221,7 +236,7 @@ def decode_split_kernel(q_ptr, tables_ptr, sp_hi_ptr, sp_lo_ptr, spo_hi_ptr, spo
             scores, ok, rows = _tile_scores(tables_ptr, q_ptr, bh, start, n_tokens, n_groups, signs_ptr, norms_ptr,
                                             idx_ptr, osigns_ptr, onorms_ptr, ovalues_ptr, sp_hi_ptr, sp_lo_ptr,
                                             spo_hi_ptr, spo_lo_ptr, scale, oscale, M, M_PAD, D, BYTES, BP, OBYTES,
-                                            OBP, K, K_PAD, EXACT, GROUP, STEP, BLOCK_N, PRECISE)
+                                            OBP, K, R_PAD, EXACT, GROUP, STEP, BLOCK_N, PRECISE, UNROLL)
             scores = tl.where(ok[None, :], scores * qk_scale + bias[:, None], float("-inf"))
             m_i, alpha, p = _softmax_step(scores, m_i)
             l_i = l_i * alpha + tl.sum(p, axis=1)
@@ -253,9 +268,12 @@ def launch_config(queries: int, head_dim: int, sketch_dim: int, outlier_sketch_d
     obytes = outlier_sketch_dim // 8 if sketched else 2
     return dict(M=queries, M_PAD=pow2(queries, 16), D=head_dim, D_PAD=pow2(head_dim, 16),
                 DB_PAD=pow2(head_dim // 8, 16), BYTES=sketch_dim // 8, BP=pow2(sketch_dim // 8, 16), OBYTES=obytes,
-                OBP=pow2(obytes, 16), K=n_outliers, K_PAD=pow2(n_outliers, 16),
-                EXACT=bool(n_outliers and exact_outliers), GROUP=group_size, STEP=step, BLOCK_N=pow2(step, 16), CENTERED=centered,
-                BITS=value_bits, VGROUP=value_group_size, BLOCK_EXACT=BLOCK_EXACT, PRECISE=precise,
+                OBP=pow2(obytes, 16), K=n_outliers, R_PAD=pow2(queries + n_outliers, 16),
+                EXACT=bool(n_outliers and exact_outliers), GROUP=group_size, STEP=step, BLOCK_N=pow2(step, 16),
+                CENTERED=centered, BITS=value_bits, VGROUP=value_group_size, BLOCK_EXACT=BLOCK_EXACT, PRECISE=precise,
+                # Bit positions unrolled two at a time: fully unrolled, the table loads of all eight are hoisted and
+                # held (spills at wide sketches); head dim 256 needs the registers of the second one too.
+                UNROLL=1 if head_dim >= 256 else 2,
                 num_stages=NUM_STAGES, num_warps=4, maxnreg=255)
 
 
