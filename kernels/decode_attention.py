@@ -1,7 +1,20 @@
 """Fused QJL decode attention, flash-decoding style: each program takes one (batch, KV head) and a range of
-compressed tokens, scores them from the packed signs (``kernels.scores``), dequantizes their values in registers and
-keeps an online softmax; one extra program per (batch, KV head) does the exact sink and buffer tokens. Partial
-maxima, sums and outputs go to ``kernels.combine_splits``. A decode step reads each compressed byte once.
+compressed tokens, scores them from the packed signs, takes their values from the packed codes, and keeps an online
+softmax; one extra program per (batch, KV head) does the exact sink and buffer tokens. Partial maxima, sums and
+outputs go to ``kernels.combine_splits``. A decode step reads each compressed byte once.
+
+The bits reach the tensor cores one bit position at a time, so unpacking is a shift and a mask of the packed bytes in
+the products' operand layout (no reshape):
+
+- scores: ``<S q, sign(S k)> = sum_i P_i . sign_i`` where ``sign_i[j]`` is bit ``i`` of byte ``j`` (sketch row
+  ``8 j + i``) and ``P_i`` those entries of ``S q``, split into fp16 high and low parts by ``project_kernel``;
+- outlier channels (one set per token group, so a tile is one group): the inlier sketch saw ``k`` without them,
+  ``S (q * mask) . sign = S q . sign - sum_k q[i_k] u_k`` with ``u_k = S[:, i_k] . sign`` from ``S``'s columns in
+  the same bit order, taken in the same product as ``S q . sign`` (more rows of one operand); exact outliers add
+  ``q[i_k] v_k``, sketched ones ``q[i_k] (S_o[:, i_k] . sign_o)``;
+- values: ``code * scale + minimum``; the output columns ``8 j + i`` come from bit ``i`` of byte ``j``, so one
+  batched product over the 8 bit positions; with one group per token row ``p @ v = (p * scale) @ codes +
+  p . minimum`` with the integer codes exact in fp16, else the dequantized values in fp32.
 
 Reference: ``qjl.layer.CompressedLayer.attend`` with ``QJLLayer``'s scores and values, for one query token.
 """
@@ -11,44 +24,149 @@ import triton
 import triton.language as tl
 
 from .combine_splits import combine_splits
-from .common import dot3, unpack_rows
-from .scores import launch_config as scores_config
-from .scores import load_queries, outlier_arguments, project, query_mean, split_tokens, tile_scores
+from .common import dot3, dot_exact_rhs, pow2, split_fp16
+from .scores import BLOCK_TOKENS, load_queries, query_mean, split_tokens
 
 BLOCK_EXACT = 32
-# Launch choices measured by scripts/sweep_decode.py on an H200 (profiling/results/nvidia-h200/): two pipeline stages
-# and four programs per multiprocessor were the fastest at 32k and 128k tokens, batch 8, by about 20%.
+# Launch choices measured by scripts/sweep_decode.py on an H200 (profiling/results/nvidia-h200/).
 NUM_STAGES = 2
 PROGRAMS_PER_SM = 4
+PROJECT_COLUMNS = 64  # projection columns per step of project_kernel
 LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _online_softmax(scores, v, m_i, l_i, acc):
-    """Folds a tile (``scores`` in log2 units, -inf where masked) into the running max, sum and output."""
-    m_new = tl.maximum(m_i, tl.max(scores, axis=1))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing seen yet
-    alpha = tl.exp2(m_i - m_safe)
-    p = tl.exp2(scores - m_safe[:, None])
-    return m_new, l_i * alpha + tl.sum(p, axis=1), acc * alpha[:, None] + dot3(p, v)
+def _signs(packed, i):
+    """fp16 +-1 of bit ``i`` of int32 bytes ``packed``, by setting fp16's sign bit: 0xBC00 is -1, 0x3C00 is +1."""
+    return ((((packed >> i) & 1) << 15) ^ 0xBC00).to(tl.int16).to(tl.float16, bitcast=True)
 
 
 @triton.jit
-def _dequantize(packed_ptr, scales_ptr, mins_ptr, rows, ok, D: tl.constexpr, D_PAD: tl.constexpr,
-                BITS: tl.constexpr, VGROUP: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Values of the tile's tokens from bit planes: ``code * scale + minimum``, float32 ``[BLOCK_N, D_PAD]``."""
-    offs_b = tl.arange(0, D_PAD // 8)
-    offs_d = tl.arange(0, D_PAD)
-    codes = tl.zeros((BLOCK_N, D_PAD), dtype=tl.int32)
+def project_kernel(q_ptr, sp_hi_ptr, sp_lo_ptr, tables_ptr, M: tl.constexpr, M_PAD: tl.constexpr, D: tl.constexpr,
+                   WIDTH: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Program ``bh``: ``q @ S_perm`` ``[M_PAD, WIDTH]`` for the queries of one KV head, written as fp16 high and low
+    parts ``tables[bh, 0 | 1, m, c]``. ``sp_*``: ``S`` in bit order, ``[D, WIDTH]`` (``sketch_tables``)."""
+    bh = tl.program_id(0)
+    rows = tl.arange(0, M_PAD)
+    for c_start in range(0, WIDTH, BLOCK_C):
+        offs_c = c_start + tl.arange(0, BLOCK_C)
+        proj = tl.zeros((M_PAD, BLOCK_C), dtype=tl.float32)
+        for d_start in tl.static_range(0, D, 16):
+            offs_d = d_start + tl.arange(0, 16)
+            q = tl.load(q_ptr + (bh * M + rows[:, None]) * D + offs_d[None, :],
+                        mask=(rows[:, None] < M) & (offs_d[None, :] < D), other=0.0).to(tl.float32)
+            s_hi = tl.load(sp_hi_ptr + offs_d[:, None] * WIDTH + offs_c[None, :], mask=offs_d[:, None] < D, other=0.0)
+            s_lo = tl.load(sp_lo_ptr + offs_d[:, None] * WIDTH + offs_c[None, :], mask=offs_d[:, None] < D, other=0.0)
+            q_hi, q_lo = split_fp16(q)
+            proj += tl.dot(q_hi, s_hi) + tl.dot(q_lo, s_hi) + tl.dot(q_hi, s_lo)
+        hi, lo = split_fp16(proj)
+        out = tables_ptr + (bh * 2 * M_PAD + rows[:, None]) * WIDTH + offs_c[None, :]
+        tl.store(out, hi)
+        tl.store(out + M_PAD * WIDTH, lo)
+
+
+@triton.jit
+def _sign_sums(signs_ptr, hi_rows, lo_rows, inside, rows, ok, BYTES: tl.constexpr, BP: tl.constexpr,
+               BLOCK_N: tl.constexpr, PRECISE: tl.constexpr, UNROLL: tl.constexpr):
+    """``sum_s T[r, s] sign_t[s]`` ``[R, BLOCK_N]`` for the tile's tokens (global rows ``rows``), with ``T = hi + lo``
+    in bit order: row ``r`` of each is ``8 BP`` numbers from pointer ``hi_rows[r]`` (``lo_rows[r]``), zero where not
+    ``inside[r]``."""
+    offs_j = tl.arange(0, BP)
+    packed = tl.load(signs_ptr + rows[None, :] * BYTES + offs_j[:, None], mask=ok[None, :] & (offs_j[:, None] < BYTES),
+                     other=0).to(tl.int32)  # [BP, BLOCK_N]
+    out = tl.zeros((hi_rows.shape[0], BLOCK_N), dtype=tl.float32)
+    for i in tl.range(0, 8, loop_unroll_factor=UNROLL):
+        signs = _signs(packed, i)
+        out += tl.dot(tl.load(hi_rows[:, None] + i * BP + offs_j[None, :], mask=inside[:, None], other=0.0), signs)
+        if PRECISE:
+            out += tl.dot(tl.load(lo_rows[:, None] + i * BP + offs_j[None, :], mask=inside[:, None], other=0.0),
+                          signs)
+    return out
+
+
+@triton.jit
+def _tile_scores(tables_ptr, q_ptr, bh, start, n_tokens, n_groups, signs_ptr, norms_ptr, idx_ptr, osigns_ptr,
+                 onorms_ptr, ovalues_ptr, sp_hi_ptr, sp_lo_ptr, spo_hi_ptr, spo_lo_ptr, scale, oscale,
+                 M: tl.constexpr, M_PAD: tl.constexpr, D: tl.constexpr, BYTES: tl.constexpr, BP: tl.constexpr,
+                 OBYTES: tl.constexpr, OBP: tl.constexpr, K: tl.constexpr, R_PAD: tl.constexpr, EXACT: tl.constexpr,
+                 GROUP: tl.constexpr, STEP: tl.constexpr, BLOCK_N: tl.constexpr, PRECISE: tl.constexpr,
+                 UNROLL: tl.constexpr):
+    """Estimated scores of the ``STEP`` tokens from ``start`` (within one outlier group of ``GROUP`` tokens):
+    ``[M_PAD, BLOCK_N]``, the tokens and their validity.
+
+    One product serves the queries and the group's outlier channels: rows ``r < M`` of the table are the queries'
+    projections, rows ``M + k`` the sketch's column ``idx_k`` (``S[:, idx_k]``, bit order), so ``u = T . sign``
+    holds ``S q . sign`` then ``S[:, idx_k] . sign``; then ``Y`` replaces the outlier rows by each channel's
+    correction and outlier term, and ``W @ Y`` with ``W = [I | q[idx]]`` sums them per query."""
+    tokens = start + tl.arange(0, BLOCK_N)
+    ok = (tl.arange(0, BLOCK_N) < STEP) & (tokens < n_tokens)
+    rows = bh * n_tokens + tokens
+    weight = tl.load(norms_ptr + rows, mask=ok, other=0.0).to(tl.float32) * scale
+    r = tl.arange(0, R_PAD)
+    table = tables_ptr + (bh * 2 * M_PAD + r) * (8 * BP)  # rows r < M
+    if K == 0:
+        scores = _sign_sums(signs_ptr, table, table + M_PAD * 8 * BP, r < M, rows, ok, BYTES, BP, BLOCK_N,
+                            PRECISE, UNROLL) * weight[None, :]
+    else:
+        is_outlier = (r >= M) & (r < M + K)
+        group_idx = idx_ptr + (bh * n_groups + start // GROUP) * K
+        channel = tl.load(group_idx + (r - M), mask=is_outlier, other=0).to(tl.int32)
+        hi_rows = tl.where(is_outlier, sp_hi_ptr + channel * (8 * BP), table)
+        lo_rows = tl.where(is_outlier, sp_lo_ptr + channel * (8 * BP), table + M_PAD * 8 * BP)
+        u = _sign_sums(signs_ptr, hi_rows, lo_rows, r < M + K, rows, ok, BYTES, BP, BLOCK_N, PRECISE, UNROLL)
+        u *= weight[None, :]
+        if EXACT:
+            term = tl.load(ovalues_ptr + rows[None, :] * K + (r - M)[:, None], mask=is_outlier[:, None] & ok[None, :],
+                           other=0.0).to(tl.float32)
+        else:
+            ohi = tl.where(is_outlier, spo_hi_ptr + channel * (8 * OBP), spo_hi_ptr)
+            olo = tl.where(is_outlier, spo_lo_ptr + channel * (8 * OBP), spo_lo_ptr)
+            oweight = tl.load(onorms_ptr + rows, mask=ok, other=0.0).to(tl.float32) * oscale
+            term = _sign_sums(osigns_ptr, ohi, olo, is_outlier, rows, ok, OBYTES, OBP, BLOCK_N, PRECISE, UNROLL)
+            term *= oweight[None, :]
+        y = tl.where(is_outlier[:, None], term - u, u)
+        q_rows = tl.arange(0, M_PAD)
+        w = tl.load(q_ptr + (bh * M + q_rows[:, None]) * D + channel[None, :],
+                    mask=(q_rows[:, None] < M) & is_outlier[None, :], other=0.0).to(tl.float32)
+        w = tl.where(q_rows[:, None] == r[None, :], 1.0, w)
+        scores = dot3(w, y)
+    return scores, ok, rows
+
+
+@triton.jit
+def _tile_values(p, packed_ptr, scales_ptr, mins_ptr, rows, ok, D: tl.constexpr, DB_PAD: tl.constexpr,
+                 BITS: tl.constexpr, VGROUP: tl.constexpr, BLOCK_N: tl.constexpr, PRECISE: tl.constexpr):
+    """``p @ values`` of the tile by bit position, float32 ``[8, M_PAD, DB_PAD]`` (column ``8 j + i`` at ``[i, :,
+    j]``), and ``p . minimum`` ``[M_PAD]`` where the minimum is one per token (else zeros, in the first part)."""
+    offs_j = tl.arange(0, DB_PAD)
+    bit = tl.arange(0, 8)
+    inside = ok[:, None] & (offs_j[None, :] < D // 8)
+    codes = tl.zeros((8, BLOCK_N, DB_PAD), dtype=tl.int32)
     for plane in tl.static_range(BITS):
-        packed = tl.load(packed_ptr + rows[:, None] * (BITS * D // 8) + plane * (D // 8) + offs_b[None, :],
-                         mask=ok[:, None] & (offs_b[None, :] < D // 8), other=0)
-        codes += unpack_rows(packed, BLOCK_N, D_PAD // 8) << plane
-    group_ok = ok[:, None] & (offs_d[None, :] < D)
-    groups = rows[:, None] * (D // VGROUP) + offs_d[None, :] // VGROUP
-    scales = tl.load(scales_ptr + groups, mask=group_ok, other=0.0).to(tl.float32)
-    minimums = tl.load(mins_ptr + groups, mask=group_ok, other=0.0).to(tl.float32)
-    return codes.to(tl.float32) * scales + minimums
+        packed = tl.load(packed_ptr + rows[:, None] * (BITS * D // 8) + plane * (D // 8) + offs_j[None, :],
+                         mask=inside, other=0).to(tl.int32)
+        codes += ((packed[None, :, :] >> bit[:, None, None]) & 1) << plane
+    p3 = tl.broadcast_to(p[None, :, :], (8, p.shape[0], BLOCK_N))
+    if VGROUP == D:  # one scale per token: the codes are the exact fp16 operand
+        scales = tl.load(scales_ptr + rows, mask=ok, other=0.0).to(tl.float32)
+        minimums = tl.load(mins_ptr + rows, mask=ok, other=0.0).to(tl.float32)
+        weights = p3 * scales[None, None, :]
+        if PRECISE:
+            out = dot_exact_rhs(weights, codes)
+        else:
+            out = tl.dot(weights.to(tl.float16), codes.to(tl.float16))
+        offset = tl.sum(p * minimums[None, :], axis=1)
+    else:
+        groups = rows[:, None] * (D // VGROUP) + offs_j[None, :] // (VGROUP // 8)
+        scales = tl.load(scales_ptr + groups, mask=inside, other=0.0).to(tl.float32)
+        minimums = tl.load(mins_ptr + groups, mask=inside, other=0.0).to(tl.float32)
+        dequantized = codes.to(tl.float32) * scales[None, :, :] + minimums[None, :, :]
+        if PRECISE:
+            out = dot3(p3, dequantized)
+        else:
+            out = tl.dot(p3.to(tl.float16), dequantized.to(tl.float16))
+        offset = tl.zeros((p.shape[0],), dtype=tl.float32)
+    return out, offset
 
 
 @triton.jit
@@ -63,69 +181,125 @@ def _exact_tokens(q, k_ptr, v_ptr, bh, n, qk_scale, m_i, l_i, acc, D: tl.constex
         k = tl.load(k_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
         v = tl.load(v_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
         scores = tl.where(ok[None, :], dot3(q, tl.trans(k)) * qk_scale, float("-inf"))
-        m_i, l_i, acc = _online_softmax(scores, v, m_i, l_i, acc)
+        m_i, alpha, p = _softmax_step(scores, m_i)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + dot3(p, v)
     return m_i, l_i, acc
 
 
 @triton.jit
-def decode_split_kernel(q_ptr, s_ptr, so_ptr, mean_ptr, signs_ptr, norms_ptr, idx_ptr, osigns_ptr, onorms_ptr,
-                        ovalues_ptr, proj_ptr, vpacked_ptr, vscales_ptr, vmins_ptr, sink_k_ptr, sink_v_ptr, buf_k_ptr,
-                        buf_v_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, n_tokens, n_groups, tokens_per_split, n_sink,
-                        n_buffer, scale, oscale, qk_scale, M: tl.constexpr, M_PAD: tl.constexpr, D: tl.constexpr,
-                        D_PAD: tl.constexpr, SKETCH: tl.constexpr, OSKETCH: tl.constexpr, K: tl.constexpr,
-                        K_PAD: tl.constexpr, EXACT: tl.constexpr, STEP: tl.constexpr, BLOCK_N: tl.constexpr,
-                        BLOCK_S: tl.constexpr, CENTERED: tl.constexpr, BITS: tl.constexpr, VGROUP: tl.constexpr,
-                        BLOCK_EXACT: tl.constexpr):
-    """Program ``(bh, split)``: splits ``0 .. S-1`` take compressed tokens, split ``S`` the exact ones. Writes the
-    split's max and sum (log2 units) ``[BH, S + 1, M]`` and unnormalised output ``[BH, S + 1, M, D]``;
-    ``proj_ptr``: float32 scratch ``[BH * S, M, SKETCH]`` for the compressed splits' query projections."""
-    bh, split = tl.program_id(0), tl.program_id(1)
-    n_splits = tl.num_programs(1)
-    m_i = tl.full((M_PAD,), float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros((M_PAD,), dtype=tl.float32)
-    acc = tl.zeros((M_PAD, D_PAD), dtype=tl.float32)
-    if split < n_splits - 1:
-        proj_ptr += (bh * (n_splits - 1) + split) * M * SKETCH
-        project(q_ptr, s_ptr, proj_ptr, bh, M, M_PAD, D, SKETCH, BLOCK_S)
-        bias = tl.zeros((M_PAD,), dtype=tl.float32)
-        if CENTERED:
-            bias = query_mean(load_queries(q_ptr, bh, M, M_PAD, D, D_PAD), mean_ptr, bh, D, D_PAD) * qk_scale
-        first = split * tokens_per_split
-        last = tl.minimum(first + tokens_per_split, n_tokens)
-        for start in range(first, last, STEP):
-            scores, tokens, ok = tile_scores(proj_ptr, q_ptr, bh, start, n_tokens, signs_ptr, norms_ptr, idx_ptr,
-                                             osigns_ptr, onorms_ptr, ovalues_ptr, s_ptr, so_ptr, scale, oscale,
-                                             n_groups, M, M_PAD, D, SKETCH, OSKETCH, K, K_PAD, EXACT, STEP, BLOCK_N,
-                                             BLOCK_S)
-            scores = tl.where(ok[None, :], scores * qk_scale + bias[:, None], float("-inf"))
-            v = _dequantize(vpacked_ptr, vscales_ptr, vmins_ptr, bh * n_tokens + tokens, ok, D, D_PAD, BITS, VGROUP,
-                            BLOCK_N)
-            m_i, l_i, acc = _online_softmax(scores, v, m_i, l_i, acc)
-    else:
-        q = load_queries(q_ptr, bh, M, M_PAD, D, D_PAD)
-        m_i, l_i, acc = _exact_tokens(q, sink_k_ptr, sink_v_ptr, bh, n_sink, qk_scale, m_i, l_i, acc, D, D_PAD,
-                                      BLOCK_EXACT)
-        m_i, l_i, acc = _exact_tokens(q, buf_k_ptr, buf_v_ptr, bh, n_buffer, qk_scale, m_i, l_i, acc, D, D_PAD,
-                                      BLOCK_EXACT)
-    rows = tl.arange(0, M_PAD)
-    offs_d = tl.arange(0, D_PAD)
-    part = bh * n_splits + split
+def _softmax_step(scores, m_i):
+    """New running max, the old terms' rescale factor and the tile's weights (``scores`` in log2 units)."""
+    m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing seen yet
+    return m_new, tl.exp2(m_i - m_safe), tl.exp2(scores - m_safe[:, None])
+
+
+@triton.jit
+def _store_partial(part_m_ptr, part_l_ptr, part_acc_ptr, part, m_i, l_i, acc, M: tl.constexpr, D: tl.constexpr):
+    rows = tl.arange(0, acc.shape[0])
+    offs_d = tl.arange(0, acc.shape[1])
     tl.store(part_m_ptr + part * M + rows, m_i, mask=rows < M)
     tl.store(part_l_ptr + part * M + rows, l_i, mask=rows < M)
     tl.store(part_acc_ptr + (part * M + rows[:, None]) * D + offs_d[None, :], acc,
              mask=(rows[:, None] < M) & (offs_d[None, :] < D))
 
 
+@triton.jit
+def decode_split_kernel(q_ptr, tables_ptr, sp_hi_ptr, sp_lo_ptr, spo_hi_ptr, spo_lo_ptr, mean_ptr, signs_ptr,
+                        norms_ptr, idx_ptr, osigns_ptr, onorms_ptr, ovalues_ptr, vpacked_ptr, vscales_ptr, vmins_ptr,
+                        sink_k_ptr, sink_v_ptr, buf_k_ptr, buf_v_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, n_tokens,
+                        n_groups, tokens_per_split, n_sink, n_buffer, scale, oscale, qk_scale, M: tl.constexpr,
+                        M_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, DB_PAD: tl.constexpr,
+                        BYTES: tl.constexpr, BP: tl.constexpr, OBYTES: tl.constexpr, OBP: tl.constexpr,
+                        K: tl.constexpr, R_PAD: tl.constexpr, EXACT: tl.constexpr, GROUP: tl.constexpr,
+                        STEP: tl.constexpr,
+                        BLOCK_N: tl.constexpr, CENTERED: tl.constexpr, BITS: tl.constexpr, VGROUP: tl.constexpr,
+                        BLOCK_EXACT: tl.constexpr, PRECISE: tl.constexpr, UNROLL: tl.constexpr):
+    """Program ``(bh, split)``: splits ``0 .. S-1`` take compressed tokens, split ``S`` the exact ones. Writes the
+    split's max and sum (log2 units) ``[BH, S + 1, M]`` and unnormalised output ``[BH, S + 1, M, D]``.
+    ``tables``: ``project_kernel``'s output; ``sp_*`` (``spo_*``): the (outlier) sketch in bit order."""
+    bh, split = tl.program_id(0), tl.program_id(1)
+    n_splits = tl.num_programs(1)
+    part = bh * n_splits + split
+    m_i = tl.full((M_PAD,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((M_PAD,), dtype=tl.float32)
+    if split < n_splits - 1:
+        acc3 = tl.zeros((8, M_PAD, DB_PAD), dtype=tl.float32)
+        offset = tl.zeros((M_PAD,), dtype=tl.float32)
+        bias = tl.zeros((M_PAD,), dtype=tl.float32)
+        if CENTERED:
+            bias = query_mean(load_queries(q_ptr, bh, M, M_PAD, D, D_PAD), mean_ptr, bh, D, D_PAD) * qk_scale
+        first = split * tokens_per_split
+        last = tl.minimum(first + tokens_per_split, n_tokens)
+        for start in range(first, last, STEP):
+            scores, ok, rows = _tile_scores(tables_ptr, q_ptr, bh, start, n_tokens, n_groups, signs_ptr, norms_ptr,
+                                            idx_ptr, osigns_ptr, onorms_ptr, ovalues_ptr, sp_hi_ptr, sp_lo_ptr,
+                                            spo_hi_ptr, spo_lo_ptr, scale, oscale, M, M_PAD, D, BYTES, BP, OBYTES,
+                                            OBP, K, R_PAD, EXACT, GROUP, STEP, BLOCK_N, PRECISE, UNROLL)
+            scores = tl.where(ok[None, :], scores * qk_scale + bias[:, None], float("-inf"))
+            m_i, alpha, p = _softmax_step(scores, m_i)
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            values, tile_offset = _tile_values(p, vpacked_ptr, vscales_ptr, vmins_ptr, rows, ok, D, DB_PAD, BITS,
+                                               VGROUP, BLOCK_N, PRECISE)
+            acc3 = acc3 * alpha[None, :, None] + values
+            offset = offset * alpha + tile_offset
+        out = tl.reshape(tl.permute(acc3, (1, 2, 0)), (M_PAD, 8 * DB_PAD)) + offset[:, None]
+        _store_partial(part_m_ptr, part_l_ptr, part_acc_ptr, part, m_i, l_i, out, M, D)
+    else:
+        q = load_queries(q_ptr, bh, M, M_PAD, D, D_PAD)
+        acc = tl.zeros((M_PAD, D_PAD), dtype=tl.float32)
+        m_i, l_i, acc = _exact_tokens(q, sink_k_ptr, sink_v_ptr, bh, n_sink, qk_scale, m_i, l_i, acc, D, D_PAD,
+                                      BLOCK_EXACT)
+        m_i, l_i, acc = _exact_tokens(q, buf_k_ptr, buf_v_ptr, bh, n_buffer, qk_scale, m_i, l_i, acc, D, D_PAD,
+                                      BLOCK_EXACT)
+        _store_partial(part_m_ptr, part_l_ptr, part_acc_ptr, part, m_i, l_i, acc, M, D)
+
+
 def launch_config(queries: int, head_dim: int, sketch_dim: int, outlier_sketch_dim: int, n_outliers: int,
                   group_size: int, centered: bool, value_bits: int, value_group_size: int,
-                  exact_outliers: bool = False) -> dict:
-    """The constexprs (and warps) for these shapes; also what ``kernels-compile`` checks."""
-    config = scores_config(queries, head_dim, sketch_dim, outlier_sketch_dim, n_outliers, group_size, centered,
-                           exact_outliers)
-    # The value tile and output row grow with the head dim: 8 warps from 256 on (4 spill there). maxnreg stops
-    # ptxas capping registers at 128 for a second resident program, which spills on sm_80.
-    return dict(config, BITS=value_bits, VGROUP=value_group_size, BLOCK_EXACT=BLOCK_EXACT,
-                num_warps=8 if head_dim >= 256 else 4, num_stages=NUM_STAGES, maxnreg=255)
+                  exact_outliers: bool = False, precise: bool = False) -> dict:
+    """The constexprs (and warps) for these shapes; also what ``kernels-compile`` checks. ``precise``: fp32 queries,
+    whose products take fp16 high and low parts (~2^-22); fp16 and bf16 queries take one fp16 product (~2^-11)."""
+    step = group_size if n_outliers else BLOCK_TOKENS
+    if (head_dim >= 256 or sketch_dim >= 512) and step % 16 == 0:
+        step = 16  # tiles of half a group: wide rows leave no registers for 32 tokens
+    sketched = n_outliers and not exact_outliers
+    obytes = outlier_sketch_dim // 8 if sketched else 2
+    return dict(M=queries, M_PAD=pow2(queries, 16), D=head_dim, D_PAD=pow2(head_dim, 16),
+                DB_PAD=pow2(head_dim // 8, 16), BYTES=sketch_dim // 8, BP=pow2(sketch_dim // 8, 16), OBYTES=obytes,
+                OBP=pow2(obytes, 16), K=n_outliers, R_PAD=pow2(queries + n_outliers, 16),
+                EXACT=bool(n_outliers and exact_outliers), GROUP=group_size, STEP=step, BLOCK_N=pow2(step, 16),
+                CENTERED=centered, BITS=value_bits, VGROUP=value_group_size, BLOCK_EXACT=BLOCK_EXACT, PRECISE=precise,
+                # Bit positions unrolled two at a time: fully unrolled, the table loads of all eight are hoisted and
+                # held (spills at wide sketches); head dim 256 needs the registers of the second one too.
+                UNROLL=1 if head_dim >= 256 else 2,
+                num_stages=NUM_STAGES, num_warps=4, maxnreg=255)
+
+
+def project_config(queries: int, head_dim: int, sketch_dim: int) -> dict:
+    """``project_kernel``'s constexprs; also what ``kernels-compile`` checks."""
+    width = 8 * pow2(sketch_dim // 8, 16)
+    return dict(M=queries, M_PAD=pow2(queries, 16), D=head_dim, WIDTH=width, BLOCK_C=min(PROJECT_COLUMNS, width),
+                num_warps=4)
+
+
+def sketch_tables(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sketch ``[m, d]`` as the kernels read it: ``T[c, i * BP + j] = S[8 j + i, c]`` (``BP`` the byte count
+    padded to a power of two, zero where ``8 j + i >= m``), fp16 high and low parts (``hi + lo`` is the fp32 matrix to
+    ~2^-22), ``[d, 8 BP]`` each. Made once per matrix and kept on it (sketches are never written)."""
+    cached = getattr(matrix, "_kernel_tables", None)
+    if cached is None or cached[0] != matrix._version:
+        m, d = matrix.shape
+        bp = pow2(m // 8, 16)
+        padded = matrix.new_zeros(8 * bp, d, dtype=torch.float32)
+        padded[:m] = matrix.float()
+        # row 8 j + i -> column i * bp + j
+        table = padded.reshape(bp, 8, d).permute(2, 1, 0).reshape(d, 8 * bp).contiguous()
+        hi = table.half()
+        cached = (matrix._version, hi, (table - hi.float()).half())
+        matrix._kernel_tables = cached
+    return cached[1], cached[2]
 
 
 def decode_attention(query: torch.Tensor, keys, values, value_bits: int, matrix: torch.Tensor,
@@ -135,34 +309,43 @@ def decode_attention(query: torch.Tensor, keys, values, value_bits: int, matrix:
     outlier_signs, outlier_norms, outlier_values) (exact outliers: no ``outlier_matrix``) and ``values`` = (packed,
     scales, minimums) as ``QJLLayer`` stores them (``[b, h, n, ...]``); ``exact_keys``/``exact_values`` = (sink,
     buffer) ``[b, h, *, d]``. Returns ``[b, 1, hq, d]`` in the query's dtype. ``tuning`` overrides launch choices
-    (``num_warps``, ``num_stages``, ``programs_per_sm``, ``min_tokens``) for ``scripts/sweep_decode.py``."""
-    signs, norms, idx, _, _, ovalues = keys
+    (``num_warps``, ``num_stages``, ``programs_per_sm``, ``min_tokens``) for benchmarks."""
+    signs, norms, idx, osigns, onorms, ovalues = keys
     b, hq, _, d = query.shape
     h, n = signs.shape[1], signs.shape[2]
     group = hq // h
     k = 0 if idx is None else idx.shape[-1]
+    tuning = {"programs_per_sm": PROGRAMS_PER_SM, **(tuning or {})}
     config = launch_config(group, d, matrix.shape[0], outlier_matrix.shape[0] if outlier_matrix is not None else 16,
                            k, group_size, key_mean is not None, value_bits, d // values[1].shape[-1],
-                           ovalues is not None)
-    tuning = {"programs_per_sm": PROGRAMS_PER_SM, **(tuning or {})}
+                           ovalues is not None, query.dtype == torch.float32)
     config.update({name: tuning.pop(name) for name in ("num_warps", "num_stages") if name in tuning})
     splits = triton.cdiv(n, split_tokens(n, b * h, config["STEP"], query.device, **tuning)) if n else 0
     per_split = triton.cdiv(n, splits) if splits else 0
     per_split = triton.cdiv(per_split, config["STEP"]) * config["STEP"]
     q = query.reshape(b * h, group, d).contiguous()
+    sp_hi, sp_lo = sketch_tables(matrix)
+    spo_hi, spo_lo = sketch_tables(outlier_matrix) if outlier_matrix is not None else (sp_hi, sp_lo)
+    project = project_config(group, d, matrix.shape[0])
+    tables = q.new_empty(b * h, 2, project["M_PAD"], project["WIDTH"], dtype=torch.float16)
+    if splits:
+        project_kernel[(b * h,)](q, sp_hi, sp_lo, tables, **project)
     sink_k, buf_k = (t.contiguous() for t in exact_keys)
     sink_v, buf_v = (t.contiguous() for t in exact_values)
     packed, scales, minimums = (t.contiguous() for t in values)
-    idx, osigns, onorms, ovalues, so, oscale = outlier_arguments(keys, matrix, outlier_matrix)
+
+    def present(t):  # what a constexpr compiles away still needs a pointer
+        return signs if t is None else t.contiguous()
+
     mean = key_mean.float().contiguous() if key_mean is not None else q
     part_m = q.new_empty(b * h, splits + 1, group, dtype=torch.float32)
     part_l = torch.empty_like(part_m)
     part_acc = q.new_empty(b * h, splits + 1, group, d, dtype=torch.float32)
-    scratch = q.new_empty(b * h * splits, group, matrix.shape[0], dtype=torch.float32)  # query projections
+    oscale = (torch.pi / 2) ** 0.5 / outlier_matrix.shape[0] if outlier_matrix is not None else 0.0
     decode_split_kernel[(b * h, splits + 1)](
-        q, matrix.contiguous(), so, mean, signs.contiguous(), norms.contiguous(), idx, osigns, onorms, ovalues,
-        scratch, packed, scales, minimums, sink_k, sink_v, buf_k, buf_v, part_m, part_l, part_acc, n,
-        idx.shape[2] if k else 0, max(per_split, 1), sink_k.shape[2], buf_k.shape[2],
+        q, tables, sp_hi, sp_lo, spo_hi, spo_lo, mean, signs.contiguous(), norms.contiguous(), present(idx),
+        present(osigns), present(onorms), present(ovalues), packed, scales, minimums, sink_k, sink_v, buf_k, buf_v,
+        part_m, part_l, part_acc, n, idx.shape[2] if k else 0, max(per_split, 1), sink_k.shape[2], buf_k.shape[2],
         (torch.pi / 2) ** 0.5 / matrix.shape[0], oscale, scaling * LOG2E, **config)
     out = combine_splits(part_m, part_l, part_acc, query.dtype)  # [b h, group, d]
     return out.reshape(b, 1, hq, d)

@@ -1,4 +1,4 @@
-"""Launch choices of the fused QJL decode kernel on this GPU: warps, programs per multiprocessor and tokens per
+"""Launch choices of the fused QJL decode kernel on this GPU: pipeline stages, programs per multiprocessor and tokens per
 program, at Llama-3.1-8B attention shapes (32 query heads, 8 KV heads, head dim 128, bf16) and the 3bit preset,
 next to bf16 SDPA (grouped-query, and with each KV head's queries folded into rows). Times are
 ``triton.testing.do_bench`` (CUDA events; Python's launch overhead counts where the GPU waits for it). Prints and
@@ -24,8 +24,8 @@ from profiling.cmd_bench_kernels import HEAD_DIM, KV_HEADS, Q_HEADS, decode_byte
 from qjl.backend import decode_arguments  # noqa: E402
 from qjl.config import QJLConfig  # noqa: E402
 
-TUNINGS = [dict(num_warps=w, num_stages=s, programs_per_sm=p, min_tokens=t)
-           for w, s, p, t in itertools.product((4, 8), (1, 2), (2, 4), (256, 1024))]
+TUNINGS = [dict(num_stages=s, programs_per_sm=p, min_tokens=t)
+           for s, p, t in itertools.product((1, 2), (2, 3, 4, 6), (256, 1024))]
 
 
 def main():
