@@ -28,9 +28,10 @@ from .common import dot3, dot_exact_rhs, pow2, split_fp16
 from .scores import BLOCK_TOKENS, load_queries, query_mean, split_tokens
 
 BLOCK_EXACT = 32
-# Launch choices measured by scripts/sweep_decode.py on an H200 (profiling/results/nvidia-h200/).
+# Launch choices measured on an H200 (profiling/results/nvidia-h200/, scripts/sweep_decode.py): two pipeline stages;
+# six programs per multiprocessor was within 11% of the best choice at 32k and 128k tokens, batch 1 and 8.
 NUM_STAGES = 2
-PROGRAMS_PER_SM = 4
+PROGRAMS_PER_SM = 6
 PROJECT_COLUMNS = 64  # projection columns per step of project_kernel
 LOG2E = 1.4426950408889634
 
@@ -271,9 +272,9 @@ def launch_config(queries: int, head_dim: int, sketch_dim: int, outlier_sketch_d
                 OBP=pow2(obytes, 16), K=n_outliers, R_PAD=pow2(queries + n_outliers, 16),
                 EXACT=bool(n_outliers and exact_outliers), GROUP=group_size, STEP=step, BLOCK_N=pow2(step, 16),
                 CENTERED=centered, BITS=value_bits, VGROUP=value_group_size, BLOCK_EXACT=BLOCK_EXACT, PRECISE=precise,
-                # Bit positions unrolled two at a time: fully unrolled, the table loads of all eight are hoisted and
-                # held (spills at wide sketches); head dim 256 needs the registers of the second one too.
-                UNROLL=1 if head_dim >= 256 else 2,
+                # How many of the eight bit positions are unrolled: all, up to sketch 256 and head dim 128 (fastest);
+                # fully unrolled, the table loads of all eight are hoisted and held, which spills at wider shapes.
+                UNROLL=8 if sketch_dim <= 256 and head_dim <= 128 else 2 if head_dim <= 128 else 1,
                 num_stages=NUM_STAGES, num_warps=4, maxnreg=255)
 
 

@@ -221,7 +221,8 @@ def figure(result, path: Path) -> bool:
         fig.add_scatter(x=[r["context"] for r in rows], y=[r["bytes"]["qjl"] / bw / 1e6 for r in rows],
                         name=f"QJL bytes at copy bandwidth, batch {batch}", line=dict(dash="dot"))
     timing = "CUDA graphs; QJL torch: CUDA events; QuantizedCache: wall clock" if graphs else "median of runs"
-    fig.update_layout(title=f"One decode step of one layer, Llama-3.1-8B shapes ({result['device']}, {timing})",
+    title = f"One decode step of one layer, Llama-3.1-8B shapes<br><sup>{result['device']}; {timing}</sup>"
+    fig.update_layout(title=title,
                       xaxis_type="log", yaxis_type="log", xaxis_title="context (tokens)", yaxis_title="ms")
     write_html(fig, path)
     try:

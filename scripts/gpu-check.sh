@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One command for a short GPU slot: kernel tests on the GPU itself (whole-model decoding through the kernels against
 # the torch path included), the decode benchmark, the sm_90 compile report and the sweep of the fused decode kernel's
-# launch choices. Everything lands in OUTDIR (8 files, what a GPU slot returns at most); the same commands took 198 s
+# launch choices. Everything lands in OUTDIR (8 files, what a GPU slot returns at most); the same commands took 146 s
 # on an H200.
 # Needs torch (CUDA), triton, transformers, pytest; not gradio, plotly or kaleido.
 set -uo pipefail
