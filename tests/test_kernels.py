@@ -174,6 +174,8 @@ def filled_layer(config, b, h, d, prompt, steps, dtype, seed=0):
     (64, 1, "fp16", QJLConfig(sketch_dim=72, n_outliers=0, value_bits=3, value_group_size=16, buffer_size=32)),
     (128, 3, "fp32", QJLConfig(sketch_dim=136, outlier_sketch_dim=40, n_outliers=5, group_size=16, value_bits=4,
                                value_group_size=64, buffer_size=48, sink_tokens=3, center_keys=True)),
+    # Head dim 256 (bit positions one at a time, tiles of half a group, outlier rows beyond 16)
+    (256, 2, "fp32", QJLConfig.preset("3bit", head_dim=256)),
 ])
 def test_fused_decode_matches_reference_attend(monkeypatch, d, group, dtype, config):
     b, h = 2, 2
