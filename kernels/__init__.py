@@ -5,13 +5,13 @@ lays them out; ``qjl.backend`` chooses between the two. ``KERNELS`` names every 
 (the constexprs the launcher compiles), for ``python -m profiling kernels-compile``.
 """
 
-from . import combine_splits, decode_attention, quantize_keys, quantize_values, scores
+from . import combine_splits, decode_attention, decode_project, quantize_keys, quantize_values, scores
 
 KERNELS = {
     "quantize_keys": (quantize_keys.quantize_keys_kernel, quantize_keys.launch_config),
     "quantize_values": (quantize_values.quantize_values_kernel, quantize_values.launch_config),
     "scores": (scores.scores_kernel, scores.launch_config),
-    "decode_project": (decode_attention.project_kernel, decode_attention.project_config),
+    "decode_project": (decode_project.project_kernel, decode_project.launch_config),
     "decode_split": (decode_attention.decode_split_kernel, decode_attention.launch_config),
     "combine_splits": (combine_splits.combine_splits_kernel, combine_splits.launch_config),
 }

@@ -7,7 +7,7 @@ The bits reach the tensor cores one bit position at a time, so unpacking is a sh
 the products' operand layout (no reshape):
 
 - scores: ``<S q, sign(S k)> = sum_i P_i . sign_i`` where ``sign_i[j]`` is bit ``i`` of byte ``j`` (sketch row
-  ``8 j + i``) and ``P_i`` those entries of ``S q``, split into fp16 high and low parts by ``project_kernel``;
+  ``8 j + i``) and ``P_i`` those entries of ``S q``, split into fp16 high and low parts by ``kernels.decode_project``;
 - outlier channels (one set per token group, so a tile is one group): the inlier sketch saw ``k`` without them,
   ``S (q * mask) . sign = S q . sign - sum_k q[i_k] u_k`` with ``u_k = S[:, i_k] . sign`` from ``S``'s columns in
   the same bit order, taken in the same product as ``S q . sign`` (more rows of one operand); exact outliers add
@@ -24,7 +24,8 @@ import triton
 import triton.language as tl
 
 from .combine_splits import combine_splits
-from .common import dot3, dot_exact_rhs, pow2, split_fp16
+from .common import dot3, dot_exact_rhs, pow2
+from .decode_project import project_queries, sketch_tables
 from .scores import BLOCK_TOKENS, load_queries, query_mean, split_tokens
 
 BLOCK_EXACT = 32
@@ -32,7 +33,6 @@ BLOCK_EXACT = 32
 # six programs per multiprocessor was within 11% of the best choice at 32k and 128k tokens, batch 1 and 8.
 NUM_STAGES = 2
 PROGRAMS_PER_SM = 6
-PROJECT_COLUMNS = 64  # projection columns per step of project_kernel
 LOG2E = 1.4426950408889634
 
 
@@ -40,30 +40,6 @@ LOG2E = 1.4426950408889634
 def _signs(packed, i):
     """fp16 +-1 of bit ``i`` of int32 bytes ``packed``, by setting fp16's sign bit: 0xBC00 is -1, 0x3C00 is +1."""
     return ((((packed >> i) & 1) << 15) ^ 0xBC00).to(tl.int16).to(tl.float16, bitcast=True)
-
-
-@triton.jit
-def project_kernel(q_ptr, sp_hi_ptr, sp_lo_ptr, tables_ptr, M: tl.constexpr, M_PAD: tl.constexpr, D: tl.constexpr,
-                   WIDTH: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Program ``bh``: ``q @ S_perm`` ``[M_PAD, WIDTH]`` for the queries of one KV head, written as fp16 high and low
-    parts ``tables[bh, 0 | 1, m, c]``. ``sp_*``: ``S`` in bit order, ``[D, WIDTH]`` (``sketch_tables``)."""
-    bh = tl.program_id(0)
-    rows = tl.arange(0, M_PAD)
-    for c_start in range(0, WIDTH, BLOCK_C):
-        offs_c = c_start + tl.arange(0, BLOCK_C)
-        proj = tl.zeros((M_PAD, BLOCK_C), dtype=tl.float32)
-        for d_start in tl.static_range(0, D, 16):
-            offs_d = d_start + tl.arange(0, 16)
-            q = tl.load(q_ptr + (bh * M + rows[:, None]) * D + offs_d[None, :],
-                        mask=(rows[:, None] < M) & (offs_d[None, :] < D), other=0.0).to(tl.float32)
-            s_hi = tl.load(sp_hi_ptr + offs_d[:, None] * WIDTH + offs_c[None, :], mask=offs_d[:, None] < D, other=0.0)
-            s_lo = tl.load(sp_lo_ptr + offs_d[:, None] * WIDTH + offs_c[None, :], mask=offs_d[:, None] < D, other=0.0)
-            q_hi, q_lo = split_fp16(q)
-            proj += tl.dot(q_hi, s_hi) + tl.dot(q_lo, s_hi) + tl.dot(q_hi, s_lo)
-        hi, lo = split_fp16(proj)
-        out = tables_ptr + (bh * 2 * M_PAD + rows[:, None]) * WIDTH + offs_c[None, :]
-        tl.store(out, hi)
-        tl.store(out + M_PAD * WIDTH, lo)
 
 
 @triton.jit
@@ -219,7 +195,7 @@ def decode_split_kernel(q_ptr, tables_ptr, sp_hi_ptr, sp_lo_ptr, spo_hi_ptr, spo
                         BLOCK_EXACT: tl.constexpr, PRECISE: tl.constexpr, UNROLL: tl.constexpr):
     """Program ``(bh, split)``: splits ``0 .. S-1`` take compressed tokens, split ``S`` the exact ones. Writes the
     split's max and sum (log2 units) ``[BH, S + 1, M]`` and unnormalised output ``[BH, S + 1, M, D]``.
-    ``tables``: ``project_kernel``'s output; ``sp_*`` (``spo_*``): the (outlier) sketch in bit order."""
+    ``tables``: ``kernels.decode_project``'s output; ``sp_*`` (``spo_*``): the (outlier) sketch in bit order."""
     bh, split = tl.program_id(0), tl.program_id(1)
     n_splits = tl.num_programs(1)
     part = bh * n_splits + split
@@ -278,31 +254,6 @@ def launch_config(queries: int, head_dim: int, sketch_dim: int, outlier_sketch_d
                 num_stages=NUM_STAGES, num_warps=4, maxnreg=255)
 
 
-def project_config(queries: int, head_dim: int, sketch_dim: int) -> dict:
-    """``project_kernel``'s constexprs; also what ``kernels-compile`` checks."""
-    width = 8 * pow2(sketch_dim // 8, 16)
-    return dict(M=queries, M_PAD=pow2(queries, 16), D=head_dim, WIDTH=width, BLOCK_C=min(PROJECT_COLUMNS, width),
-                num_warps=4)
-
-
-def sketch_tables(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The sketch ``[m, d]`` as the kernels read it: ``T[c, i * BP + j] = S[8 j + i, c]`` (``BP`` the byte count
-    padded to a power of two, zero where ``8 j + i >= m``), fp16 high and low parts (``hi + lo`` is the fp32 matrix to
-    ~2^-22), ``[d, 8 BP]`` each. Made once per matrix and kept on it (sketches are never written)."""
-    cached = getattr(matrix, "_kernel_tables", None)
-    if cached is None or cached[0] != matrix._version:
-        m, d = matrix.shape
-        bp = pow2(m // 8, 16)
-        padded = matrix.new_zeros(8 * bp, d, dtype=torch.float32)
-        padded[:m] = matrix.float()
-        # row 8 j + i -> column i * bp + j
-        table = padded.reshape(bp, 8, d).permute(2, 1, 0).reshape(d, 8 * bp).contiguous()
-        hi = table.half()
-        cached = (matrix._version, hi, (table - hi.float()).half())
-        matrix._kernel_tables = cached
-    return cached[1], cached[2]
-
-
 def decode_attention(query: torch.Tensor, keys, values, value_bits: int, matrix: torch.Tensor,
                      outlier_matrix: torch.Tensor | None, group_size: int, key_mean: torch.Tensor | None,
                      exact_keys, exact_values, scaling: float, tuning: dict | None = None) -> torch.Tensor:
@@ -327,10 +278,7 @@ def decode_attention(query: torch.Tensor, keys, values, value_bits: int, matrix:
     q = query.reshape(b * h, group, d).contiguous()
     sp_hi, sp_lo = sketch_tables(matrix)
     spo_hi, spo_lo = sketch_tables(outlier_matrix) if outlier_matrix is not None else (sp_hi, sp_lo)
-    project = project_config(group, d, matrix.shape[0])
-    tables = q.new_empty(b * h, 2, project["M_PAD"], project["WIDTH"], dtype=torch.float16)
-    if splits:
-        project_kernel[(b * h,)](q, sp_hi, sp_lo, tables, **project)
+    tables = project_queries(q, matrix) if splits else q.new_empty(0, dtype=torch.float16)  # read by splits only
     sink_k, buf_k = (t.contiguous() for t in exact_keys)
     sink_v, buf_v = (t.contiguous() for t in exact_values)
     packed, scales, minimums = (t.contiguous() for t in values)

@@ -47,6 +47,7 @@ if not interpreter_runs_dynamic_loops():
                 "install numpy<2.3 or a newer Triton", allow_module_level=True)
 
 from kernels.decode_attention import decode_attention  # noqa: E402
+from kernels.decode_project import project_queries  # noqa: E402
 from kernels.quantize_keys import quantize_keys  # noqa: E402
 from kernels.quantize_values import quantize_values  # noqa: E402
 from kernels.scores import compressed_scores  # noqa: E402
@@ -156,6 +157,25 @@ def test_scores_match_reference(d, queries, k, centered, exact):
     out = compressed_scores(query, tuple(block), sketch.matrix, outlier_sketch.matrix if outlier_sketch else None,
                             group_size, mean)
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+
+
+@pytest.mark.parametrize("queries,d,sketch_dim,dtype", [(3, 64, 120, "fp32"), (4, 128, 256, "bf16"),
+                                                     (1, 64, 72, "fp16")])
+def test_query_projection_in_bit_order(queries, d, sketch_dim, dtype):
+    """``q @ S.T`` with column ``i * BP + j`` holding sketch row ``8 j + i``, as fp16 high + low parts."""
+    sketch = QJLSketch(d, sketch_dim, 1, device=DEVICE)
+    q = torch.randn(5, queries, d, generator=torch.Generator().manual_seed(queries)).to(DEVICE, DTYPES[dtype])
+    tables = project_queries(q, sketch.matrix)
+    m_pad, width = tables.shape[2], tables.shape[3]
+    bp = width // 8
+    assert tables.shape == (5, 2, m_pad, width) and m_pad >= queries and bp >= sketch_dim // 8
+    column = torch.arange(width)
+    row = 8 * (column % bp) + column // bp
+    expected = torch.zeros(5, m_pad, width, device=DEVICE)
+    expected[:, :queries, row < sketch_dim] = (q.float() @ sketch.matrix.float().T)[..., row[row < sketch_dim]]
+    got = tables[:, 0].float() + tables[:, 1].float()
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert not got[:, queries:].any() and not got[..., row >= sketch_dim].any()
 
 
 def filled_layer(config, b, h, d, prompt, steps, dtype, seed=0):
