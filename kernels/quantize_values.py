@@ -19,14 +19,18 @@ def _round_half_even(x):
 
 
 @triton.jit
-def quantize_values_kernel(values_ptr, packed_ptr, scales_ptr, mins_ptr, n_rows, D: tl.constexpr,
-                           D_PAD: tl.constexpr, GROUP: tl.constexpr, BITS: tl.constexpr, BLOCK_N: tl.constexpr):
-    """``values`` ``[rows, D]`` -> packed ``[rows, BITS * D / 8]``, scales and minimums ``[rows, D / GROUP]``."""
+def quantize_values_kernel(values_ptr, packed_ptr, scales_ptr, mins_ptr, n_rows, tokens_per_head, head_stride,
+                           D: tl.constexpr, D_PAD: tl.constexpr, GROUP: tl.constexpr, BITS: tl.constexpr,
+                           BLOCK_N: tl.constexpr):
+    """``values`` ``[heads, tokens_per_head, D]`` (heads ``head_stride`` apart, so a slice of the cache's buffer is
+    read in place) -> packed ``[rows, BITS * D / 8]``, scales and minimums ``[rows, D / GROUP]``, rows = heads x
+    tokens."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     ok = rows < n_rows
     offs_d = tl.arange(0, D_PAD)
     inside = ok[:, None] & (offs_d[None, :] < D)
-    x = tl.load(values_ptr + rows[:, None] * D + offs_d[None, :], mask=inside, other=0.0).to(tl.float32)
+    source = (rows // tokens_per_head).to(tl.int64) * head_stride + (rows % tokens_per_head) * D
+    x = tl.load(values_ptr + source[:, None] + offs_d[None, :], mask=inside, other=0.0).to(tl.float32)
     grouped = tl.reshape(x, (BLOCK_N, D_PAD // GROUP, GROUP))
     # Padding channels (head dims that are not powers of two) stay out of the minimum and maximum.
     grouped_in = tl.reshape(tl.broadcast_to(offs_d[None, :] < D, (BLOCK_N, D_PAD)), (BLOCK_N, D_PAD // GROUP, GROUP))
@@ -60,12 +64,15 @@ def launch_config(head_dim: int, bits: int, group_size: int) -> dict:
 def quantize_values(values: torch.Tensor, bits: int, group_size: int):
     """``values`` ``[..., d]`` -> (packed uint8 ``[..., bits d / 8]``, scales, minimums fp16 ``[..., d / group]``)."""
     d = values.shape[-1]
-    flat = values.reshape(-1, d).contiguous()
-    rows = flat.shape[0]
     packed = values.new_empty(*values.shape[:-1], bits * d // 8, dtype=torch.uint8)
     scales = values.new_empty(*values.shape[:-1], d // group_size, dtype=torch.float16)
     minimums = torch.empty_like(scales)
+    rows = values.numel() // d
     if rows:
-        quantize_values_kernel[(triton.cdiv(rows, BLOCK_TOKENS),)](flat, packed, scales, minimums, rows,
-                                                                  **launch_config(d, bits, group_size))
+        n = values.shape[-2] if values.dim() > 1 else 1
+        heads = values.reshape(-1, n, d)  # a view for a slice of the cache's buffer (tokens of a head contiguous)
+        if heads.stride(1) != d or heads.stride(2) != 1:
+            heads = heads.contiguous()
+        quantize_values_kernel[(triton.cdiv(rows, BLOCK_TOKENS),)](heads, packed, scales, minimums, rows, n,
+                                                                  heads.stride(0), **launch_config(d, bits, group_size))
     return packed, scales, minimums

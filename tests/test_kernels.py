@@ -139,6 +139,17 @@ def test_quantize_values_matches_reference(bits, d, group, dtype):
     assert (codes != ref_codes).float().mean() <= (0 if DEVICE.type == "cpu" else 1e-4)
 
 
+def test_quantize_values_reads_a_buffer_slice_in_place():
+    """The prompt's values arrive as a slice of the cache's buffer (heads apart by the whole buffer), and programs
+    straddle heads (37 tokens a head, 32 a program): the same codes as the contiguous copy's and the reference's."""
+    buffer = torch.randn(2, 3, 50, 64, generator=torch.Generator().manual_seed(11)).to(DEVICE, torch.bfloat16)
+    values = buffer[:, :, :37]
+    assert not values.is_contiguous()
+    ref = ref_values.quantize_values(values.contiguous(), 2, 32)
+    for got, expected in zip(quantize_values(values, 2, 32), (ref.packed, ref.scales, ref.minimums)):
+        assert got.shape == expected.shape and torch.equal(got, expected)
+
+
 @pytest.mark.parametrize("d,queries,k,centered,exact", [
     (64, 3, 4, True, False), (128, 4, 8, False, False), (64, 1, 0, False, False), (128, 5, 0, True, False),
     (64, 3, 4, True, True), (128, 4, 5, False, True)])
