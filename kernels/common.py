@@ -1,4 +1,5 @@
-"""Triton helpers shared by the kernels: fp32-accurate matrix products on fp16 tensor cores, and bit unpacking.
+"""Helpers shared by the kernels: fp32-accurate matrix products on fp16 tensor cores, bit unpacking, and the layout
+the quantization launchers read the prompt in.
 
 fp32 operands go through tensor cores as an fp16 high part plus an fp16 remainder (error about 2^-22 of the
 operands, against 2^-11 for one fp16 product), so a kernel agrees with the fp32 torch reference to ~1e-6 while the
@@ -6,6 +7,9 @@ products run at fp16 rate. Operands must stay below fp16's range (65504): true o
 values and probabilities of real models. (bf16 would have the range, but Triton's interpreter mis-computes bf16 dots.)
 """
 
+import math
+
+import torch
 import triton
 import triton.language as tl
 
@@ -48,3 +52,11 @@ def pack_rows(bits, ROWS: tl.constexpr, BYTES: tl.constexpr):
 
 def pow2(n: int, minimum: int = 1) -> int:
     return max(minimum, triton.next_power_of_2(n))
+
+
+def head_rows(x: torch.Tensor) -> torch.Tensor:
+    """``x`` ``[..., n, d]`` as ``[heads, n, d]`` with each head's tokens contiguous rows: a view where the layout
+    allows (heads any stride apart, as in a slice of the cache's buffer), else a contiguous copy."""
+    n = x.shape[-2] if x.dim() > 1 else 1
+    heads = x.reshape(math.prod(x.shape[:-2]), n, x.shape[-1])  # explicit sizes: -1 is ambiguous with no tokens
+    return heads if heads.stride(1) == heads.shape[2] and heads.stride(2) == 1 else heads.contiguous()

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import dot3, pack_rows, pow2
+from .common import dot3, head_rows, pack_rows, pow2
 
 BLOCK_TOKENS = 32
 BLOCK_SKETCH = 64
@@ -137,9 +137,7 @@ def quantize_keys(keys: torch.Tensor, matrix: torch.Tensor, outlier_matrix: torc
     Returns signs, norms, outlier signs, outlier norms and outlier values (None where unused), laid out as
     ``qjl.keys.QuantizedKeyBlock``."""
     b, h, n, d = keys.shape
-    keys = keys.reshape(b * h, n, d)  # a view for a slice of the cache's buffer (tokens of a head contiguous)
-    if keys.stride(1) != d or keys.stride(2) != 1:
-        keys = keys.contiguous()
+    keys = head_rows(keys)
     # Subtracting 0 leaves every key as it is, so one kernel serves centred and plain keys.
     mean = keys.new_zeros(b * h, d, dtype=torch.float32) if mean is None else mean.float().reshape(b * h, d)
     k = 0 if idx_per_token is None else idx_per_token.shape[-1]

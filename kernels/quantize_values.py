@@ -5,7 +5,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import pack_rows, pow2
+from .common import head_rows, pack_rows, pow2
 
 BLOCK_TOKENS = 32
 
@@ -69,10 +69,8 @@ def quantize_values(values: torch.Tensor, bits: int, group_size: int):
     minimums = torch.empty_like(scales)
     rows = values.numel() // d
     if rows:
-        n = values.shape[-2] if values.dim() > 1 else 1
-        heads = values.reshape(-1, n, d)  # a view for a slice of the cache's buffer (tokens of a head contiguous)
-        if heads.stride(1) != d or heads.stride(2) != 1:
-            heads = heads.contiguous()
-        quantize_values_kernel[(triton.cdiv(rows, BLOCK_TOKENS),)](heads, packed, scales, minimums, rows, n,
-                                                                  heads.stride(0), **launch_config(d, bits, group_size))
+        heads = head_rows(values)
+        grid = (triton.cdiv(rows, BLOCK_TOKENS),)
+        quantize_values_kernel[grid](heads, packed, scales, minimums, rows, heads.shape[1], heads.stride(0),
+                                     **launch_config(d, bits, group_size))
     return packed, scales, minimums
