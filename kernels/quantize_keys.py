@@ -104,7 +104,7 @@ def quantize_keys_kernel(keys_ptr, mean_ptr, idx_ptr, s_ptr, so_ptr, signs_ptr, 
     tokens = block * BLOCK_N + tl.arange(0, BLOCK_N)
     ok = tokens < n_tokens
     rows = bh * n_tokens + tokens
-    keys_ptr += bh * keys_head_stride
+    keys_ptr += bh.to(tl.int64) * keys_head_stride  # past 2^31 numbers at batch 16, 8 heads, 128k tokens
     mean_ptr += bh * D
     words = _outlier_words(idx_ptr, rows, ok, K, WORDS, BLOCK_N)
     if EXACT:
