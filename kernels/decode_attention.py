@@ -88,8 +88,10 @@ def _tile_scores(tables_ptr, q_ptr, bh, start, n_tokens, n_groups, signs_ptr, no
         is_outlier = (r >= M) & (r < M + K)
         group_idx = idx_ptr + (bh * n_groups + start // GROUP) * K
         channel = tl.load(group_idx + (r - M), mask=is_outlier, other=0).to(tl.int32)
-        hi_rows = tl.where(is_outlier, sp_hi_ptr + channel * (8 * BP), table)
-        lo_rows = tl.where(is_outlier, sp_lo_ptr + channel * (8 * BP), table + M_PAD * 8 * BP)
+        # The select between two bases loses their alignment; without it each row is read two bytes at a time
+        # and reaches the product through shared memory, a barrier per bit position.
+        hi_rows = tl.multiple_of(tl.where(is_outlier, sp_hi_ptr + channel * (8 * BP), table), 16)
+        lo_rows = tl.multiple_of(tl.where(is_outlier, sp_lo_ptr + channel * (8 * BP), table + M_PAD * 8 * BP), 16)
         u = _sign_sums(signs_ptr, hi_rows, lo_rows, r < M + K, rows, ok, BYTES, BP, BLOCK_N, PRECISE, UNROLL)
         u *= weight[None, :]
         if EXACT:
@@ -249,8 +251,9 @@ def launch_config(queries: int, head_dim: int, sketch_dim: int, outlier_sketch_d
                 EXACT=bool(n_outliers and exact_outliers), GROUP=group_size, STEP=step, BLOCK_N=pow2(step, 16),
                 CENTERED=centered, BITS=value_bits, VGROUP=value_group_size, BLOCK_EXACT=BLOCK_EXACT, PRECISE=precise,
                 # How many of the eight bit positions are unrolled: all, up to sketch 256 and head dim 128 (fastest);
-                # fully unrolled, the table loads of all eight are hoisted and held, which spills at wider shapes.
-                UNROLL=8 if sketch_dim <= 256 and head_dim <= 128 else 2 if head_dim <= 128 else 1,
+                # the table loads of the unrolled positions are hoisted and held, so wider sketches unroll as many as
+                # make 128 table columns (more spills, and so does a loop of single positions at sketch 512).
+                UNROLL=8 if sketch_dim <= 256 and head_dim <= 128 else max(1, 1024 // sketch_dim),
                 num_stages=NUM_STAGES, num_warps=4, maxnreg=255)
 
 

@@ -165,7 +165,8 @@ def launch_config(queries: int, head_dim: int, sketch_dim: int, outlier_sketch_d
     return dict(M=queries, M_PAD=pow2(queries, 16), D=head_dim, D_PAD=pow2(head_dim, 16), SKETCH=sketch_dim,
                 OSKETCH=outlier_sketch_dim if sketched else 16, K=n_outliers, K_PAD=pow2(n_outliers, 16),
                 EXACT=bool(n_outliers and exact_outliers), STEP=step, BLOCK_N=pow2(step, 16), BLOCK_S=BLOCK_SKETCH,
-                CENTERED=centered, num_warps=4, num_stages=1)
+                # ptxas's own register choice spills (sm_90, Triton 3.9), and so does a cap of 128 on sm_80.
+                CENTERED=centered, num_warps=4, num_stages=1, maxnreg=168)
 
 
 def split_tokens(n_tokens: int, programs_per_split: int, step: int, device: torch.device,
