@@ -12,9 +12,10 @@ the products' operand layout (no reshape):
   ``S (q * mask) . sign = S q . sign - sum_k q[i_k] u_k`` with ``u_k = S[:, i_k] . sign`` from ``S``'s columns in
   the same bit order, taken in the same product as ``S q . sign`` (more rows of one operand); exact outliers add
   ``q[i_k] v_k``, sketched ones ``q[i_k] (S_o[:, i_k] . sign_o)``;
-- values: ``code * scale + minimum``; the output columns ``8 j + i`` come from bit ``i`` of byte ``j``, so one
-  batched product over the 8 bit positions; with one group per token row ``p @ v = (p * scale) @ codes +
-  p . minimum`` with the integer codes exact in fp16, else the dequantized values in fp32.
+- values: ``code * scale + minimum``; the output columns ``8 j + i`` come from bit ``i`` of byte ``j``, so four
+  products, each of two bit positions (``2 DB_PAD`` columns: one slice per warp); with one group per token row
+  ``p @ v = (p * scale) @ codes + p . minimum`` with the integer codes exact in fp16, else the dequantized values in
+  fp32.
 
 Reference: ``qjl.layer.CompressedLayer.attend`` with ``QJLLayer``'s scores and values, for one query token.
 """
@@ -113,39 +114,77 @@ def _tile_scores(tables_ptr, q_ptr, bh, start, n_tokens, n_groups, signs_ptr, no
 
 
 @triton.jit
-def _tile_values(p, packed_ptr, scales_ptr, mins_ptr, rows, ok, D: tl.constexpr, DB_PAD: tl.constexpr,
-                 BITS: tl.constexpr, VGROUP: tl.constexpr, BLOCK_N: tl.constexpr, PRECISE: tl.constexpr):
-    """``p @ values`` of the tile by bit position, float32 ``[8, M_PAD, DB_PAD]`` (column ``8 j + i`` at ``[i, :,
-    j]``), and ``p . minimum`` ``[M_PAD]`` where the minimum is one per token (else zeros, in the first part)."""
-    offs_j = tl.arange(0, DB_PAD)
-    bit = tl.arange(0, 8)
-    inside = ok[:, None] & (offs_j[None, :] < D // 8)
-    codes = tl.zeros((8, BLOCK_N, DB_PAD), dtype=tl.int32)
-    for plane in tl.static_range(BITS):
-        packed = tl.load(packed_ptr + rows[:, None] * (BITS * D // 8) + plane * (D // 8) + offs_j[None, :],
-                         mask=inside, other=0).to(tl.int32)
-        codes += ((packed[None, :, :] >> bit[:, None, None]) & 1) << plane
-    p3 = tl.broadcast_to(p[None, :, :], (8, p.shape[0], BLOCK_N))
-    if VGROUP == D:  # one scale per token: the codes are the exact fp16 operand
-        scales = tl.load(scales_ptr + rows, mask=ok, other=0.0).to(tl.float32)
-        minimums = tl.load(mins_ptr + rows, mask=ok, other=0.0).to(tl.float32)
-        weights = p3 * scales[None, None, :]
+def _code_product(weights, codes, scales, minimums, VGROUP: tl.constexpr, D: tl.constexpr, PRECISE: tl.constexpr):
+    """``weights @ values`` for integer ``codes`` ``[BLOCK_N, C]``: ``weights`` already carry the per-token scale where
+    there is one scale per token (the codes are then the exact fp16 operand), else the codes are dequantized with
+    ``scales`` and ``minimums`` ``[BLOCK_N, C]`` first."""
+    if VGROUP == D:
         if PRECISE:
             out = dot_exact_rhs(weights, codes)
         else:
             out = tl.dot(weights.to(tl.float16), codes.to(tl.float16))
-        offset = tl.sum(p * minimums[None, :], axis=1)
     else:
-        groups = rows[:, None] * (D // VGROUP) + offs_j[None, :] // (VGROUP // 8)
+        dequantized = codes.to(tl.float32) * scales + minimums
+        if PRECISE:
+            out = dot3(weights, dequantized)
+        else:
+            out = tl.dot(weights.to(tl.float16), dequantized.to(tl.float16))
+    return out
+
+
+@triton.jit
+def _tile_values(p, packed_ptr, scales_ptr, mins_ptr, rows, ok, D: tl.constexpr, DB_PAD: tl.constexpr,
+                 BITS: tl.constexpr, VGROUP: tl.constexpr, BLOCK_N: tl.constexpr, PRECISE: tl.constexpr):
+    """``p @ values`` of the tile as four float32 ``[M_PAD, 2 DB_PAD]`` products, one per pair of bit positions: in
+    product ``a`` column ``h DB_PAD + j`` is output column ``8 j + 2 a + h``; and ``p * minimum`` ``[M_PAD, BLOCK_N]``
+    where the minimum is one per token (else zeros: the products hold the minimums).
+
+    Each product's operand is the packed bytes shifted by per-column amounts, unpacked in the layout it is read in;
+    two bit positions per product make 2 DB_PAD columns, enough for every warp to take its own."""
+    cols = tl.arange(0, 2 * DB_PAD)
+    j = cols % DB_PAD
+    h = (cols // DB_PAD)[None, :]
+    inside = ok[:, None] & (j[None, :] < D // 8)
+    codes0 = tl.zeros((BLOCK_N, 2 * DB_PAD), dtype=tl.int32)
+    codes1 = tl.zeros((BLOCK_N, 2 * DB_PAD), dtype=tl.int32)
+    codes2 = tl.zeros((BLOCK_N, 2 * DB_PAD), dtype=tl.int32)
+    codes3 = tl.zeros((BLOCK_N, 2 * DB_PAD), dtype=tl.int32)
+    for plane in tl.static_range(BITS):
+        packed = tl.load(packed_ptr + rows[:, None] * (BITS * D // 8) + plane * (D // 8) + j[None, :], mask=inside,
+                         other=0).to(tl.int32)
+        codes0 += ((packed >> h) & 1) << plane
+        codes1 += ((packed >> (h + 2)) & 1) << plane
+        codes2 += ((packed >> (h + 4)) & 1) << plane
+        codes3 += ((packed >> (h + 6)) & 1) << plane
+    if VGROUP == D:
+        scales = tl.load(scales_ptr + rows, mask=ok, other=0.0).to(tl.float32)
+        minimums = tl.load(mins_ptr + rows, mask=ok, other=0.0).to(tl.float32)
+        weights = p * scales[None, :]
+        minimum_terms = p * minimums[None, :]
+    else:
+        groups = rows[:, None] * (D // VGROUP) + j[None, :] // (VGROUP // 8)
         scales = tl.load(scales_ptr + groups, mask=inside, other=0.0).to(tl.float32)
         minimums = tl.load(mins_ptr + groups, mask=inside, other=0.0).to(tl.float32)
-        dequantized = codes.to(tl.float32) * scales[None, :, :] + minimums[None, :, :]
-        if PRECISE:
-            out = dot3(p3, dequantized)
-        else:
-            out = tl.dot(p3.to(tl.float16), dequantized.to(tl.float16))
-        offset = tl.zeros((p.shape[0],), dtype=tl.float32)
-    return out, offset
+        weights = p
+        minimum_terms = tl.zeros_like(p)
+    return (_code_product(weights, codes0, scales, minimums, VGROUP, D, PRECISE),
+            _code_product(weights, codes1, scales, minimums, VGROUP, D, PRECISE),
+            _code_product(weights, codes2, scales, minimums, VGROUP, D, PRECISE),
+            _code_product(weights, codes3, scales, minimums, VGROUP, D, PRECISE), minimum_terms)
+
+
+@triton.jit
+def _halves(x, DB_PAD: tl.constexpr):
+    """``[M, 2 DB_PAD]`` -> ``[M, DB_PAD, 2]``: column ``h DB_PAD + j`` to ``[j, h]``."""
+    return tl.permute(tl.reshape(x, (x.shape[0], 2, DB_PAD)), (0, 2, 1))
+
+
+@triton.jit
+def _value_columns(pair0, pair1, pair2, pair3, DB_PAD: tl.constexpr):
+    """The four pair products (``_tile_values``) as one ``[M, 8 DB_PAD]``, column ``8 j + 2 a + h``."""
+    both = tl.join(tl.join(_halves(pair0, DB_PAD), _halves(pair2, DB_PAD)),
+                   tl.join(_halves(pair1, DB_PAD), _halves(pair3, DB_PAD)))  # [M, j, h, a // 2, a % 2]
+    return tl.reshape(tl.permute(both, (0, 1, 3, 4, 2)), (pair0.shape[0], 8 * DB_PAD))
 
 
 @triton.jit
@@ -204,8 +243,13 @@ def decode_split_kernel(q_ptr, tables_ptr, sp_hi_ptr, sp_lo_ptr, spo_hi_ptr, spo
     m_i = tl.full((M_PAD,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((M_PAD,), dtype=tl.float32)
     if split < n_splits - 1:
-        acc3 = tl.zeros((8, M_PAD, DB_PAD), dtype=tl.float32)
-        offset = tl.zeros((M_PAD,), dtype=tl.float32)
+        acc0 = tl.zeros((M_PAD, 2 * DB_PAD), dtype=tl.float32)
+        acc1 = tl.zeros((M_PAD, 2 * DB_PAD), dtype=tl.float32)
+        acc2 = tl.zeros((M_PAD, 2 * DB_PAD), dtype=tl.float32)
+        acc3 = tl.zeros((M_PAD, 2 * DB_PAD), dtype=tl.float32)
+        # Sums over tokens stay per column until the end: summed each tile they would cross warps (a barrier each).
+        weight_sums = tl.zeros((M_PAD, BLOCK_N), dtype=tl.float32)
+        minimum_sums = tl.zeros((M_PAD, BLOCK_N), dtype=tl.float32)
         bias = tl.zeros((M_PAD,), dtype=tl.float32)
         if CENTERED:
             bias = query_mean(load_queries(q_ptr, bh, M, M_PAD, D, D_PAD), mean_ptr, bh, D, D_PAD) * qk_scale
@@ -218,12 +262,17 @@ def decode_split_kernel(q_ptr, tables_ptr, sp_hi_ptr, sp_lo_ptr, spo_hi_ptr, spo
                                             OBP, K, R_PAD, EXACT, GROUP, STEP, BLOCK_N, PRECISE, UNROLL)
             scores = tl.where(ok[None, :], scores * qk_scale + bias[:, None], float("-inf"))
             m_i, alpha, p = _softmax_step(scores, m_i)
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            values, tile_offset = _tile_values(p, vpacked_ptr, vscales_ptr, vmins_ptr, rows, ok, D, DB_PAD, BITS,
-                                               VGROUP, BLOCK_N, PRECISE)
-            acc3 = acc3 * alpha[None, :, None] + values
-            offset = offset * alpha + tile_offset
-        out = tl.reshape(tl.permute(acc3, (1, 2, 0)), (M_PAD, 8 * DB_PAD)) + offset[:, None]
+            weight_sums = weight_sums * alpha[:, None] + p
+            pair0, pair1, pair2, pair3, minimum_terms = _tile_values(p, vpacked_ptr, vscales_ptr, vmins_ptr, rows, ok,
+                                                                   D, DB_PAD, BITS, VGROUP, BLOCK_N, PRECISE)
+            acc0 = acc0 * alpha[:, None] + pair0
+            acc1 = acc1 * alpha[:, None] + pair1
+            acc2 = acc2 * alpha[:, None] + pair2
+            acc3 = acc3 * alpha[:, None] + pair3
+            if VGROUP == D:
+                minimum_sums = minimum_sums * alpha[:, None] + minimum_terms
+        l_i = tl.sum(weight_sums, axis=1)
+        out = _value_columns(acc0, acc1, acc2, acc3, DB_PAD) + tl.sum(minimum_sums, axis=1)[:, None]
         _store_partial(part_m_ptr, part_l_ptr, part_acc_ptr, part, m_i, l_i, out, M, D)
     else:
         q = load_queries(q_ptr, bh, M, M_PAD, D, D_PAD)
