@@ -127,6 +127,18 @@ def quantized_cache_step_ms(k, v, q, scale: float) -> float:
     return (time.perf_counter() - start) * 1e3 / config.buffer_size
 
 
+def quantized_cache_note(rows) -> str:
+    """What the rows say about transformers' QuantizedCache: measured, failed (the first error), or not installed."""
+    from qjl.presets import quanto_available
+
+    if not quanto_available():
+        return "not measured: optimum-quanto is not installed"
+    errors = [r["quantized_cache_error"] for r in rows if "quantized_cache_error" in r]
+    if errors:
+        return f"failed in {len(errors)} of {len(rows)} rows: {errors[0]}"
+    return "quantized_cache_ms: transformers' QuantizedCache on optimum-quanto, 4 bits"
+
+
 def measure_row(config, batch, context, device, measure, timed: bool, prefill: bool) -> dict:
     import torch
     import torch.nn.functional as F
@@ -173,7 +185,10 @@ def measure_row(config, batch, context, device, measure, timed: bool, prefill: b
     finally:
         os.environ.pop("QJL_BACKEND", None)
     if quanto_available():
-        row["quantized_cache_ms"] = quantized_cache_step_ms(k, v, q, scale)
+        try:
+            row["quantized_cache_ms"] = quantized_cache_step_ms(k, v, q, scale)
+        except Exception as error:  # noqa: BLE001  third-party: e.g. quanto's CUDA extension needs ninja and nvcc
+            row["quantized_cache_error"] = f"{type(error).__name__}: {error}"[:300]
     if prefill:
         qp = torch.randn(batch, Q_HEADS, context, HEAD_DIM, device=device, dtype=dtype, generator=gen)
         row["prefill_attention_ms"] = measure(
@@ -268,8 +283,7 @@ def run(args) -> int:
                   backend=backend.name(device), preset=args.preset, config=config.__dict__, torch=torch.__version__,
                   shapes=dict(q_heads=Q_HEADS, kv_heads=KV_HEADS, head_dim=HEAD_DIM, layers=LAYERS),
                   largest_context=largest_context(config, memory), rows=rows,
-                  quantized_cache="quantized_cache_ms: transformers' QuantizedCache on optimum-quanto, 4 bits"
-                  if quanto_available() else "not measured: optimum-quanto is not installed")
+                  quantized_cache=quantized_cache_note(rows))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(result, indent=1))
     drew = figure(result, args.out / "figure.html")

@@ -47,3 +47,22 @@ def test_bench_kernels_runs_without_plotly_and_draws_later(tmp_path):
     assert main(["bench-kernels", "--figure-from", str(tmp_path / "gpu" / "results.json"),
                  "--out", str(tmp_path / "drawn")]) == 0
     assert "<html>" in (tmp_path / "drawn" / "figure.html").read_text()[:500].lower()
+
+
+def test_bench_kernels_reports_a_failing_quantized_cache_and_goes_on(tmp_path, monkeypatch):
+    """On a GPU box quanto's CUDA extension may not build (no ninja or nvcc): the row says why, the rest is timed."""
+    pytest.importorskip("optimum.quanto")
+    from profiling import cmd_bench_kernels
+    from profiling.__main__ import main
+
+    def unbuildable(*args):
+        raise RuntimeError("Ninja is required to load C++ extensions")
+
+    monkeypatch.setattr(cmd_bench_kernels, "quantized_cache_step_ms", unbuildable)
+    assert main(["bench-kernels", "--contexts", "256", "--batches", "1", "--out", str(tmp_path),
+                 "--cpu-max-context", "256", "--prefill-max-context", "0"]) == 0
+    result = json.loads((tmp_path / "results.json").read_text())
+    row = result["rows"][0]
+    assert row["qjl_torch_ms"] > 0 and "quantized_cache_ms" not in row
+    assert row["quantized_cache_error"] == "RuntimeError: Ninja is required to load C++ extensions"
+    assert result["quantized_cache"].startswith("failed in 1 of 1 rows: RuntimeError: Ninja")
