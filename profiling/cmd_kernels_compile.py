@@ -98,33 +98,41 @@ def launch_configs(shapes) -> list[tuple[str, str, dict]]:
     return configs
 
 
-def resource_usage(cubin: bytes) -> dict:
+def cuobjdump(cubin: bytes, flag: str) -> str:
+    """``cuobjdump FLAG`` of a cubin (``-res-usage``, ``-sass``), with the binary inside the Triton wheel."""
     import triton
 
-    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    binary = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        text = subprocess.run([str(cuobjdump), "-res-usage", f.name], capture_output=True, text=True,
-                              check=True).stdout
-    fields = dict(re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", text))
+        return subprocess.run([str(binary), flag, f.name], capture_output=True, text=True, check=True).stdout
+
+
+def resource_usage(cubin: bytes) -> dict:
+    fields = dict(re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", cuobjdump(cubin, "-res-usage")))
     return {name: int(value) for name, value in fields.items()}
 
 
-def compile_kernel(kernel: str, config: dict, arch: int) -> dict:
+def compile_for(fn, pointers: dict, config: dict, arch: int):
+    """``triton.compile`` of ``fn`` for sm_``arch`` at ``config`` (constexprs and launch options), every pointer
+    marked 16-byte aligned."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from kernels import KERNELS
-
-    fn = KERNELS[kernel][0]
     options = {name: config[name] for name in LAUNCH_OPTIONS if name in config}
     constexprs = {name: value for name, value in config.items() if name not in LAUNCH_OPTIONS}
-    signature = {name: POINTERS[kernel].get(name, "constexpr") for name in fn.arg_names}
+    signature = {name: pointers.get(name, "constexpr") for name in fn.arg_names}
     aligned = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names) if signature[name][0] == "*"}
-    compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=aligned),
-                              target=GPUTarget("cuda", arch, 32), options=options)
+    return triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=aligned),
+                          target=GPUTarget("cuda", arch, 32), options=options)
+
+
+def compile_kernel(kernel: str, config: dict, arch: int) -> dict:
+    from kernels import KERNELS
+
+    compiled = compile_for(KERNELS[kernel][0], POINTERS[kernel], config, arch)
     usage = resource_usage(compiled.asm["cubin"])
     return dict(registers=usage.get("REG"), shared_bytes=max(compiled.metadata.shared, usage.get("SHARED", 0)),
                 spill_bytes=usage.get("LOCAL", 0) + usage.get("STACK", 0))

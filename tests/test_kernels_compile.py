@@ -50,3 +50,14 @@ def test_kernels_compile_fails_over_the_shared_memory_limit(tmp_path):
                            setup="from profiling import cmd_kernels_compile\ncmd_kernels_compile.SHARED_LIMITS[80] = 64")
     rows = json.loads((tmp_path / "results.json").read_text())["kernels"]
     assert code == 1 and rows and all(k["shared_bytes"] > k["shared_limit"] == 64 for k in rows)
+
+
+def test_sass_of_the_decode_main_loop(tmp_path):
+    """``scripts/sass_decode.py`` finds the fused decode kernel's tile loop in the sm_90 disassembly: a tile's
+    tensor-core products are there (at least one per bit position of the signs), amid many more instructions."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = tmp_path / "sass.json"
+    subprocess.run([sys.executable, "scripts/sass_decode.py", "--shapes", "smollm2/3bit/exact/sketch128", "--json",
+                    str(out)], cwd=ROOT, env=env, check=True)
+    (row,) = [r for r in json.loads(out.read_text()) if r["kernel"] == "current"]
+    assert row["hmma"] >= 8 and row["instructions"] > 10 * row["hmma"] and 0 < row["registers"] <= 255

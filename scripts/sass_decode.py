@@ -1,0 +1,93 @@
+"""The fused decode kernel's main loop in real GPU code, read on any machine: what changes to the kernel do to it when
+no GPU is at hand to time them.
+
+Compiles ``kernels.decode_attention`` for sm_ARCH (``triton.compile``, pointers 16-byte aligned as the launcher's
+tensors are) at the launch configuration of each shape, disassembles the cubin (the ``cuobjdump`` inside the Triton
+wheel) and counts the instructions of its longest loop, the loop over 32-token tiles: all of them, the barriers, the
+shared-memory and shuffle instructions, the tensor-core products; and the registers, which set how many programs
+share a multiprocessor. With ``kernels/decode_attention_baseline.py`` beside it (``git show
+COMMIT:kernels/decode_attention.py > kernels/decode_attention_baseline.py``) it does the same for that kernel.
+
+Counts are a proxy: the kernel is bound by instruction issue and latency, not bandwidth, on the H100 and H200
+(``profiling/results``), but only a GPU says what a change is worth.
+
+    python scripts/sass_decode.py [--arch 90] [--shapes llama8b/3bit/exact/sketch256 ...] [--json OUT.json]
+"""
+
+import argparse
+import collections
+import importlib
+import json
+import re
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from profiling.cmd_kernels_compile import (  # noqa: E402
+    POINTERS,
+    SHAPES,
+    compile_for,
+    cuobjdump,
+    launch_configs,
+    resource_usage,
+)
+
+DEFAULT_SHAPES = ["llama8b/3bit/exact/sketch256", "llama8b/3bit/sketched/sketch256", "smollm2/3bit/exact/sketch128"]
+SHARED_OR_SHUFFLE = {"LDS", "STS", "LDSM", "STSM", "SHFL", "BAR"}
+
+
+def main_loop(sass: str) -> collections.Counter:
+    """Opcode counts (``HMMA``, ``BAR``, ...) of the longest backward branch's body."""
+    instructions = [(int(m.group(1), 16), m.group(2).strip()) for line in sass.splitlines()
+                    if (m := re.match(r"\s+/\*([0-9a-f]{4,5})\*/\s+(.*?);", line))]
+    loops = [(int(m.group(1), 16), address) for address, text in instructions
+             if (m := re.search(r"BRA 0x([0-9a-f]+)", text)) and int(m.group(1), 16) < address]
+    start, end = max(loops, key=lambda loop: loop[1] - loop[0])
+    return collections.Counter(re.sub(r"^@!?U?P\w+\s+", "", text).split()[0].split(".")[0]
+                               for address, text in instructions if start <= address <= end)
+
+
+def count(module, config: dict, arch: int) -> dict:
+    """Registers and main-loop counts of ``module``'s decode kernel at the launch of ``config``'s shapes."""
+    own = module.launch_config(config["M"], config["D"], config["BYTES"] * 8, config["OBYTES"] * 8, config["K"],
+                               config["GROUP"], config["CENTERED"], config["BITS"], config["VGROUP"],
+                               config["EXACT"], config["PRECISE"])
+    cubin = compile_for(module.decode_split_kernel, POINTERS["decode_split"], own, arch).asm["cubin"]
+    ops = main_loop(cuobjdump(cubin, "-sass"))
+    return dict(registers=resource_usage(cubin)["REG"], instructions=sum(ops.values()), barriers=ops["BAR"],
+                shared_or_shuffle=sum(n for op, n in ops.items() if op in SHARED_OR_SHUFFLE), hmma=ops["HMMA"])
+
+
+def main():
+    import triton
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--arch", type=int, default=90)
+    parser.add_argument("--shapes", nargs="+", default=DEFAULT_SHAPES)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    configs = {label: config for kernel, label, config in launch_configs(SHAPES) if kernel == "decode_split"}
+    unknown = sorted(set(args.shapes) - set(configs))
+    if unknown:
+        raise SystemExit(f"unknown shapes {unknown}; known: {sorted(configs)}")
+    modules = {"current": importlib.import_module("kernels.decode_attention")}
+    try:
+        modules["baseline"] = importlib.import_module("kernels.decode_attention_baseline")
+    except ModuleNotFoundError:
+        pass
+    rows = []
+    for label in args.shapes:
+        for name, module in modules.items():
+            row = dict(kernel=name, shapes=label, arch=args.arch, triton=triton.__version__,
+                       **count(module, configs[label], args.arch))
+            rows.append(row)
+            print(f"{name:8s} {label:32s} sm_{args.arch} triton {row['triton']}: {row['registers']} registers, "
+                  f"main loop {row['instructions']} instructions, {row['barriers']} barriers, "
+                  f"{row['shared_or_shuffle']} shared-memory/shuffle, {row['hmma']} HMMA", flush=True)
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
