@@ -114,15 +114,23 @@ def _tile_scores(tables_ptr, q_ptr, bh, start, n_tokens, n_groups, signs_ptr, no
 
 
 @triton.jit
+def _small_ints_fp16(codes):
+    """fp16 of integers ``0 <= codes < 1024``, exactly, without a conversion instruction: ``0x6400 | code`` is the
+    fp16 number ``1024 + code``, and subtracting 1024 is exact."""
+    return (codes | 0x6400).to(tl.int16).to(tl.float16, bitcast=True) - 1024.0
+
+
+@triton.jit
 def _code_product(weights, codes, scales, minimums, VGROUP: tl.constexpr, D: tl.constexpr, PRECISE: tl.constexpr):
     """``weights @ values`` for integer ``codes`` ``[BLOCK_N, C]``: ``weights`` already carry the per-token scale where
     there is one scale per token (the codes are then the exact fp16 operand), else the codes are dequantized with
     ``scales`` and ``minimums`` ``[BLOCK_N, C]`` first."""
     if VGROUP == D:
+        exact = _small_ints_fp16(codes)
         if PRECISE:
-            out = dot_exact_rhs(weights, codes)
+            out = dot_exact_rhs(weights, exact)
         else:
-            out = tl.dot(weights.to(tl.float16), codes.to(tl.float16))
+            out = tl.dot(weights.to(tl.float16), exact)
     else:
         dequantized = codes.to(tl.float32) * scales + minimums
         if PRECISE:
