@@ -309,7 +309,7 @@ def launch_config(queries: int, head_dim: int, sketch_dim: int, outlier_sketch_d
                 CENTERED=centered, BITS=value_bits, VGROUP=value_group_size, BLOCK_EXACT=BLOCK_EXACT, PRECISE=precise,
                 # How many of the eight bit positions are unrolled: all, up to sketch 256 and head dim 128 (fastest);
                 # the table loads of the unrolled positions are hoisted and held, so wider sketches unroll as many as
-                # make 128 table columns (more spills, and so does a loop of single positions at sketch 512).
+                # make 128 table columns (more of them spill, and so does a loop of single positions at sketch 512).
                 UNROLL=8 if sketch_dim <= 256 and head_dim <= 128 else max(1, 1024 // sketch_dim),
                 num_stages=NUM_STAGES, num_warps=4, maxnreg=255)
 
