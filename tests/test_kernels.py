@@ -207,6 +207,10 @@ def filled_layer(config, b, h, d, prompt, steps, dtype, seed=0):
                                value_group_size=64, buffer_size=48, sink_tokens=3, center_keys=True)),
     # Head dim 256 (bit positions one at a time, tiles of half a group, outlier rows beyond 16)
     (256, 2, "fp32", QJLConfig.preset("3bit", head_dim=256)),
+    # The benchmark's path (bf16, one value scale per token) and 8-bit codes, the widest fp16 trick's input
+    (128, 4, "bf16", QJLConfig.preset("3bit", head_dim=128)),
+    (64, 2, "fp16", QJLConfig(sketch_dim=64, n_outliers=2, exact_outliers=True, value_bits=8, value_group_size=64,
+                              buffer_size=32)),
 ])
 def test_fused_decode_matches_reference_attend(monkeypatch, d, group, dtype, config):
     b, h = 2, 2
@@ -231,7 +235,8 @@ def test_fused_decode_launch_choices_agree():
     query = torch.randn(1, 6, 1, 64, generator=torch.Generator().manual_seed(5)).to(DEVICE)
     arguments = decode_arguments(layer, query, 0.125)
     default = decode_attention(*arguments)
-    for tuning in (dict(programs_per_sm=1, min_tokens=64), dict(programs_per_sm=64, min_tokens=32, num_stages=1)):
+    for tuning in (dict(programs_per_sm=1, min_tokens=64), dict(programs_per_sm=64, min_tokens=32, num_stages=1),
+                   dict(UNROLL=2, num_warps=2, maxnreg=128)):
         torch.testing.assert_close(decode_attention(*arguments, tuning=tuning), default, rtol=1e-5, atol=1e-5)
 
 
