@@ -139,6 +139,18 @@ def quantized_cache_note(rows) -> str:
     return "quantized_cache_ms: transformers' QuantizedCache on optimum-quanto, 4 bits"
 
 
+def sdpa_calls(q, k, v, scale: float) -> dict:
+    """Two ways to ask SDPA for grouped-query decoding of one token, ``{"gqa": fn, "folded": fn}``; the faster is the
+    baseline. Folding each KV head's queries into rows is exact for one query token and lets the flash kernel run
+    without repeating keys."""
+    import torch.nn.functional as F
+
+    batch, kv_heads, _, head_dim = k.shape
+    folded = q.reshape(batch, kv_heads, q.shape[1] // kv_heads, head_dim)
+    return {"gqa": lambda: F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=True),
+            "folded": lambda: F.scaled_dot_product_attention(folded, k, v, scale=scale)}
+
+
 def measure_row(config, batch, context, device, measure, timed: bool, prefill: bool) -> dict:
     import torch
     import torch.nn.functional as F
@@ -155,11 +167,7 @@ def measure_row(config, batch, context, device, measure, timed: bool, prefill: b
             for _ in range(2))
     q = torch.randn(batch, Q_HEADS, 1, HEAD_DIM, device=device, dtype=dtype, generator=gen)
     scale = HEAD_DIM ** -0.5
-    # Two ways to ask SDPA for grouped-query decoding; the faster is the baseline. Folding each KV head's queries
-    # into rows is exact for one query token and lets the flash kernel run without repeating keys.
-    folded = q.reshape(batch, KV_HEADS, Q_HEADS // KV_HEADS, HEAD_DIM)
-    sdpa = {"gqa": lambda: F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=True),
-            "folded": lambda: F.scaled_dot_product_attention(folded, k, v, scale=scale)}
+    sdpa = sdpa_calls(q, k, v, scale)
     for name, fn in sdpa.items():
         row[f"sdpa_{name}_ms"] = measure(fn)
     fastest = min(sdpa, key=lambda name: row[f"sdpa_{name}_ms"])
@@ -258,7 +266,6 @@ def run(args) -> int:
 
     from qjl import backend
     from qjl.config import QJLConfig
-    from qjl.presets import quanto_available
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     measure = timer(device)

@@ -19,13 +19,13 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from triton.testing import do_bench_cudagraph
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kernels.decode_attention import decode_attention  # noqa: E402
-from profiling.cmd_bench_kernels import HEAD_DIM, KV_HEADS, Q_HEADS, decode_bytes, qjl_layer  # noqa: E402
+from profiling.cmd_bench_kernels import (HEAD_DIM, KV_HEADS, Q_HEADS, decode_bytes, qjl_layer,  # noqa: E402
+                                         sdpa_calls)
 from qjl.backend import decode_arguments  # noqa: E402
 from qjl.config import QJLConfig  # noqa: E402
 
@@ -63,12 +63,8 @@ def main():
                 for _ in range(2))
         q = torch.randn(batch, Q_HEADS, 1, HEAD_DIM, device=device, dtype=torch.bfloat16, generator=gen)
         scale = HEAD_DIM ** -0.5
-        folded = q.reshape(batch, KV_HEADS, Q_HEADS // KV_HEADS, HEAD_DIM)
         row = dict(batch=batch, context=context, bytes=decode_bytes(config, batch, context),
-                   sdpa_gqa_ms=do_bench_cudagraph(lambda: F.scaled_dot_product_attention(q, k, v, scale=scale,
-                                                                                          enable_gqa=True)),
-                   sdpa_folded_ms=do_bench_cudagraph(lambda: F.scaled_dot_product_attention(folded, k, v,
-                                                                                             scale=scale)))
+                   **{f"sdpa_{name}_ms": do_bench_cudagraph(fn) for name, fn in sdpa_calls(q, k, v, scale).items()})
         layer = qjl_layer(config, k, v)
         del k, v
         fused_args = decode_arguments(layer, q, scale)

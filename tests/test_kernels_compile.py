@@ -15,12 +15,16 @@ pytest.importorskip("triton")
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def compiler_env() -> dict:
+    """This process's environment without ``TRITON_INTERPRET`` (the kernel tests set it in this one, which makes the
+    kernels interpreted functions that the compiler cannot take)."""
+    return {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+
+
 def kernels_compile(*args: str, setup: str = "") -> int:
-    """Runs ``python -m profiling kernels-compile ARGS`` in a fresh process without ``TRITON_INTERPRET`` (the kernel
-    tests set it in this one, which makes the kernels interpreted functions that the compiler cannot take)."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    """Runs ``python -m profiling kernels-compile ARGS`` in a fresh process, for the compiler (``compiler_env``)."""
     code = f"{setup}\nfrom profiling.__main__ import main\nraise SystemExit(main({['kernels-compile', *args]!r}))"
-    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env).returncode
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=compiler_env()).returncode
 
 KERNEL_NAMES = {"quantize_keys", "quantize_values", "scores", "decode_project", "decode_split", "combine_splits"}
 
@@ -55,9 +59,8 @@ def test_kernels_compile_fails_over_the_shared_memory_limit(tmp_path):
 def test_sass_of_the_decode_main_loop(tmp_path):
     """``scripts/sass_decode.py`` finds the fused decode kernel's tile loop in the sm_90 disassembly: a tile's
     tensor-core products are there (at least one per bit position of the signs), amid many more instructions."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = tmp_path / "sass.json"
     subprocess.run([sys.executable, "scripts/sass_decode.py", "--shapes", "smollm2/3bit/exact/sketch128", "--json",
-                    str(out)], cwd=ROOT, env=env, check=True)
+                    str(out)], cwd=ROOT, env=compiler_env(), check=True)
     (row,) = [r for r in json.loads(out.read_text()) if r["kernel"] == "current"]
     assert row["hmma"] >= 8 and row["instructions"] > 10 * row["hmma"] and 0 < row["registers"] <= 255
