@@ -30,9 +30,11 @@ from .decode_project import project_queries, sketch_tables
 from .scores import BLOCK_TOKENS, load_queries, query_mean, split_tokens
 
 BLOCK_EXACT = 32
-# Launch choices measured on an H200 (profiling/results/nvidia-h200/, scripts/sweep_decode.py): two pipeline stages;
-# six programs per multiprocessor was within 11% of the best choice at 32k and 128k tokens, batch 1 and 8.
-NUM_STAGES = 2
+# Six programs per multiprocessor was within 11% of the best choice at 32k and 128k tokens, batch 1 and 8, on an H200
+# (profiling/results/nvidia-h200/, scripts/sweep_decode.py), where two pipeline stages were 1.4-2x faster than one.
+# Three stages, from the sm_90 code alone (not yet timed): with two, the pipeliner issues the next tile's copies at the
+# end of a tile and waits for them at the start of the next, so each tile waits for memory; with three, a tile's copies
+# have a whole tile of work to arrive in.
 PROGRAMS_PER_SM = 6
 LOG2E = 1.4426950408889634
 
@@ -52,34 +54,67 @@ def _sign_sums(signs_ptr, hi_rows, lo_rows, inside, rows, ok, BYTES: tl.constexp
     offs_j = tl.arange(0, BP)
     packed = tl.load(signs_ptr + rows[None, :] * BYTES + offs_j[:, None], mask=ok[None, :] & (offs_j[:, None] < BYTES),
                      other=0).to(tl.int32)  # [BP, BLOCK_N]
-    out = tl.zeros((hi_rows.shape[0], BLOCK_N), dtype=tl.float32)
-    for i in tl.range(0, 8, loop_unroll_factor=UNROLL):
-        signs = _signs(packed, i)
-        out += tl.dot(tl.load(hi_rows[:, None] + i * BP + offs_j[None, :], mask=inside[:, None], other=0.0), signs)
-        if PRECISE:
-            out += tl.dot(tl.load(lo_rows[:, None] + i * BP + offs_j[None, :], mask=inside[:, None], other=0.0),
-                          signs)
-    return out
+    even = tl.zeros((hi_rows.shape[0], BLOCK_N), dtype=tl.float32)
+    if UNROLL == 1:  # the widest rows: one bit position's table at a time
+        for i in tl.range(0, 8, loop_unroll_factor=1):
+            even = _sign_product(even, hi_rows, lo_rows, inside, packed, i, offs_j, BP, PRECISE)
+        return even
+    # Even and odd bit positions sum apart: one accumulator would chain all the products, each waiting for the last.
+    odd = tl.zeros((hi_rows.shape[0], BLOCK_N), dtype=tl.float32)
+    for i in tl.range(0, 8, 2, loop_unroll_factor=UNROLL // 2):
+        even = _sign_product(even, hi_rows, lo_rows, inside, packed, i, offs_j, BP, PRECISE)
+        odd = _sign_product(odd, hi_rows, lo_rows, inside, packed, i + 1, offs_j, BP, PRECISE)
+    return even + odd
 
 
 @triton.jit
-def _tile_scores(tables_ptr, q_ptr, bh, start, n_tokens, n_groups, signs_ptr, norms_ptr, idx_ptr, osigns_ptr,
+def _sign_product(acc, hi_rows, lo_rows, inside, packed, i, offs_j, BP: tl.constexpr, PRECISE: tl.constexpr):
+    """``acc`` plus the table's bit position ``i`` times the signs of bit ``i``."""
+    signs = _signs(packed, i)
+    acc += tl.dot(tl.load(hi_rows[:, None] + i * BP + offs_j[None, :], mask=inside[:, None], other=0.0), signs)
+    if PRECISE:
+        acc += tl.dot(tl.load(lo_rows[:, None] + i * BP + offs_j[None, :], mask=inside[:, None], other=0.0), signs)
+    return acc
+
+
+@triton.jit
+def _tile_rows(bh, start, end, n_tokens, STEP: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The ``STEP`` tokens from ``start`` (before ``end``) as global rows of the ``[BH, n]`` arrays, and which are
+    real."""
+    tokens = start + tl.arange(0, BLOCK_N)
+    ok = (tl.arange(0, BLOCK_N) < STEP) & (tokens < end)
+    return bh * n_tokens + tokens, ok
+
+
+@triton.jit
+def _token_numbers(norms_ptr, scales_ptr, mins_ptr, rows, ok, VGROUP: tl.constexpr, D: tl.constexpr):
+    """The tile's key norms and, with one value group per token, its value scales and minimums (float32
+    ``[BLOCK_N]``; zeros for grouped scales, which ``_tile_values`` loads itself)."""
+    norms = tl.load(norms_ptr + rows, mask=ok, other=0.0).to(tl.float32)
+    if VGROUP == D:
+        scales = tl.load(scales_ptr + rows, mask=ok, other=0.0).to(tl.float32)
+        minimums = tl.load(mins_ptr + rows, mask=ok, other=0.0).to(tl.float32)
+    else:
+        scales = tl.zeros_like(norms)
+        minimums = tl.zeros_like(norms)
+    return norms, scales, minimums
+
+
+@triton.jit
+def _tile_scores(tables_ptr, q_ptr, bh, start, n_groups, rows, ok, norms, signs_ptr, idx_ptr, osigns_ptr,
                  onorms_ptr, ovalues_ptr, sp_hi_ptr, sp_lo_ptr, spo_hi_ptr, spo_lo_ptr, scale, oscale,
                  M: tl.constexpr, M_PAD: tl.constexpr, D: tl.constexpr, BYTES: tl.constexpr, BP: tl.constexpr,
                  OBYTES: tl.constexpr, OBP: tl.constexpr, K: tl.constexpr, R_PAD: tl.constexpr, EXACT: tl.constexpr,
                  GROUP: tl.constexpr, STEP: tl.constexpr, BLOCK_N: tl.constexpr, PRECISE: tl.constexpr,
                  UNROLL: tl.constexpr):
-    """Estimated scores of the ``STEP`` tokens from ``start`` (within one outlier group of ``GROUP`` tokens):
-    ``[M_PAD, BLOCK_N]``, the tokens and their validity.
+    """Estimated scores ``[M_PAD, BLOCK_N]`` of the tile from token ``start`` (within one outlier group of ``GROUP``
+    tokens; global rows ``rows``, real where ``ok``) whose key norms are ``norms``.
 
     One product serves the queries and the group's outlier channels: rows ``r < M`` of the table are the queries'
     projections, rows ``M + k`` the sketch's column ``idx_k`` (``S[:, idx_k]``, bit order), so ``u = T . sign``
     holds ``S q . sign`` then ``S[:, idx_k] . sign``; then ``Y`` replaces the outlier rows by each channel's
     correction and outlier term, and ``W @ Y`` with ``W = [I | q[idx]]`` sums them per query."""
-    tokens = start + tl.arange(0, BLOCK_N)
-    ok = (tl.arange(0, BLOCK_N) < STEP) & (tokens < n_tokens)
-    rows = bh * n_tokens + tokens
-    weight = tl.load(norms_ptr + rows, mask=ok, other=0.0).to(tl.float32) * scale
+    weight = norms * scale
     r = tl.arange(0, R_PAD)
     table = tables_ptr + (bh * 2 * M_PAD + r) * (8 * BP)  # rows r < M
     if K == 0:
@@ -110,7 +145,7 @@ def _tile_scores(tables_ptr, q_ptr, bh, start, n_tokens, n_groups, signs_ptr, no
                     mask=(q_rows[:, None] < M) & is_outlier[None, :], other=0.0).to(tl.float32)
         w = tl.where(q_rows[:, None] == r[None, :], 1.0, w)
         scores = dot3(w, y)
-    return scores, ok, rows
+    return scores
 
 
 @triton.jit
@@ -141,11 +176,13 @@ def _code_product(weights, codes, scales, minimums, VGROUP: tl.constexpr, D: tl.
 
 
 @triton.jit
-def _tile_values(p, packed_ptr, scales_ptr, mins_ptr, rows, ok, D: tl.constexpr, DB_PAD: tl.constexpr,
-                 BITS: tl.constexpr, VGROUP: tl.constexpr, BLOCK_N: tl.constexpr, PRECISE: tl.constexpr):
+def _tile_values(p, packed_ptr, scales_ptr, mins_ptr, token_scales, token_minimums, rows, ok, D: tl.constexpr,
+                 DB_PAD: tl.constexpr, BITS: tl.constexpr, VGROUP: tl.constexpr, BLOCK_N: tl.constexpr,
+                 PRECISE: tl.constexpr):
     """``p @ values`` of the tile as four float32 ``[M_PAD, 2 DB_PAD]`` products, one per pair of bit positions: in
     product ``a`` column ``h DB_PAD + j`` is output column ``8 j + 2 a + h``; and ``p * minimum`` ``[M_PAD, BLOCK_N]``
-    where the minimum is one per token (else zeros: the products hold the minimums).
+    where the minimum is one per token (``token_scales``, ``token_minimums``; else zeros: the products hold the
+    minimums, and ``scales_ptr``, ``mins_ptr`` give them per group).
 
     Each product's operand is the packed bytes shifted by per-column amounts, unpacked in the layout it is read in;
     two bit positions per product make 2 DB_PAD columns, enough for every warp to take its own."""
@@ -165,8 +202,8 @@ def _tile_values(p, packed_ptr, scales_ptr, mins_ptr, rows, ok, D: tl.constexpr,
         codes2 += ((packed >> (h + 4)) & 1) << plane
         codes3 += ((packed >> (h + 6)) & 1) << plane
     if VGROUP == D:
-        scales = tl.load(scales_ptr + rows, mask=ok, other=0.0).to(tl.float32)
-        minimums = tl.load(mins_ptr + rows, mask=ok, other=0.0).to(tl.float32)
+        scales = token_scales
+        minimums = token_minimums
         weights = p * scales[None, :]
         minimum_terms = p * minimums[None, :]
     else:
@@ -241,7 +278,8 @@ def decode_split_kernel(q_ptr, tables_ptr, sp_hi_ptr, sp_lo_ptr, spo_hi_ptr, spo
                         K: tl.constexpr, R_PAD: tl.constexpr, EXACT: tl.constexpr, GROUP: tl.constexpr,
                         STEP: tl.constexpr,
                         BLOCK_N: tl.constexpr, CENTERED: tl.constexpr, BITS: tl.constexpr, VGROUP: tl.constexpr,
-                        BLOCK_EXACT: tl.constexpr, PRECISE: tl.constexpr, UNROLL: tl.constexpr):
+                        BLOCK_EXACT: tl.constexpr, PRECISE: tl.constexpr, UNROLL: tl.constexpr,
+                        PREFETCH: tl.constexpr):
     """Program ``(bh, split)``: splits ``0 .. S-1`` take compressed tokens, split ``S`` the exact ones. Writes the
     split's max and sum (log2 units) ``[BH, S + 1, M]`` and unnormalised output ``[BH, S + 1, M, D]``.
     ``tables``: ``kernels.decode_project``'s output; ``sp_*`` (``spo_*``): the (outlier) sketch in bit order."""
@@ -263,22 +301,37 @@ def decode_split_kernel(q_ptr, tables_ptr, sp_hi_ptr, sp_lo_ptr, spo_hi_ptr, spo
             bias = query_mean(load_queries(q_ptr, bh, M, M_PAD, D, D_PAD), mean_ptr, bh, D, D_PAD) * qk_scale
         first = split * tokens_per_split
         last = tl.minimum(first + tokens_per_split, n_tokens)
+        # With PREFETCH the next tile's norms, scales and minimums load while this tile is computed: the pipeliner
+        # leaves these small loads in the loop, where each would wait for memory once a tile.
+        rows, ok = _tile_rows(bh, first, last, n_tokens, STEP, BLOCK_N)
+        norms, token_scales, token_minimums = _token_numbers(norms_ptr, vscales_ptr, vmins_ptr, rows, ok, VGROUP, D)
         for start in range(first, last, STEP):
-            scores, ok, rows = _tile_scores(tables_ptr, q_ptr, bh, start, n_tokens, n_groups, signs_ptr, norms_ptr,
-                                            idx_ptr, osigns_ptr, onorms_ptr, ovalues_ptr, sp_hi_ptr, sp_lo_ptr,
-                                            spo_hi_ptr, spo_lo_ptr, scale, oscale, M, M_PAD, D, BYTES, BP, OBYTES,
-                                            OBP, K, R_PAD, EXACT, GROUP, STEP, BLOCK_N, PRECISE, UNROLL)
+            rows, ok = _tile_rows(bh, start, last, n_tokens, STEP, BLOCK_N)
+            if PREFETCH:
+                next_rows, next_ok = _tile_rows(bh, start + STEP, last, n_tokens, STEP, BLOCK_N)
+                next_norms, next_scales, next_minimums = _token_numbers(norms_ptr, vscales_ptr, vmins_ptr, next_rows,
+                                                                        next_ok, VGROUP, D)
+            else:
+                norms, token_scales, token_minimums = _token_numbers(norms_ptr, vscales_ptr, vmins_ptr, rows, ok,
+                                                                     VGROUP, D)
+            scores = _tile_scores(tables_ptr, q_ptr, bh, start, n_groups, rows, ok, norms, signs_ptr, idx_ptr,
+                                  osigns_ptr, onorms_ptr, ovalues_ptr, sp_hi_ptr, sp_lo_ptr, spo_hi_ptr, spo_lo_ptr,
+                                  scale, oscale, M, M_PAD, D, BYTES, BP, OBYTES, OBP, K, R_PAD, EXACT, GROUP, STEP,
+                                  BLOCK_N, PRECISE, UNROLL)
             scores = tl.where(ok[None, :], scores * qk_scale + bias[:, None], float("-inf"))
             m_i, alpha, p = _softmax_step(scores, m_i)
             weight_sums = weight_sums * alpha[:, None] + p
-            pair0, pair1, pair2, pair3, minimum_terms = _tile_values(p, vpacked_ptr, vscales_ptr, vmins_ptr, rows, ok,
-                                                                   D, DB_PAD, BITS, VGROUP, BLOCK_N, PRECISE)
+            pair0, pair1, pair2, pair3, minimum_terms = _tile_values(p, vpacked_ptr, vscales_ptr, vmins_ptr,
+                                                                   token_scales, token_minimums, rows, ok, D, DB_PAD,
+                                                                   BITS, VGROUP, BLOCK_N, PRECISE)
             acc0 = acc0 * alpha[:, None] + pair0
             acc1 = acc1 * alpha[:, None] + pair1
             acc2 = acc2 * alpha[:, None] + pair2
             acc3 = acc3 * alpha[:, None] + pair3
             if VGROUP == D:
                 minimum_sums = minimum_sums * alpha[:, None] + minimum_terms
+            if PREFETCH:
+                norms, token_scales, token_minimums = next_norms, next_scales, next_minimums
         l_i = tl.sum(weight_sums, axis=1)
         out = _value_columns(acc0, acc1, acc2, acc3, DB_PAD) + tl.sum(minimum_sums, axis=1)[:, None]
         _store_partial(part_m_ptr, part_l_ptr, part_acc_ptr, part, m_i, l_i, out, M, D)
@@ -311,7 +364,10 @@ def launch_config(queries: int, head_dim: int, sketch_dim: int, outlier_sketch_d
                 # the table loads of the unrolled positions are hoisted and held, so wider sketches unroll as many as
                 # make 128 table columns (more of them spill, and so does a loop of single positions at sketch 512).
                 UNROLL=8 if sketch_dim <= 256 and head_dim <= 128 else max(1, 1024 // sketch_dim),
-                num_stages=NUM_STAGES, num_warps=4, maxnreg=255)
+                # Three pipeline stages and the per-token numbers a tile ahead where they fit in registers: at head
+                # dim 256 three stages spill, and so does the prefetch at a sketch of 1024.
+                num_stages=3 if head_dim <= 128 else 2, PREFETCH=head_dim * sketch_dim < 256 * 1024,
+                num_warps=4, maxnreg=255)
 
 
 def decode_attention(query: torch.Tensor, keys, values, value_bits: int, matrix: torch.Tensor,
@@ -321,7 +377,8 @@ def decode_attention(query: torch.Tensor, keys, values, value_bits: int, matrix:
     outlier_signs, outlier_norms, outlier_values) (exact outliers: no ``outlier_matrix``) and ``values`` = (packed,
     scales, minimums) as ``QJLLayer`` stores them (``[b, h, n, ...]``); ``exact_keys``/``exact_values`` = (sink,
     buffer) ``[b, h, *, d]``. Returns ``[b, 1, hq, d]`` in the query's dtype. ``tuning`` overrides launch choices
-    (``num_warps``, ``num_stages``, ``maxnreg``, ``UNROLL``, ``programs_per_sm``, ``min_tokens``) for benchmarks."""
+    (``num_warps``, ``num_stages``, ``maxnreg``, ``UNROLL``, ``PREFETCH``, ``programs_per_sm``, ``min_tokens``) for
+    benchmarks."""
     signs, norms, idx, osigns, onorms, ovalues = keys
     b, hq, _, d = query.shape
     h, n = signs.shape[1], signs.shape[2]
@@ -331,7 +388,7 @@ def decode_attention(query: torch.Tensor, keys, values, value_bits: int, matrix:
     config = launch_config(group, d, matrix.shape[0], outlier_matrix.shape[0] if outlier_matrix is not None else 16,
                            k, group_size, key_mean is not None, value_bits, d // values[1].shape[-1],
                            ovalues is not None, query.dtype == torch.float32)
-    config.update({name: tuning.pop(name) for name in ("num_warps", "num_stages", "maxnreg", "UNROLL")
+    config.update({name: tuning.pop(name) for name in ("num_warps", "num_stages", "maxnreg", "UNROLL", "PREFETCH")
                    if name in tuning})
     splits = triton.cdiv(n, split_tokens(n, b * h, config["STEP"], query.device, **tuning)) if n else 0
     per_split = triton.cdiv(n, splits) if splits else 0

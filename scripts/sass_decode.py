@@ -4,8 +4,9 @@ no GPU is at hand to time them.
 Compiles ``kernels.decode_attention`` for sm_ARCH (``triton.compile``, pointers 16-byte aligned as the launcher's
 tensors are) at the launch configuration of each shape, disassembles the cubin (the ``cuobjdump`` inside the Triton
 wheel) and counts the instructions of its longest loop, the loop over 32-token tiles: all of them, the barriers, the
-shared-memory and shuffle instructions, the tensor-core products; and the registers, which set how many programs
-share a multiprocessor. With ``kernels/decode_attention_baseline.py`` beside it (``git show
+shared-memory and shuffle instructions, the tensor-core products, the plain global loads, and how many groups of
+asynchronous copies the loop's wait leaves in flight (0: each tile waits for memory); and the registers, which set how
+many programs share a multiprocessor. With ``kernels/decode_attention_baseline.py`` beside it (``git show
 COMMIT:kernels/decode_attention.py > kernels/decode_attention_baseline.py``) it does the same for that kernel.
 
 Counts are a proxy: the kernel is bound by instruction issue and latency, not bandwidth, on the H100 and H200
@@ -37,15 +38,21 @@ DEFAULT_SHAPES = ["llama8b/3bit/exact/sketch256", "llama8b/3bit/sketched/sketch2
 SHARED_OR_SHUFFLE = {"LDS", "STS", "LDSM", "STSM", "SHFL", "BAR"}
 
 
-def main_loop(sass: str) -> collections.Counter:
-    """Opcode counts (``HMMA``, ``BAR``, ...) of the longest backward branch's body."""
+def loop_body(sass: str) -> list[str]:
+    """The instructions of the longest backward branch's body, predicates stripped."""
     instructions = [(int(m.group(1), 16), m.group(2).strip()) for line in sass.splitlines()
                     if (m := re.match(r"\s+/\*([0-9a-f]{4,5})\*/\s+(.*?);", line))]
     loops = [(int(m.group(1), 16), address) for address, text in instructions
              if (m := re.search(r"BRA 0x([0-9a-f]+)", text)) and int(m.group(1), 16) < address]
     start, end = max(loops, key=lambda loop: loop[1] - loop[0])
-    return collections.Counter(re.sub(r"^@!?U?P\w+\s+", "", text).split()[0].split(".")[0]
-                               for address, text in instructions if start <= address <= end)
+    return [re.sub(r"^@!?U?P\w+\s+", "", text) for address, text in instructions if start <= address <= end]
+
+
+def copies_in_flight(body: list[str]) -> int | None:
+    """Asynchronous copy groups the loop's wait leaves in flight (``DEPBAR.LE SB0, n``): 0 when a tile waits for
+    every copy issued, its own included, so for memory; None without copies."""
+    waits = [int(m.group(1), 16) for text in body if (m := re.match(r"DEPBAR\.LE SB0, 0x([0-9a-f]+)", text))]
+    return min(waits) if waits else None
 
 
 def count(module, config: dict, arch: int) -> dict:
@@ -54,9 +61,11 @@ def count(module, config: dict, arch: int) -> dict:
                                config["GROUP"], config["CENTERED"], config["BITS"], config["VGROUP"],
                                config["EXACT"], config["PRECISE"])
     cubin = compile_for(module.decode_split_kernel, POINTERS["decode_split"], own, arch).asm["cubin"]
-    ops = main_loop(cuobjdump(cubin, "-sass"))
+    body = loop_body(cuobjdump(cubin, "-sass"))
+    ops = collections.Counter(text.split()[0].split(".")[0] for text in body)
     return dict(registers=resource_usage(cubin)["REG"], instructions=sum(ops.values()), barriers=ops["BAR"],
-                shared_or_shuffle=sum(n for op, n in ops.items() if op in SHARED_OR_SHUFFLE), hmma=ops["HMMA"])
+                shared_or_shuffle=sum(n for op, n in ops.items() if op in SHARED_OR_SHUFFLE), hmma=ops["HMMA"],
+                global_loads=ops["LDG"], copies_in_flight=copies_in_flight(body))
 
 
 def main():
@@ -84,7 +93,8 @@ def main():
             rows.append(row)
             print(f"{name:8s} {label:32s} sm_{args.arch} triton {row['triton']}: {row['registers']} registers, "
                   f"main loop {row['instructions']} instructions, {row['barriers']} barriers, "
-                  f"{row['shared_or_shuffle']} shared-memory/shuffle, {row['hmma']} HMMA", flush=True)
+                  f"{row['shared_or_shuffle']} shared-memory/shuffle, {row['hmma']} HMMA, {row['global_loads']} "
+                  f"global loads, {row['copies_in_flight']} copy groups in flight at the wait", flush=True)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
 

@@ -1,8 +1,8 @@
-"""Launch choices of the fused QJL decode kernel on this GPU: warps per program, register cap, programs per
-multiprocessor and unrolled bit positions, at Llama-3.1-8B attention shapes (32 query heads, 8 KV heads, head dim
-128, bf16) and the 3bit preset, next to bf16 SDPA (grouped-query, and with each KV head's queries folded into
-rows). Times are CUDA-graph replays (``triton.testing.do_bench_cudagraph``), as in ``bench-kernels``. Prints and
-writes JSON; ``max_diff`` is each choice's largest difference from the default launch.
+"""Launch choices of the fused QJL decode kernel on this GPU: pipeline stages, warps per program, register cap,
+prefetch of per-token numbers and programs per multiprocessor, at Llama-3.1-8B attention shapes (32 query heads,
+8 KV heads, head dim 128, bf16) and the 3bit preset, next to bf16 SDPA (grouped-query, and with each KV head's queries
+folded into rows). Times are CUDA-graph replays (``triton.testing.do_bench_cudagraph``), as in ``bench-kernels``.
+Prints and writes JSON; ``max_diff`` is each choice's largest difference from the default launch.
 
 A kernel to compare against, where one is wanted, goes beside the current one before the run (untracked files travel
 to a GPU machine; its history does not), and is timed at its own defaults on the same card:
@@ -29,13 +29,15 @@ from profiling.cmd_bench_kernels import (HEAD_DIM, KV_HEADS, Q_HEADS, decode_byt
 from qjl.backend import decode_arguments  # noqa: E402
 from qjl.config import QJLConfig  # noqa: E402
 
-# (warps, register cap, unrolled bit positions): a cap of 128 registers lets four programs of four warps share a
-# multiprocessor instead of two (the sm_90 code compiles to 128 registers without spills at these shapes, 2% more
-# instructions); two warps per program take 15% fewer instructions per tile. One pipeline stage was 1.4-2x slower
-# than two at every shape on the H100 and the H200, so only two are swept.
-CHOICES = [(4, 255, 8), (4, 168, 8), (4, 128, 8), (4, 128, 2), (2, 255, 8), (2, 128, 8)]
-TUNINGS = [dict(num_stages=2, num_warps=w, maxnreg=r, UNROLL=u, programs_per_sm=p)
-           for (w, r, u), p in itertools.product(CHOICES, (2, 4, 6))]
+# (pipeline stages, warps, register cap, per-token numbers loaded a tile ahead), each beside the default (3, 4, 255,
+# True), which no GPU has timed yet: two stages and no prefetch are the launch the H100 and H200 timed; a cap of 168
+# registers lets three programs of four warps share a multiprocessor instead of two (no spills at these shapes); four
+# stages start the copies two tiles ahead; two warps per program take fewer instructions per tile. One stage was 1.4-2x
+# slower than two at every shape on the H100 and the H200, so it is not swept.
+CHOICES = [(2, 4, 255, True), (3, 4, 255, False), (2, 4, 255, False), (3, 4, 168, True), (4, 4, 255, True),
+           (3, 2, 255, True)]
+TUNINGS = [dict(num_stages=s, num_warps=w, maxnreg=r, PREFETCH=f, programs_per_sm=p)
+           for (s, w, r, f), p in itertools.product(CHOICES, (4, 6))]
 BASELINE = "kernels.decode_attention_baseline"
 
 
