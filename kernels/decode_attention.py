@@ -36,6 +36,10 @@ BLOCK_EXACT = 32
 # end of a tile and waits for them at the start of the next, so each tile waits for memory; with three, a tile's copies
 # have a whole tile of work to arrive in.
 PROGRAMS_PER_SM = 6
+# Short contexts split down to two tiles a program, not scores' 256 tokens (which amortise a projection each of its
+# programs makes; here one kernel makes it for all): at 1k tokens the H100 took 4.3x SDPA's time with 4 programs per
+# KV head, each walking its 8 tiles one after another.
+MIN_TOKENS = 2 * BLOCK_TOKENS
 LOG2E = 1.4426950408889634
 
 
@@ -384,7 +388,7 @@ def decode_attention(query: torch.Tensor, keys, values, value_bits: int, matrix:
     h, n = signs.shape[1], signs.shape[2]
     group = hq // h
     k = 0 if idx is None else idx.shape[-1]
-    tuning = {"programs_per_sm": PROGRAMS_PER_SM, **(tuning or {})}
+    tuning = {"programs_per_sm": PROGRAMS_PER_SM, "min_tokens": MIN_TOKENS, **(tuning or {})}
     config = launch_config(group, d, matrix.shape[0], outlier_matrix.shape[0] if outlier_matrix is not None else 16,
                            k, group_size, key_mean is not None, value_bits, d // values[1].shape[-1],
                            ovalues is not None, query.dtype == torch.float32)
