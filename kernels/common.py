@@ -8,6 +8,7 @@ values and probabilities of real models. (bf16 would have the range, but Triton'
 """
 
 import math
+import os
 
 import torch
 import triton
@@ -48,6 +49,11 @@ def pack_rows(bits, ROWS: tl.constexpr, BYTES: tl.constexpr):
     """int32 0/1 ``[ROWS, 8 BYTES]`` -> uint8 ``[ROWS, BYTES]``, least significant bit first."""
     weighted = tl.reshape(bits, (ROWS, BYTES, 8)) << tl.arange(0, 8)[None, None, :]
     return tl.sum(weighted, axis=2).to(tl.uint8)
+
+
+def interpreting() -> bool:
+    """Whether Triton's interpreter runs the kernels (``TRITON_INTERPRET=1``): it cannot run inline PTX."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def pow2(n: int, minimum: int = 1) -> int:

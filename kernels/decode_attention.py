@@ -7,7 +7,9 @@ The bits reach the tensor cores one bit position at a time, so unpacking is a sh
 the products' operand layout (no reshape):
 
 - scores: ``<S q, sign(S k)> = sum_i P_i . sign_i`` where ``sign_i[j]`` is bit ``i`` of byte ``j`` (sketch row
-  ``8 j + i``) and ``P_i`` those entries of ``S q``, split into fp16 high and low parts by ``kernels.decode_project``;
+  ``8 j + i``) and ``P_i`` those entries of ``S q``, as int8 limbs from ``kernels.decode_project``: the products run
+  on int8 tensor cores, exact in int32, and the packed bytes are the sign operand's registers as they are, four
+  bytes a register, so a bit position's signs cost three instructions a register;
 - outlier channels (one set per token group, so a tile is one group): the inlier sketch saw ``k`` without them,
   ``S (q * mask) . sign = S q . sign - sum_k q[i_k] u_k`` with ``u_k = S[:, i_k] . sign`` from ``S``'s columns in
   the same bit order, taken in the same product as ``S q . sign`` (more rows of one operand); exact outliers add
@@ -25,8 +27,8 @@ import triton
 import triton.language as tl
 
 from .combine_splits import combine_splits
-from .common import dot3, dot_exact_rhs, pow2
-from .decode_project import project_queries, sketch_tables
+from .common import dot3, dot_exact_rhs, interpreting, pow2
+from .decode_project import LIMB_BASE, limb_count, padded_bytes, project_queries, sketch_tables
 from .scores import BLOCK_TOKENS, load_queries, query_mean, split_tokens
 
 BLOCK_EXACT = 32
@@ -44,41 +46,48 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _signs(packed, i):
-    """fp16 +-1 of bit ``i`` of int32 bytes ``packed``, by setting fp16's sign bit: 0xBC00 is -1, 0x3C00 is +1."""
-    return ((((packed >> i) & 1) << 15) ^ 0xBC00).to(tl.int16).to(tl.float16, bitcast=True)
+def _signs(packed, i, ASM: tl.constexpr):
+    """int8 +-1 of bit ``i`` of the bytes ``packed``. On a GPU (``ASM``) four bytes a register at once: the bits
+    masked to one a byte, ``b``, make ``-254 b - 1 = ~(254 b)``, 0x01 or 0xFF a byte, with no carry between bytes
+    (Triton's interpreter cannot run PTX; it takes the same numbers a byte at a time)."""
+    if ASM:
+        return tl.inline_asm_elementwise(
+            "{ .reg .b32 t; shr.b32 t, $1, $2; and.b32 t, t, 0x01010101; mad.lo.s32 $0, t, -254, -1; }",
+            "=r,r,r,r,r,r", [packed, tl.full(packed.shape, i, tl.int32)], dtype=tl.int8, is_pure=True, pack=4)
+    else:
+        return (((packed.to(tl.int32) >> i) & 1) * 2 - 1).to(tl.int8)
 
 
 @triton.jit
-def _sign_sums(signs_ptr, hi_rows, lo_rows, inside, rows, ok, BYTES: tl.constexpr, BP: tl.constexpr,
-               BLOCK_N: tl.constexpr, PRECISE: tl.constexpr, UNROLL: tl.constexpr):
-    """``sum_s T[r, s] sign_t[s]`` ``[R, BLOCK_N]`` for the tile's tokens (global rows ``rows``), with ``T = hi + lo``
-    in bit order: row ``r`` of each is ``8 BP`` numbers from pointer ``hi_rows[r]`` (``lo_rows[r]``), zero where not
-    ``inside[r]``."""
+def _limb_product(acc, limb_rows, inside, signs, i, offs_j, BP: tl.constexpr):
+    """``acc`` plus one limb's bit position ``i`` times the signs of bit ``i``, exact in int32."""
+    limb = tl.load(limb_rows[:, None] + i * BP + offs_j[None, :], mask=inside[:, None], other=0)
+    return tl.dot(limb, signs, acc, out_dtype=tl.int32)
+
+
+@triton.jit
+def _sign_sums(signs_ptr, row_ptrs, limb_stride, row_scales, inside, rows, ok, BYTES: tl.constexpr, BP: tl.constexpr,
+               BLOCK_N: tl.constexpr, LIMBS: tl.constexpr, UNROLL: tl.constexpr, ASM: tl.constexpr):
+    """``sum_s T[r, s] sign_t[s]`` ``[R, BLOCK_N]`` for the tile's tokens (global rows ``rows``), with ``T`` in bit
+    order as int8 limbs (``kernels.decode_project``): limb ``l`` of row ``r`` is ``8 BP`` int8 from pointer
+    ``row_ptrs[r] + l limb_stride[r]``, its scale ``row_scales[r]``; zero where not ``inside[r]``. Each limb sums
+    apart, so the products make ``LIMBS`` chains, not one."""
     offs_j = tl.arange(0, BP)
     packed = tl.load(signs_ptr + rows[None, :] * BYTES + offs_j[:, None], mask=ok[None, :] & (offs_j[:, None] < BYTES),
-                     other=0).to(tl.int32)  # [BP, BLOCK_N]
-    even = tl.zeros((hi_rows.shape[0], BLOCK_N), dtype=tl.float32)
-    if UNROLL == 1:  # the widest rows: one bit position's table at a time
-        for i in tl.range(0, 8, loop_unroll_factor=1):
-            even = _sign_product(even, hi_rows, lo_rows, inside, packed, i, offs_j, BP, PRECISE)
-        return even
-    # Even and odd bit positions sum apart: one accumulator would chain all the products, each waiting for the last.
-    odd = tl.zeros((hi_rows.shape[0], BLOCK_N), dtype=tl.float32)
-    for i in tl.range(0, 8, 2, loop_unroll_factor=UNROLL // 2):
-        even = _sign_product(even, hi_rows, lo_rows, inside, packed, i, offs_j, BP, PRECISE)
-        odd = _sign_product(odd, hi_rows, lo_rows, inside, packed, i + 1, offs_j, BP, PRECISE)
-    return even + odd
-
-
-@triton.jit
-def _sign_product(acc, hi_rows, lo_rows, inside, packed, i, offs_j, BP: tl.constexpr, PRECISE: tl.constexpr):
-    """``acc`` plus the table's bit position ``i`` times the signs of bit ``i``."""
-    signs = _signs(packed, i)
-    acc += tl.dot(tl.load(hi_rows[:, None] + i * BP + offs_j[None, :], mask=inside[:, None], other=0.0), signs)
-    if PRECISE:
-        acc += tl.dot(tl.load(lo_rows[:, None] + i * BP + offs_j[None, :], mask=inside[:, None], other=0.0), signs)
-    return acc
+                     other=0)  # uint8 [BP, BLOCK_N]
+    acc0 = tl.zeros((row_ptrs.shape[0], BLOCK_N), dtype=tl.int32)
+    acc1 = tl.zeros((row_ptrs.shape[0], BLOCK_N), dtype=tl.int32)
+    acc2 = tl.zeros((row_ptrs.shape[0], BLOCK_N), dtype=tl.int32)
+    for i in tl.range(0, 8, loop_unroll_factor=UNROLL):
+        signs = _signs(packed, i, ASM)
+        acc0 = _limb_product(acc0, row_ptrs, inside, signs, i, offs_j, BP)
+        acc1 = _limb_product(acc1, row_ptrs + limb_stride, inside, signs, i, offs_j, BP)
+        if LIMBS == 3:
+            acc2 = _limb_product(acc2, row_ptrs + 2 * limb_stride, inside, signs, i, offs_j, BP)
+    total = acc0.to(tl.float32) + acc1.to(tl.float32) * (1.0 / LIMB_BASE)
+    if LIMBS == 3:
+        total += acc2.to(tl.float32) * (1.0 / (LIMB_BASE * LIMB_BASE))
+    return total * row_scales[:, None]
 
 
 @triton.jit
@@ -105,12 +114,12 @@ def _token_numbers(norms_ptr, scales_ptr, mins_ptr, rows, ok, VGROUP: tl.constex
 
 
 @triton.jit
-def _tile_scores(tables_ptr, q_ptr, bh, start, n_groups, rows, ok, norms, signs_ptr, idx_ptr, osigns_ptr,
-                 onorms_ptr, ovalues_ptr, sp_hi_ptr, sp_lo_ptr, spo_hi_ptr, spo_lo_ptr, scale, oscale,
+def _tile_scores(tables_ptr, table_scales_ptr, q_ptr, bh, start, n_groups, rows, ok, norms, signs_ptr, idx_ptr,
+                 osigns_ptr, onorms_ptr, ovalues_ptr, sp_ptr, sp_scales_ptr, spo_ptr, spo_scales_ptr, scale, oscale,
                  M: tl.constexpr, M_PAD: tl.constexpr, D: tl.constexpr, BYTES: tl.constexpr, BP: tl.constexpr,
                  OBYTES: tl.constexpr, OBP: tl.constexpr, K: tl.constexpr, R_PAD: tl.constexpr, EXACT: tl.constexpr,
-                 GROUP: tl.constexpr, STEP: tl.constexpr, BLOCK_N: tl.constexpr, PRECISE: tl.constexpr,
-                 UNROLL: tl.constexpr):
+                 GROUP: tl.constexpr, STEP: tl.constexpr, BLOCK_N: tl.constexpr, LIMBS: tl.constexpr,
+                 UNROLL: tl.constexpr, ASM: tl.constexpr):
     """Estimated scores ``[M_PAD, BLOCK_N]`` of the tile from token ``start`` (within one outlier group of ``GROUP``
     tokens; global rows ``rows``, real where ``ok``) whose key norms are ``norms``.
 
@@ -120,28 +129,32 @@ def _tile_scores(tables_ptr, q_ptr, bh, start, n_groups, rows, ok, norms, signs_
     correction and outlier term, and ``W @ Y`` with ``W = [I | q[idx]]`` sums them per query."""
     weight = norms * scale
     r = tl.arange(0, R_PAD)
-    table = tables_ptr + (bh * 2 * M_PAD + r) * (8 * BP)  # rows r < M
+    table = tables_ptr + (bh * LIMBS * M_PAD + r) * (8 * BP)  # rows r < M
+    table_scales = tl.load(table_scales_ptr + bh * M_PAD + r, mask=r < M, other=0.0)
     if K == 0:
-        scores = _sign_sums(signs_ptr, table, table + M_PAD * 8 * BP, r < M, rows, ok, BYTES, BP, BLOCK_N,
-                            PRECISE, UNROLL) * weight[None, :]
+        scores = _sign_sums(signs_ptr, table, M_PAD * 8 * BP, table_scales, r < M, rows, ok, BYTES, BP, BLOCK_N,
+                            LIMBS, UNROLL, ASM) * weight[None, :]
     else:
         is_outlier = (r >= M) & (r < M + K)
         group_idx = idx_ptr + (bh * n_groups + start // GROUP) * K
         channel = tl.load(group_idx + (r - M), mask=is_outlier, other=0).to(tl.int32)
-        # The select between two bases loses their alignment; without it each row is read two bytes at a time
-        # and reaches the product through shared memory, a barrier per bit position.
-        hi_rows = tl.multiple_of(tl.where(is_outlier, sp_hi_ptr + channel * (8 * BP), table), 16)
-        lo_rows = tl.multiple_of(tl.where(is_outlier, sp_lo_ptr + channel * (8 * BP), table + M_PAD * 8 * BP), 16)
-        u = _sign_sums(signs_ptr, hi_rows, lo_rows, r < M + K, rows, ok, BYTES, BP, BLOCK_N, PRECISE, UNROLL)
+        # The select between two bases loses their alignment; without it each row is read a byte at a time and
+        # reaches the product through shared memory, a barrier per bit position.
+        row_ptrs = tl.multiple_of(tl.where(is_outlier, sp_ptr + channel * (8 * BP), table), 16)
+        limb_stride = tl.where(is_outlier, D * 8 * BP, M_PAD * 8 * BP)
+        row_scales = tl.where(is_outlier, tl.load(sp_scales_ptr + channel, mask=is_outlier, other=0.0), table_scales)
+        u = _sign_sums(signs_ptr, row_ptrs, limb_stride, row_scales, r < M + K, rows, ok, BYTES, BP, BLOCK_N, LIMBS,
+                       UNROLL, ASM)
         u *= weight[None, :]
         if EXACT:
             term = tl.load(ovalues_ptr + rows[None, :] * K + (r - M)[:, None], mask=is_outlier[:, None] & ok[None, :],
                            other=0.0).to(tl.float32)
         else:
-            ohi = tl.where(is_outlier, spo_hi_ptr + channel * (8 * OBP), spo_hi_ptr)
-            olo = tl.where(is_outlier, spo_lo_ptr + channel * (8 * OBP), spo_lo_ptr)
+            orow_ptrs = tl.where(is_outlier, spo_ptr + channel * (8 * OBP), spo_ptr)
+            oscales = tl.load(spo_scales_ptr + channel, mask=is_outlier, other=0.0)
             oweight = tl.load(onorms_ptr + rows, mask=ok, other=0.0).to(tl.float32) * oscale
-            term = _sign_sums(osigns_ptr, ohi, olo, is_outlier, rows, ok, OBYTES, OBP, BLOCK_N, PRECISE, UNROLL)
+            term = _sign_sums(osigns_ptr, orow_ptrs, D * 8 * OBP, oscales, is_outlier, rows, ok, OBYTES, OBP, BLOCK_N,
+                              LIMBS, UNROLL, ASM)
             term *= oweight[None, :]
         y = tl.where(is_outlier[:, None], term - u, u)
         q_rows = tl.arange(0, M_PAD)
@@ -273,8 +286,9 @@ def _store_partial(part_m_ptr, part_l_ptr, part_acc_ptr, part, m_i, l_i, acc, M:
 
 
 @triton.jit
-def decode_split_kernel(q_ptr, tables_ptr, sp_hi_ptr, sp_lo_ptr, spo_hi_ptr, spo_lo_ptr, mean_ptr, signs_ptr,
-                        norms_ptr, idx_ptr, osigns_ptr, onorms_ptr, ovalues_ptr, vpacked_ptr, vscales_ptr, vmins_ptr,
+def decode_split_kernel(q_ptr, tables_ptr, table_scales_ptr, sp_ptr, sp_scales_ptr, spo_ptr, spo_scales_ptr,
+                        mean_ptr, signs_ptr, norms_ptr, idx_ptr, osigns_ptr, onorms_ptr, ovalues_ptr, vpacked_ptr,
+                        vscales_ptr, vmins_ptr,
                         sink_k_ptr, sink_v_ptr, buf_k_ptr, buf_v_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, n_tokens,
                         n_groups, tokens_per_split, n_sink, n_buffer, scale, oscale, qk_scale, M: tl.constexpr,
                         M_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, DB_PAD: tl.constexpr,
@@ -282,11 +296,12 @@ def decode_split_kernel(q_ptr, tables_ptr, sp_hi_ptr, sp_lo_ptr, spo_hi_ptr, spo
                         K: tl.constexpr, R_PAD: tl.constexpr, EXACT: tl.constexpr, GROUP: tl.constexpr,
                         STEP: tl.constexpr,
                         BLOCK_N: tl.constexpr, CENTERED: tl.constexpr, BITS: tl.constexpr, VGROUP: tl.constexpr,
-                        BLOCK_EXACT: tl.constexpr, PRECISE: tl.constexpr, UNROLL: tl.constexpr,
-                        PREFETCH: tl.constexpr):
+                        BLOCK_EXACT: tl.constexpr, PRECISE: tl.constexpr, LIMBS: tl.constexpr,
+                        UNROLL: tl.constexpr, ASM: tl.constexpr, PREFETCH: tl.constexpr):
     """Program ``(bh, split)``: splits ``0 .. S-1`` take compressed tokens, split ``S`` the exact ones. Writes the
     split's max and sum (log2 units) ``[BH, S + 1, M]`` and unnormalised output ``[BH, S + 1, M, D]``.
-    ``tables``: ``kernels.decode_project``'s output; ``sp_*`` (``spo_*``): the (outlier) sketch in bit order."""
+    ``tables``, ``table_scales``: ``kernels.decode_project``'s limbs of the queries' projections; ``sp``,
+    ``sp_scales`` (``spo``, ``spo_scales``): those of the (outlier) sketch's rows, ``sketch_tables``."""
     bh, split = tl.program_id(0), tl.program_id(1)
     n_splits = tl.num_programs(1)
     part = bh * n_splits + split
@@ -318,10 +333,10 @@ def decode_split_kernel(q_ptr, tables_ptr, sp_hi_ptr, sp_lo_ptr, spo_hi_ptr, spo
             else:
                 norms, token_scales, token_minimums = _token_numbers(norms_ptr, vscales_ptr, vmins_ptr, rows, ok,
                                                                      VGROUP, D)
-            scores = _tile_scores(tables_ptr, q_ptr, bh, start, n_groups, rows, ok, norms, signs_ptr, idx_ptr,
-                                  osigns_ptr, onorms_ptr, ovalues_ptr, sp_hi_ptr, sp_lo_ptr, spo_hi_ptr, spo_lo_ptr,
-                                  scale, oscale, M, M_PAD, D, BYTES, BP, OBYTES, OBP, K, R_PAD, EXACT, GROUP, STEP,
-                                  BLOCK_N, PRECISE, UNROLL)
+            scores = _tile_scores(tables_ptr, table_scales_ptr, q_ptr, bh, start, n_groups, rows, ok, norms,
+                                  signs_ptr, idx_ptr, osigns_ptr, onorms_ptr, ovalues_ptr, sp_ptr, sp_scales_ptr,
+                                  spo_ptr, spo_scales_ptr, scale, oscale, M, M_PAD, D, BYTES, BP, OBYTES, OBP, K,
+                                  R_PAD, EXACT, GROUP, STEP, BLOCK_N, LIMBS, UNROLL, ASM)
             scores = tl.where(ok[None, :], scores * qk_scale + bias[:, None], float("-inf"))
             m_i, alpha, p = _softmax_step(scores, m_i)
             weight_sums = weight_sums * alpha[:, None] + p
@@ -351,26 +366,30 @@ def decode_split_kernel(q_ptr, tables_ptr, sp_hi_ptr, sp_lo_ptr, spo_hi_ptr, spo
 
 def launch_config(queries: int, head_dim: int, sketch_dim: int, outlier_sketch_dim: int, n_outliers: int,
                   group_size: int, centered: bool, value_bits: int, value_group_size: int,
-                  exact_outliers: bool = False, precise: bool = False) -> dict:
+                  exact_outliers: bool = False, precise: bool = False, asm: bool = True) -> dict:
     """The constexprs (and warps) for these shapes; also what ``kernels-compile`` checks. ``precise``: fp32 queries,
-    whose products take fp16 high and low parts (~2^-22); fp16 and bf16 queries take one fp16 product (~2^-11)."""
+    whose products take three int8 limbs of the projections (~2^-24) and fp16 high and low parts of the weights
+    (~2^-22); fp16 and bf16 queries take two limbs (~2^-16) and one fp16 product (~2^-11). ``asm``: sign bits
+    unpacked in PTX, four bytes at a time (False under Triton's interpreter)."""
     step = group_size if n_outliers else BLOCK_TOKENS
     if (head_dim >= 256 or sketch_dim >= 512) and step % 16 == 0:
         step = 16  # tiles of half a group: wide rows leave no registers for 32 tokens
     sketched = n_outliers and not exact_outliers
     obytes = outlier_sketch_dim // 8 if sketched else 2
     return dict(M=queries, M_PAD=pow2(queries, 16), D=head_dim, D_PAD=pow2(head_dim, 16),
-                DB_PAD=pow2(head_dim // 8, 16), BYTES=sketch_dim // 8, BP=pow2(sketch_dim // 8, 16), OBYTES=obytes,
-                OBP=pow2(obytes, 16), K=n_outliers, R_PAD=pow2(queries + n_outliers, 16),
+                DB_PAD=pow2(head_dim // 8, 16), BYTES=sketch_dim // 8, BP=padded_bytes(sketch_dim), OBYTES=obytes,
+                OBP=padded_bytes(8 * obytes), K=n_outliers, R_PAD=pow2(queries + n_outliers, 16),
                 EXACT=bool(n_outliers and exact_outliers), GROUP=group_size, STEP=step, BLOCK_N=pow2(step, 16),
                 CENTERED=centered, BITS=value_bits, VGROUP=value_group_size, BLOCK_EXACT=BLOCK_EXACT, PRECISE=precise,
+                LIMBS=limb_count(precise), ASM=asm,
                 # How many of the eight bit positions are unrolled: all, up to sketch 256 and head dim 128 (fastest);
                 # the table loads of the unrolled positions are hoisted and held, so wider sketches unroll as many as
                 # make 128 table columns (more of them spill, and so does a loop of single positions at sketch 512).
                 UNROLL=8 if sketch_dim <= 256 and head_dim <= 128 else max(1, 1024 // sketch_dim),
-                # Three pipeline stages and the per-token numbers a tile ahead where they fit in registers: at head
-                # dim 256 three stages spill, and so does the prefetch at a sketch of 1024.
-                num_stages=3 if head_dim <= 128 else 2, PREFETCH=head_dim * sketch_dim < 256 * 1024,
+                # Three pipeline stages and the per-token numbers a tile ahead where they fit in registers: three
+                # stages spill at head dim 256 and at sketch 512, the prefetch at head dim 256 with sketch 1024.
+                num_stages=3 if sketch_dim <= 256 and head_dim <= 128 else 2,
+                PREFETCH=head_dim * sketch_dim < 256 * 1024,
                 num_warps=4, maxnreg=255)
 
 
@@ -391,16 +410,19 @@ def decode_attention(query: torch.Tensor, keys, values, value_bits: int, matrix:
     tuning = {"programs_per_sm": PROGRAMS_PER_SM, "min_tokens": MIN_TOKENS, **(tuning or {})}
     config = launch_config(group, d, matrix.shape[0], outlier_matrix.shape[0] if outlier_matrix is not None else 16,
                            k, group_size, key_mean is not None, value_bits, d // values[1].shape[-1],
-                           ovalues is not None, query.dtype == torch.float32)
+                           ovalues is not None, query.dtype == torch.float32, asm=not interpreting())
     config.update({name: tuning.pop(name) for name in ("num_warps", "num_stages", "maxnreg", "UNROLL", "PREFETCH")
                    if name in tuning})
     splits = triton.cdiv(n, split_tokens(n, b * h, config["STEP"], query.device, **tuning)) if n else 0
     per_split = triton.cdiv(n, splits) if splits else 0
     per_split = triton.cdiv(per_split, config["STEP"]) * config["STEP"]
     q = query.reshape(b * h, group, d).contiguous()
-    sp_hi, sp_lo = sketch_tables(matrix)
-    spo_hi, spo_lo = sketch_tables(outlier_matrix) if outlier_matrix is not None else (sp_hi, sp_lo)
-    tables = project_queries(q, matrix) if splits else q.new_empty(0, dtype=torch.float16)  # read by splits only
+    _, sp, sp_scales = sketch_tables(matrix)
+    _, spo, spo_scales = sketch_tables(outlier_matrix) if outlier_matrix is not None else (None, sp, sp_scales)
+    if splits:  # read by splits only
+        tables, table_scales = project_queries(q, matrix, config["PRECISE"])
+    else:
+        tables, table_scales = q.new_empty(0, dtype=torch.int8), q.new_empty(0, dtype=torch.float32)
     sink_k, buf_k = (t.contiguous() for t in exact_keys)
     sink_v, buf_v = (t.contiguous() for t in exact_values)
     packed, scales, minimums = (t.contiguous() for t in values)
@@ -414,8 +436,9 @@ def decode_attention(query: torch.Tensor, keys, values, value_bits: int, matrix:
     part_acc = q.new_empty(b * h, splits + 1, group, d, dtype=torch.float32)
     oscale = (torch.pi / 2) ** 0.5 / outlier_matrix.shape[0] if outlier_matrix is not None else 0.0
     decode_split_kernel[(b * h, splits + 1)](
-        q, tables, sp_hi, sp_lo, spo_hi, spo_lo, mean, signs.contiguous(), norms.contiguous(), present(idx),
-        present(osigns), present(onorms), present(ovalues), packed, scales, minimums, sink_k, sink_v, buf_k, buf_v,
+        q, tables, table_scales, sp, sp_scales, spo, spo_scales, mean, signs.contiguous(), norms.contiguous(),
+        present(idx), present(osigns), present(onorms), present(ovalues), packed, scales, minimums, sink_k, sink_v,
+        buf_k, buf_v,
         part_m, part_l, part_acc, n, idx.shape[2] if k else 0, max(per_split, 1), sink_k.shape[2], buf_k.shape[2],
         (torch.pi / 2) ** 0.5 / matrix.shape[0], oscale, scaling * LOG2E, **config)
     out = combine_splits(part_m, part_l, part_acc, query.dtype)  # [b h, group, d]

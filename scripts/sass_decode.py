@@ -6,8 +6,8 @@ tensors are) at the launch configuration of each shape, disassembles the cubin (
 wheel) and counts the instructions of its longest loop, the loop over 32-token tiles: all of them, the barriers, the
 shared-memory and shuffle instructions, the tensor-core products, the plain global loads, and how many groups of
 asynchronous copies the loop's wait leaves in flight (0: each tile waits for memory); and the registers, which set how
-many programs share a multiprocessor. With ``kernels/decode_attention_baseline.py`` beside it (``git show
-COMMIT:kernels/decode_attention.py > kernels/decode_attention_baseline.py``) it does the same for that kernel.
+many programs share a multiprocessor. With an earlier kernel beside it (``bash scripts/decode_baseline.sh COMMIT``)
+it does the same for that kernel.
 
 Counts are a proxy: the kernel is bound by instruction issue and latency, not bandwidth, on the H100 and H200
 (``profiling/results``), but only a GPU says what a change is worth.
@@ -36,6 +36,8 @@ from profiling.cmd_kernels_compile import (  # noqa: E402
 
 DEFAULT_SHAPES = ["llama8b/3bit/exact/sketch256", "llama8b/3bit/sketched/sketch256", "smollm2/3bit/exact/sketch128"]
 SHARED_OR_SHUFFLE = {"LDS", "STS", "LDSM", "STSM", "SHFL", "BAR"}
+# Kernels up to e843268 read the projections and the sketch's rows as fp16 high and low parts, not int8 limbs.
+FP16_TABLES = dict(tables_ptr="*fp16", sp_hi_ptr="*fp16", sp_lo_ptr="*fp16", spo_hi_ptr="*fp16", spo_lo_ptr="*fp16")
 
 
 def loop_body(sass: str) -> list[str]:
@@ -60,12 +62,14 @@ def count(module, config: dict, arch: int) -> dict:
     own = module.launch_config(config["M"], config["D"], config["BYTES"] * 8, config["OBYTES"] * 8, config["K"],
                                config["GROUP"], config["CENTERED"], config["BITS"], config["VGROUP"],
                                config["EXACT"], config["PRECISE"])
-    cubin = compile_for(module.decode_split_kernel, POINTERS["decode_split"], own, arch).asm["cubin"]
+    fn = module.decode_split_kernel
+    pointers = {**POINTERS["decode_split"], **(FP16_TABLES if "sp_hi_ptr" in fn.arg_names else {})}
+    cubin = compile_for(fn, pointers, own, arch).asm["cubin"]
     body = loop_body(cuobjdump(cubin, "-sass"))
     ops = collections.Counter(text.split()[0].split(".")[0] for text in body)
     return dict(registers=resource_usage(cubin)["REG"], instructions=sum(ops.values()), barriers=ops["BAR"],
-                shared_or_shuffle=sum(n for op, n in ops.items() if op in SHARED_OR_SHUFFLE), hmma=ops["HMMA"],
-                global_loads=ops["LDG"], copies_in_flight=copies_in_flight(body))
+                shared_or_shuffle=sum(n for op, n in ops.items() if op in SHARED_OR_SHUFFLE),
+                mma=ops["HMMA"] + ops["IMMA"], global_loads=ops["LDG"], copies_in_flight=copies_in_flight(body))
 
 
 def main():
@@ -93,7 +97,8 @@ def main():
             rows.append(row)
             print(f"{name:8s} {label:32s} sm_{args.arch} triton {row['triton']}: {row['registers']} registers, "
                   f"main loop {row['instructions']} instructions, {row['barriers']} barriers, "
-                  f"{row['shared_or_shuffle']} shared-memory/shuffle, {row['hmma']} HMMA, {row['global_loads']} "
+                  f"{row['shared_or_shuffle']} shared-memory/shuffle, {row['mma']} tensor-core products, "
+                  f"{row['global_loads']} "
                   f"global loads, {row['copies_in_flight']} copy groups in flight at the wait", flush=True)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))

@@ -7,7 +7,7 @@ Prints and writes JSON; ``max_diff`` is each choice's largest difference from th
 A kernel to compare against, where one is wanted, goes beside the current one before the run (untracked files travel
 to a GPU machine; its history does not), and is timed at its own defaults on the same card:
 
-    git show COMMIT:kernels/decode_attention.py > kernels/decode_attention_baseline.py
+    bash scripts/decode_baseline.sh COMMIT
     python scripts/sweep_decode.py OUT.json [--contexts 32768,131072] [--batches 1,8]
 """
 

@@ -47,7 +47,7 @@ if not interpreter_runs_dynamic_loops():
                 "install numpy<2.3 or a newer Triton", allow_module_level=True)
 
 from kernels.decode_attention import decode_attention  # noqa: E402
-from kernels.decode_project import project_queries  # noqa: E402
+from kernels.decode_project import from_limbs, project_queries, sketch_tables  # noqa: E402
 from kernels.quantize_keys import quantize_keys  # noqa: E402
 from kernels.quantize_values import quantize_values  # noqa: E402
 from kernels.scores import compressed_scores  # noqa: E402
@@ -173,20 +173,29 @@ def test_scores_match_reference(d, queries, k, centered, exact):
 @pytest.mark.parametrize("queries,d,sketch_dim,dtype", [(3, 64, 120, "fp32"), (4, 128, 256, "bf16"),
                                                      (1, 64, 72, "fp16")])
 def test_query_projection_in_bit_order(queries, d, sketch_dim, dtype):
-    """``q @ S.T`` with column ``i * BP + j`` holding sketch row ``8 j + i``, as fp16 high + low parts."""
+    """``q @ S.T`` with column ``i * BP + j`` holding sketch row ``8 j + i``, as int8 limbs and a scale per row: three
+    limbs for fp32 queries (~2^-24 of the row's largest), two for the others (~2^-16); the sketch's own rows split
+    the same way."""
     sketch = QJLSketch(d, sketch_dim, 1, device=DEVICE)
     q = torch.randn(5, queries, d, generator=torch.Generator().manual_seed(queries)).to(DEVICE, DTYPES[dtype])
-    tables = project_queries(q, sketch.matrix)
+    precise = dtype == "fp32"
+    tables, scales = project_queries(q, sketch.matrix, precise)
     m_pad, width = tables.shape[2], tables.shape[3]
     bp = width // 8
-    assert tables.shape == (5, 2, m_pad, width) and m_pad >= queries and bp >= sketch_dim // 8
+    assert tables.shape == (5, 3 if precise else 2, m_pad, width) and scales.shape == (5, m_pad)
+    assert m_pad >= queries and bp >= sketch_dim // 8 and tables.abs().max() <= 127
     column = torch.arange(width)
     row = 8 * (column % bp) + column // bp
     expected = torch.zeros(5, m_pad, width, device=DEVICE)
     expected[:, :queries, row < sketch_dim] = (q.float() @ sketch.matrix.float().T)[..., row[row < sketch_dim]]
-    got = tables[:, 0].float() + tables[:, 1].float()
-    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    got = from_limbs(tables.transpose(0, 1), scales)
+    largest = expected.abs().amax(dim=-1, keepdim=True)
+    assert ((got - expected).abs() <= largest * (2 ** -20 if precise else 2 ** -15)).all()  # with fp32 rounding
     assert not got[:, queries:].any() and not got[..., row >= sketch_dim].any()
+    table, limbs, limb_scales = sketch_tables(sketch.matrix)
+    assert torch.equal(table[:, row < sketch_dim], sketch.matrix.float().T[:, row[row < sketch_dim]])
+    rebuilt = from_limbs(limbs, limb_scales)
+    assert ((rebuilt - table).abs() <= table.abs().amax(dim=-1, keepdim=True) * 2 ** -23).all()
 
 
 def filled_layer(config, b, h, d, prompt, steps, dtype, seed=0):
