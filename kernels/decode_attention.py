@@ -390,7 +390,8 @@ def launch_config(queries: int, head_dim: int, sketch_dim: int, outlier_sketch_d
                 # stages spill at head dim 256 and at sketch 512, the prefetch at head dim 256 with sketch 1024.
                 num_stages=3 if sketch_dim <= 256 and head_dim <= 128 else 2,
                 PREFETCH=head_dim * sketch_dim < 256 * 1024,
-                num_warps=4, maxnreg=255)
+                # fp32 queries at head dim 256 (two products per value pair, three limbs) spill with four warps
+                num_warps=8 if precise and head_dim >= 256 else 4, maxnreg=255)
 
 
 def decode_attention(query: torch.Tensor, keys, values, value_bits: int, matrix: torch.Tensor,

@@ -55,6 +55,8 @@ POINTERS = {
     "combine_splits": dict(part_m_ptr="*fp32", part_l_ptr="*fp32", part_acc_ptr="*fp32", out_ptr="*bf16",
                            n_splits="i32"),
 }
+# The arguments in the model's dtype, fp32 where a launch is for an fp32 model (``PRECISE``).
+FP32_MODEL_POINTERS = ("q_ptr", "sink_k_ptr", "sink_v_ptr", "buf_k_ptr", "buf_v_ptr")
 LAUNCH_OPTIONS = ("num_warps", "num_stages", "maxnreg")  # launch options a launch_config may set, not constexprs
 
 
@@ -78,16 +80,17 @@ def launch_configs(shapes) -> list[tuple[str, str, dict]]:
         variants = [c, dataclasses.replace(c, exact_outliers=not c.exact_outliers)] if c.n_outliers else [c]
         for c, sketch in itertools.product(variants, sorted({c.sketch_dim, c.layer_sketch_dim(0)})):
             k, outlier, exact = c.n_outliers, c.outlier_sketch_dim, c.exact_outliers
-            wanted = {
-                "quantize_keys": (d, sketch, outlier, k, exact),
-                "quantize_values": (d, c.value_bits, c.value_group_size),
-                "scores": (group, d, sketch, outlier, k, c.group_size, c.center_keys, exact),
-                "decode_project": (group, d, sketch),
-                "decode_split": (group, d, sketch, outlier, k, c.group_size, c.center_keys, c.value_bits,
-                                 c.value_group_size, exact),
-                "combine_splits": (d,),
-            }
-            for kernel, args in wanted.items():
+            wanted = [
+                ("quantize_keys", (d, sketch, outlier, k, exact)),
+                ("quantize_values", (d, c.value_bits, c.value_group_size)),
+                ("scores", (group, d, sketch, outlier, k, c.group_size, c.center_keys, exact)),
+                ("combine_splits", (d,)),
+            ]
+            for precise in (False, True):  # bf16 or fp16 models, and fp32 ones (more limbs, high and low parts)
+                wanted += [("decode_project", (group, d, sketch, precise)),
+                           ("decode_split", (group, d, sketch, outlier, k, c.group_size, c.center_keys, c.value_bits,
+                                             c.value_group_size, exact, precise))]
+            for kernel, args in wanted:
                 config = KERNELS[kernel][1](*args)
                 if kernel == "combine_splits":
                     config = dict(config, M=group)
@@ -95,7 +98,8 @@ def launch_configs(shapes) -> list[tuple[str, str, dict]]:
                 if key not in seen:
                     seen.add(key)
                     outliers = ("/exact" if exact else "/sketched") if k else ""
-                    configs.append((kernel, f"{label}/{preset}{outliers}/sketch{sketch}", config))
+                    fp32 = "/fp32" if config.get("PRECISE") or config.get("LIMBS") == 3 else ""
+                    configs.append((kernel, f"{label}/{preset}{outliers}/sketch{sketch}{fp32}", config))
     return configs
 
 
@@ -133,7 +137,10 @@ def compile_for(fn, pointers: dict, config: dict, arch: int):
 def compile_kernel(kernel: str, config: dict, arch: int) -> dict:
     from kernels import KERNELS
 
-    compiled = compile_for(KERNELS[kernel][0], POINTERS[kernel], config, arch)
+    pointers = POINTERS[kernel]
+    if config.get("PRECISE"):  # an fp32 model's queries and exact tokens
+        pointers = {**pointers, **{name: "*fp32" for name in FP32_MODEL_POINTERS if name in pointers}}
+    compiled = compile_for(KERNELS[kernel][0], pointers, config, arch)
     usage = resource_usage(compiled.asm["cubin"])
     return dict(registers=usage.get("REG"), shared_bytes=max(compiled.metadata.shared, usage.get("SHARED", 0)),
                 spill_bytes=usage.get("LOCAL", 0) + usage.get("STACK", 0))

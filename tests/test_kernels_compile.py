@@ -1,6 +1,6 @@
 """The real Triton compiler (not the interpreter) accepts every kernel for sm_90 and sm_80 at the configurations the
-launchers use (head dims 64, 128 and 256; sketches 128 to 512, with outliers sketched or exact and centred keys),
-without spills and within each architecture's shared memory per program."""
+launchers use (head dims 64, 128 and 256; sketches 128 to 512, with outliers sketched or exact and centred keys;
+the decode kernels for bf16 and fp32 models), without spills and within each architecture's shared memory per program."""
 
 import json
 import os
@@ -36,6 +36,9 @@ def test_every_kernel_compiles_for_hopper_and_ampere_without_spills(tmp_path):
         compiled = [k for k in kernels if k["arch"] == arch]
         assert {k["name"] for k in compiled} == KERNEL_NAMES
         assert {k["config"]["D"] for k in compiled if k["name"] == "decode_split"} == {64, 128, 256}
+        # bf16 and fp32 models: fp32 queries take three limbs and high and low parts of the weights
+        assert {k["config"]["PRECISE"] for k in compiled if k["name"] == "decode_split"} == {False, True}
+        assert {k["config"]["LIMBS"] for k in compiled if k["name"] == "decode_project"} == {2, 3}
         assert max(k["config"]["SKETCH"] for k in compiled if k["name"] == "scores") == 512
         for name in ("quantize_keys", "scores", "decode_split"):  # outliers sketched and exact, at every head dim
             variants = {(k["config"]["D"], k["config"]["EXACT"]) for k in compiled if k["name"] == name
