@@ -3,7 +3,8 @@
 # the torch path included), the decode benchmark, the sm_90 compile report and the sweep of the fused decode kernel's
 # launch choices. Everything lands in OUTDIR (8 files, what a GPU slot returns at most); the same commands took 146 s
 # on an H200.
-# Needs torch (CUDA), triton, transformers, pytest; not gradio, plotly or kaleido.
+# Needs torch (CUDA), triton, transformers, pytest; not gradio, plotly or kaleido. To time an earlier decode kernel
+# on the same card, run `bash scripts/decode_baseline.sh COMMIT` before the call (the GPU box gets no history).
 set -uo pipefail
 OUT="${1:?usage: bash scripts/gpu-check.sh OUTDIR}"
 cd "$(dirname "$0")/.."
