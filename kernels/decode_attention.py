@@ -166,73 +166,98 @@ def _tile_scores(tables_ptr, table_scales_ptr, q_ptr, bh, start, n_groups, rows,
 
 
 @triton.jit
-def _small_ints_fp16(codes):
-    """fp16 of integers ``0 <= codes < 1024``, exactly, without a conversion instruction: ``0x6400 | code`` is the
-    fp16 number ``1024 + code``, and subtracting 1024 is exact."""
-    return (codes | 0x6400).to(tl.int16).to(tl.float16, bitcast=True) - 1024.0
+def _plane_bits(codes, planes, masks, SHIFT: tl.constexpr, ASM: tl.constexpr):
+    """``codes | ((planes >> SHIFT) & masks)`` (a left shift for a negative ``SHIFT``) of int16 ``[BLOCK_N, C]``. On
+    a GPU (``ASM``) two numbers a register: a shift of the whole register and one ``lop3``; what the shift moves
+    from one half into the other lands above bit 8, outside every mask, so each half is its own number."""
+    if ASM and SHIFT >= 0:
+        return tl.inline_asm_elementwise(f"{{ .reg .b32 t; shr.b32 t, $2, {SHIFT}; lop3.b32 $0, t, $3, $1, 0xEA; }}",
+                                         "=r,r,r,r", [codes, planes, masks], dtype=tl.int16, is_pure=True, pack=2)
+    elif ASM:
+        return tl.inline_asm_elementwise(f"{{ .reg .b32 t; shl.b32 t, $2, {-SHIFT}; lop3.b32 $0, t, $3, $1, 0xEA; }}",
+                                         "=r,r,r,r", [codes, planes, masks], dtype=tl.int16, is_pure=True, pack=2)
+    else:
+        if SHIFT >= 0:
+            moved = planes >> SHIFT
+        else:
+            moved = planes << -SHIFT
+        return codes | (moved & masks)
 
 
 @triton.jit
-def _code_product(weights, codes, scales, minimums, VGROUP: tl.constexpr, D: tl.constexpr, PRECISE: tl.constexpr):
-    """``weights @ values`` for integer ``codes`` ``[BLOCK_N, C]``: ``weights`` already carry the per-token scale where
-    there is one scale per token (the codes are then the exact fp16 operand), else the codes are dequantized with
-    ``scales`` and ``minimums`` ``[BLOCK_N, C]`` first."""
-    if VGROUP == D:
-        exact = _small_ints_fp16(codes)
-        if PRECISE:
-            out = dot_exact_rhs(weights, exact)
-        else:
-            out = tl.dot(weights.to(tl.float16), exact)
+def _value_product(weights, values, CODES: tl.constexpr, PRECISE: tl.constexpr):
+    """``weights @ values``; ``CODES``: the values are integers, exact in fp16."""
+    if PRECISE and CODES:
+        return dot_exact_rhs(weights, values)
+    elif PRECISE:
+        return dot3(weights, values)
     else:
-        dequantized = codes.to(tl.float32) * scales + minimums
-        if PRECISE:
-            out = dot3(weights, dequantized)
-        else:
-            out = tl.dot(weights.to(tl.float16), dequantized.to(tl.float16))
-    return out
+        return tl.dot(weights.to(tl.float16), values.to(tl.float16))
 
 
 @triton.jit
 def _tile_values(p, packed_ptr, scales_ptr, mins_ptr, token_scales, token_minimums, rows, ok, D: tl.constexpr,
                  DB_PAD: tl.constexpr, BITS: tl.constexpr, VGROUP: tl.constexpr, BLOCK_N: tl.constexpr,
-                 PRECISE: tl.constexpr):
+                 PRECISE: tl.constexpr, ASM: tl.constexpr):
     """``p @ values`` of the tile as four float32 ``[M_PAD, 2 DB_PAD]`` products, one per pair of bit positions: in
     product ``a`` column ``h DB_PAD + j`` is output column ``8 j + 2 a + h``; and ``p * minimum`` ``[M_PAD, BLOCK_N]``
     where the minimum is one per token (``token_scales``, ``token_minimums``; else zeros: the products hold the
     minimums, and ``scales_ptr``, ``mins_ptr`` give them per group).
 
-    Each product's operand is the packed bytes shifted by per-column amounts, unpacked in the layout it is read in;
-    two bit positions per product make 2 DB_PAD columns, enough for every warp to take its own."""
+    Each product's operand is the packed bytes shifted, unpacked in the layout it is read in; two bit positions per
+    product make 2 DB_PAD columns, enough for every warp to take its own. With one scale per token, ``p @ v =
+    (p * scale) @ codes + p . minimum`` with the integer codes exact in fp16: ``0x6400 | c`` is the fp16 number
+    ``1024 + c``, less 1024 exactly ``c``, and no conversion instruction. There the ``h = 1`` columns take their
+    codes doubled (bit ``2 a + h`` of plane ``b`` lands at bit ``b + h``), so one shift a product serves both halves;
+    ``_halve_odd_columns`` undoes it. Grouped scales dequantize the codes in fp32."""
     cols = tl.arange(0, 2 * DB_PAD)
     j = cols % DB_PAD
     h = (cols // DB_PAD)[None, :]
     inside = ok[:, None] & (j[None, :] < D // 8)
-    codes0 = tl.zeros((BLOCK_N, 2 * DB_PAD), dtype=tl.int32)
-    codes1 = tl.zeros((BLOCK_N, 2 * DB_PAD), dtype=tl.int32)
-    codes2 = tl.zeros((BLOCK_N, 2 * DB_PAD), dtype=tl.int32)
-    codes3 = tl.zeros((BLOCK_N, 2 * DB_PAD), dtype=tl.int32)
-    for plane in tl.static_range(BITS):
-        packed = tl.load(packed_ptr + rows[:, None] * (BITS * D // 8) + plane * (D // 8) + j[None, :], mask=inside,
-                         other=0).to(tl.int32)
-        codes0 += ((packed >> h) & 1) << plane
-        codes1 += ((packed >> (h + 2)) & 1) << plane
-        codes2 += ((packed >> (h + 4)) & 1) << plane
-        codes3 += ((packed >> (h + 6)) & 1) << plane
     if VGROUP == D:
-        scales = token_scales
-        minimums = token_minimums
-        weights = p * scales[None, :]
-        minimum_terms = p * minimums[None, :]
+        masks = tl.broadcast_to((1 << h).to(tl.int16), (BLOCK_N, 2 * DB_PAD))
+        codes0 = tl.full((BLOCK_N, 2 * DB_PAD), 0x6400, dtype=tl.int16)
+        codes1 = codes0
+        codes2 = codes0
+        codes3 = codes0
+        for plane in tl.static_range(BITS):
+            planes = tl.load(packed_ptr + rows[:, None] * (BITS * D // 8) + plane * (D // 8) + j[None, :],
+                             mask=inside, other=0).to(tl.int16)
+            codes0 = _plane_bits(codes0, planes, masks << plane, 0 - plane, ASM)
+            codes1 = _plane_bits(codes1, planes, masks << plane, 2 - plane, ASM)
+            codes2 = _plane_bits(codes2, planes, masks << plane, 4 - plane, ASM)
+            codes3 = _plane_bits(codes3, planes, masks << plane, 6 - plane, ASM)
+        weights = p * token_scales[None, :]
+        return (_value_product(weights, codes0.to(tl.float16, bitcast=True) - 1024.0, True, PRECISE),
+                _value_product(weights, codes1.to(tl.float16, bitcast=True) - 1024.0, True, PRECISE),
+                _value_product(weights, codes2.to(tl.float16, bitcast=True) - 1024.0, True, PRECISE),
+                _value_product(weights, codes3.to(tl.float16, bitcast=True) - 1024.0, True, PRECISE),
+                p * token_minimums[None, :])
     else:
+        codes0 = tl.zeros((BLOCK_N, 2 * DB_PAD), dtype=tl.int32)
+        codes1 = tl.zeros((BLOCK_N, 2 * DB_PAD), dtype=tl.int32)
+        codes2 = tl.zeros((BLOCK_N, 2 * DB_PAD), dtype=tl.int32)
+        codes3 = tl.zeros((BLOCK_N, 2 * DB_PAD), dtype=tl.int32)
+        for plane in tl.static_range(BITS):
+            packed = tl.load(packed_ptr + rows[:, None] * (BITS * D // 8) + plane * (D // 8) + j[None, :],
+                             mask=inside, other=0).to(tl.int32)
+            codes0 += ((packed >> h) & 1) << plane
+            codes1 += ((packed >> (h + 2)) & 1) << plane
+            codes2 += ((packed >> (h + 4)) & 1) << plane
+            codes3 += ((packed >> (h + 6)) & 1) << plane
         groups = rows[:, None] * (D // VGROUP) + j[None, :] // (VGROUP // 8)
         scales = tl.load(scales_ptr + groups, mask=inside, other=0.0).to(tl.float32)
         minimums = tl.load(mins_ptr + groups, mask=inside, other=0.0).to(tl.float32)
-        weights = p
-        minimum_terms = tl.zeros_like(p)
-    return (_code_product(weights, codes0, scales, minimums, VGROUP, D, PRECISE),
-            _code_product(weights, codes1, scales, minimums, VGROUP, D, PRECISE),
-            _code_product(weights, codes2, scales, minimums, VGROUP, D, PRECISE),
-            _code_product(weights, codes3, scales, minimums, VGROUP, D, PRECISE), minimum_terms)
+        return (_value_product(p, codes0.to(tl.float32) * scales + minimums, False, PRECISE),
+                _value_product(p, codes1.to(tl.float32) * scales + minimums, False, PRECISE),
+                _value_product(p, codes2.to(tl.float32) * scales + minimums, False, PRECISE),
+                _value_product(p, codes3.to(tl.float32) * scales + minimums, False, PRECISE), tl.zeros_like(p))
+
+
+@triton.jit
+def _halve_odd_columns(pair, DB_PAD: tl.constexpr):
+    """A pair product with its ``h = 1`` columns halved (their codes came doubled, ``_tile_values``)."""
+    return pair * tl.where(tl.arange(0, 2 * DB_PAD) < DB_PAD, 1.0, 0.5)[None, :]
 
 
 @triton.jit
@@ -342,7 +367,7 @@ def decode_split_kernel(q_ptr, tables_ptr, table_scales_ptr, sp_ptr, sp_scales_p
             weight_sums = weight_sums * alpha[:, None] + p
             pair0, pair1, pair2, pair3, minimum_terms = _tile_values(p, vpacked_ptr, vscales_ptr, vmins_ptr,
                                                                    token_scales, token_minimums, rows, ok, D, DB_PAD,
-                                                                   BITS, VGROUP, BLOCK_N, PRECISE)
+                                                                   BITS, VGROUP, BLOCK_N, PRECISE, ASM)
             acc0 = acc0 * alpha[:, None] + pair0
             acc1 = acc1 * alpha[:, None] + pair1
             acc2 = acc2 * alpha[:, None] + pair2
@@ -352,6 +377,11 @@ def decode_split_kernel(q_ptr, tables_ptr, table_scales_ptr, sp_ptr, sp_scales_p
             if PREFETCH:
                 norms, token_scales, token_minimums = next_norms, next_scales, next_minimums
         l_i = tl.sum(weight_sums, axis=1)
+        if VGROUP == D:
+            acc0 = _halve_odd_columns(acc0, DB_PAD)
+            acc1 = _halve_odd_columns(acc1, DB_PAD)
+            acc2 = _halve_odd_columns(acc2, DB_PAD)
+            acc3 = _halve_odd_columns(acc3, DB_PAD)
         out = _value_columns(acc0, acc1, acc2, acc3, DB_PAD) + tl.sum(minimum_sums, axis=1)[:, None]
         _store_partial(part_m_ptr, part_l_ptr, part_acc_ptr, part, m_i, l_i, out, M, D)
     else:
