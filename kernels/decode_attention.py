@@ -207,26 +207,30 @@ def _tile_values(p, packed_ptr, scales_ptr, mins_ptr, token_scales, token_minimu
     Each product's operand is the packed bytes shifted, unpacked in the layout it is read in; two bit positions per
     product make 2 DB_PAD columns, enough for every warp to take its own. With one scale per token, ``p @ v =
     (p * scale) @ codes + p . minimum`` with the integer codes exact in fp16: ``0x6400 | c`` is the fp16 number
-    ``1024 + c``, less 1024 exactly ``c``, and no conversion instruction. There the ``h = 1`` columns take their
-    codes doubled (bit ``2 a + h`` of plane ``b`` lands at bit ``b + h``), so one shift a product serves both halves;
-    ``_halve_odd_columns`` undoes it. Grouped scales dequantize the codes in fp32."""
+    ``1024 + c``, less 1024 exactly ``c``, and no conversion instruction; grouped scales dequantize the codes in
+    fp32. The ``h = 1`` columns take their codes doubled (bit ``2 a + h`` of plane ``b`` lands at bit ``b + h``), so
+    one shift a product serves both halves; ``_halve_odd_columns`` undoes it for one scale per token, halved scales
+    for grouped ones."""
     cols = tl.arange(0, 2 * DB_PAD)
     j = cols % DB_PAD
     h = (cols // DB_PAD)[None, :]
     inside = ok[:, None] & (j[None, :] < D // 8)
+    masks = tl.broadcast_to((1 << h).to(tl.int16), (BLOCK_N, 2 * DB_PAD))
     if VGROUP == D:
-        masks = tl.broadcast_to((1 << h).to(tl.int16), (BLOCK_N, 2 * DB_PAD))
         codes0 = tl.full((BLOCK_N, 2 * DB_PAD), 0x6400, dtype=tl.int16)
-        codes1 = codes0
-        codes2 = codes0
-        codes3 = codes0
-        for plane in tl.static_range(BITS):
-            planes = tl.load(packed_ptr + rows[:, None] * (BITS * D // 8) + plane * (D // 8) + j[None, :],
-                             mask=inside, other=0).to(tl.int16)
-            codes0 = _plane_bits(codes0, planes, masks << plane, 0 - plane, ASM)
-            codes1 = _plane_bits(codes1, planes, masks << plane, 2 - plane, ASM)
-            codes2 = _plane_bits(codes2, planes, masks << plane, 4 - plane, ASM)
-            codes3 = _plane_bits(codes3, planes, masks << plane, 6 - plane, ASM)
+    else:
+        codes0 = tl.zeros((BLOCK_N, 2 * DB_PAD), dtype=tl.int16)
+    codes1 = codes0
+    codes2 = codes0
+    codes3 = codes0
+    for plane in tl.static_range(BITS):
+        planes = tl.load(packed_ptr + rows[:, None] * (BITS * D // 8) + plane * (D // 8) + j[None, :], mask=inside,
+                         other=0).to(tl.int16)
+        codes0 = _plane_bits(codes0, planes, masks << plane, 0 - plane, ASM)
+        codes1 = _plane_bits(codes1, planes, masks << plane, 2 - plane, ASM)
+        codes2 = _plane_bits(codes2, planes, masks << plane, 4 - plane, ASM)
+        codes3 = _plane_bits(codes3, planes, masks << plane, 6 - plane, ASM)
+    if VGROUP == D:
         weights = p * token_scales[None, :]
         return (_value_product(weights, codes0.to(tl.float16, bitcast=True) - 1024.0, True, PRECISE),
                 _value_product(weights, codes1.to(tl.float16, bitcast=True) - 1024.0, True, PRECISE),
@@ -234,19 +238,9 @@ def _tile_values(p, packed_ptr, scales_ptr, mins_ptr, token_scales, token_minimu
                 _value_product(weights, codes3.to(tl.float16, bitcast=True) - 1024.0, True, PRECISE),
                 p * token_minimums[None, :])
     else:
-        codes0 = tl.zeros((BLOCK_N, 2 * DB_PAD), dtype=tl.int32)
-        codes1 = tl.zeros((BLOCK_N, 2 * DB_PAD), dtype=tl.int32)
-        codes2 = tl.zeros((BLOCK_N, 2 * DB_PAD), dtype=tl.int32)
-        codes3 = tl.zeros((BLOCK_N, 2 * DB_PAD), dtype=tl.int32)
-        for plane in tl.static_range(BITS):
-            packed = tl.load(packed_ptr + rows[:, None] * (BITS * D // 8) + plane * (D // 8) + j[None, :],
-                             mask=inside, other=0).to(tl.int32)
-            codes0 += ((packed >> h) & 1) << plane
-            codes1 += ((packed >> (h + 2)) & 1) << plane
-            codes2 += ((packed >> (h + 4)) & 1) << plane
-            codes3 += ((packed >> (h + 6)) & 1) << plane
         groups = rows[:, None] * (D // VGROUP) + j[None, :] // (VGROUP // 8)
-        scales = tl.load(scales_ptr + groups, mask=inside, other=0.0).to(tl.float32)
+        # halved scales for the doubled codes of the h = 1 columns (exact: a power of two)
+        scales = tl.load(scales_ptr + groups, mask=inside, other=0.0).to(tl.float32) * tl.where(h == 0, 1.0, 0.5)
         minimums = tl.load(mins_ptr + groups, mask=inside, other=0.0).to(tl.float32)
         return (_value_product(p, codes0.to(tl.float32) * scales + minimums, False, PRECISE),
                 _value_product(p, codes1.to(tl.float32) * scales + minimums, False, PRECISE),
