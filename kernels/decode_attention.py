@@ -425,8 +425,8 @@ def decode_attention(query: torch.Tensor, keys, values, value_bits: int, matrix:
     outlier_signs, outlier_norms, outlier_values) (exact outliers: no ``outlier_matrix``) and ``values`` = (packed,
     scales, minimums) as ``QJLLayer`` stores them (``[b, h, n, ...]``); ``exact_keys``/``exact_values`` = (sink,
     buffer) ``[b, h, *, d]``. Returns ``[b, 1, hq, d]`` in the query's dtype. ``tuning`` overrides launch choices
-    (``num_warps``, ``num_stages``, ``maxnreg``, ``UNROLL``, ``PREFETCH``, ``programs_per_sm``, ``min_tokens``) for
-    benchmarks."""
+    (``num_warps``, ``num_stages``, ``maxnreg``, ``UNROLL``, ``PREFETCH``, ``ASM``, ``programs_per_sm``,
+    ``min_tokens``) for benchmarks."""
     signs, norms, idx, osigns, onorms, ovalues = keys
     b, hq, _, d = query.shape
     h, n = signs.shape[1], signs.shape[2]
@@ -436,8 +436,8 @@ def decode_attention(query: torch.Tensor, keys, values, value_bits: int, matrix:
     config = launch_config(group, d, matrix.shape[0], outlier_matrix.shape[0] if outlier_matrix is not None else 16,
                            k, group_size, key_mean is not None, value_bits, d // values[1].shape[-1],
                            ovalues is not None, query.dtype == torch.float32, asm=not interpreting())
-    config.update({name: tuning.pop(name) for name in ("num_warps", "num_stages", "maxnreg", "UNROLL", "PREFETCH")
-                   if name in tuning})
+    config.update({name: tuning.pop(name) for name in ("num_warps", "num_stages", "maxnreg", "UNROLL", "PREFETCH",
+                                                           "ASM") if name in tuning})
     splits = triton.cdiv(n, split_tokens(n, b * h, config["STEP"], query.device, **tuning)) if n else 0
     per_split = triton.cdiv(n, splits) if splits else 0
     per_split = triton.cdiv(per_split, config["STEP"]) * config["STEP"]

@@ -14,6 +14,6 @@ status=0
 timeout 240 python -m pytest -q tests/test_kernels.py 2>&1 | tee "$OUT/tests.txt" || status=1
 timeout 200 python -m profiling bench-kernels --out "$OUT/bench-kernels" 2>&1 | tee "$OUT/bench.txt" || status=1
 timeout 120 python -m profiling kernels-compile --quick --arch 90 --out "$OUT/kernels-compile" > "$OUT/compile.txt" 2>&1 || status=1
-timeout 180 python scripts/sweep_decode.py "$OUT/sweep-decode.json" > "$OUT/sweep-decode.txt" 2>&1 || status=1
+timeout 240 python scripts/sweep_decode.py "$OUT/sweep-decode.json" > "$OUT/sweep-decode.txt" 2>&1 || status=1
 echo "gpu-check: exit $status; results in $OUT"
 exit $status

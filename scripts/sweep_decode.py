@@ -29,15 +29,16 @@ from profiling.cmd_bench_kernels import (HEAD_DIM, KV_HEADS, Q_HEADS, decode_byt
 from qjl.backend import decode_arguments  # noqa: E402
 from qjl.config import QJLConfig  # noqa: E402
 
-# (pipeline stages, warps, register cap, per-token numbers loaded a tile ahead), each beside the default (3, 4, 255,
-# True), which no GPU has timed yet: two stages and no prefetch are the launch the H100 and H200 timed; a cap of 168
-# registers lets three programs of four warps share a multiprocessor instead of two (no spills at these shapes); four
-# stages start the copies two tiles ahead; two warps per program take fewer instructions per tile. One stage was 1.4-2x
-# slower than two at every shape on the H100 and the H200, so it is not swept.
-CHOICES = [(2, 4, 255, True), (3, 4, 255, False), (2, 4, 255, False), (3, 4, 168, True), (4, 4, 255, True),
-           (3, 2, 255, True)]
-TUNINGS = [dict(num_stages=s, num_warps=w, maxnreg=r, PREFETCH=f, programs_per_sm=p)
-           for (s, w, r, f), p in itertools.product(CHOICES, (4, 6))]
+# (pipeline stages, warps, register cap, per-token numbers loaded a tile ahead, PTX bit unpacking), each beside the
+# default (3, 4, 255, True, True): two stages and no prefetch are the launch the H100 and H200 timed at 7097b39; a cap
+# of 168 registers lets three programs of four warps share a multiprocessor instead of two (no spills at these
+# shapes); four stages start the copies two tiles ahead; two warps per program take fewer instructions per tile; the
+# interpreter's element-wise unpacking instead of PTX measures what the PTX gains, and its max_diff checks the PTX on
+# the GPU. One stage was 1.4-2x slower than two at every shape on the H100 and the H200, so it is not swept.
+CHOICES = [(2, 4, 255, True, True), (3, 4, 255, False, True), (2, 4, 255, False, True), (3, 4, 168, True, True),
+           (4, 4, 255, True, True), (3, 2, 255, True, True), (3, 4, 255, True, False)]
+TUNINGS = [dict(num_stages=s, num_warps=w, maxnreg=r, PREFETCH=f, ASM=a, programs_per_sm=p)
+           for (s, w, r, f, a), p in itertools.product(CHOICES, (4, 6))]
 BASELINE = "kernels.decode_attention_baseline"
 
 
