@@ -56,6 +56,19 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def resident_programs(kernel, device: torch.device) -> int:
+    """Programs of a compiled kernel that one multiprocessor runs at once: its registers (allocated per warp, 8 a
+    thread at a time), its shared memory (plus the 1 KiB the driver keeps per program from sm_80 on) and its
+    threads, each against what the multiprocessor has."""
+    props = torch.cuda.get_device_properties(device)
+    kernel._init_handles()
+    warps = kernel.metadata.num_warps
+    by_registers = props.regs_per_multiprocessor // (-(-kernel.n_regs // 8) * 8 * props.warp_size * warps)
+    by_shared = props.shared_memory_per_multiprocessor // (kernel.metadata.shared + 1024)
+    by_threads = props.max_threads_per_multi_processor // (props.warp_size * warps)
+    return max(1, min(by_registers, by_shared, by_threads))
+
+
 def pow2(n: int, minimum: int = 1) -> int:
     return max(minimum, triton.next_power_of_2(n))
 

@@ -27,17 +27,16 @@ import triton
 import triton.language as tl
 
 from .combine_splits import combine_splits
-from .common import dot3, dot_exact_rhs, interpreting, pow2
+from .common import dot3, dot_exact_rhs, interpreting, pow2, resident_programs
 from .decode_project import LIMB_BASE, limb_count, padded_bytes, project_queries, sketch_tables
-from .scores import BLOCK_TOKENS, load_queries, query_mean, split_tokens
+from .scores import BLOCK_TOKENS, load_queries, query_mean
 
 BLOCK_EXACT = 32
-# Six programs per multiprocessor was within 11% of the best choice at 32k and 128k tokens, batch 1 and 8, on an H200
-# (profiling/results/nvidia-h200/, scripts/sweep_decode.py), where two pipeline stages were 1.4-2x faster than one.
-# Three stages, from the sm_90 code alone (not yet timed): with two, the pipeliner issues the next tile's copies at the
-# end of a tile and waits for them at the start of the next, so each tile waits for memory; with three, a tile's copies
-# have a whole tile of work to arrive in.
-PROGRAMS_PER_SM = 6
+# The splits make one wave: as many programs as the multiprocessors hold at once (``resident_programs``, from the
+# compiled kernel's registers and shared memory). On the H100 at 7097b39..31602b4, a wave and a half (six programs per
+# multiprocessor where four fit) took 15% longer at 128k tokens, batch 1. Under the interpreter, which compiles
+# nothing, this many per "multiprocessor" (eight of them) exercise the splits.
+INTERPRETER_PROGRAMS_PER_SM = 6
 # Short contexts split down to two tiles a program, not scores' 256 tokens (which amortise a projection each of its
 # programs makes; here one kernel makes it for all): at 1k tokens the H100 took 4.3x SDPA's time with 4 programs per
 # KV head, each walking its 8 tiles one after another.
@@ -414,8 +413,35 @@ def launch_config(queries: int, head_dim: int, sketch_dim: int, outlier_sketch_d
                 # stages spill at head dim 256 and at sketch 512, the prefetch at head dim 256 with sketch 1024.
                 num_stages=3 if sketch_dim <= 256 and head_dim <= 128 else 2,
                 PREFETCH=head_dim * sketch_dim < 256 * 1024,
-                # fp32 queries at head dim 256 (two products per value pair, three limbs) spill with four warps
-                num_warps=8 if precise and head_dim >= 256 else 4, maxnreg=255)
+                # Two warps a program where they fit in registers: on the H100 at 31602b4, 27-33% faster than four at
+                # 32k and 128k tokens, batch 1 and 8 (fewer instructions a tile, four programs a multiprocessor in
+                # place of two). fp32 queries at head dim 256 (two products per value pair, three limbs) spill with
+                # four.
+                num_warps=2 if sketch_dim <= 256 and head_dim <= 128 else 8 if precise and head_dim >= 256 else 4,
+                maxnreg=255)
+
+
+_RESIDENT = {}
+
+
+def resident(arguments: tuple, config: dict, device: torch.device) -> int:
+    """Programs of the decode kernel one multiprocessor holds at once, compiled for these arguments' types and
+    ``config``: taken from the compiled kernel once, then remembered."""
+    key = (device, tuple(a.dtype if isinstance(a, torch.Tensor) else type(a) for a in arguments),
+           tuple(sorted(config.items())))
+    if key not in _RESIDENT:
+        _RESIDENT[key] = resident_programs(decode_split_kernel.warmup(*arguments, grid=(1,), **config), device)
+    return _RESIDENT[key]
+
+
+def split_size(n_tokens: int, heads: int, step: int, programs_per_sm: int, device: torch.device,
+               min_tokens: int = MIN_TOKENS) -> int:
+    """Tokens per program, a multiple of ``step``: the (batch, KV head) pairs split so that all programs run in one
+    wave of ``programs_per_sm`` on every multiprocessor, down to ``min_tokens`` a program."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
+    splits = max(1, programs_per_sm * sms // heads)
+    tokens = max(triton.cdiv(n_tokens, splits), min_tokens)
+    return triton.cdiv(tokens, step) * step
 
 
 def decode_attention(query: torch.Tensor, keys, values, value_bits: int, matrix: torch.Tensor,
@@ -432,19 +458,16 @@ def decode_attention(query: torch.Tensor, keys, values, value_bits: int, matrix:
     h, n = signs.shape[1], signs.shape[2]
     group = hq // h
     k = 0 if idx is None else idx.shape[-1]
-    tuning = {"programs_per_sm": PROGRAMS_PER_SM, "min_tokens": MIN_TOKENS, **(tuning or {})}
+    tuning = dict(tuning or {})
     config = launch_config(group, d, matrix.shape[0], outlier_matrix.shape[0] if outlier_matrix is not None else 16,
                            k, group_size, key_mean is not None, value_bits, d // values[1].shape[-1],
                            ovalues is not None, query.dtype == torch.float32, asm=not interpreting())
     config.update({name: tuning.pop(name) for name in ("num_warps", "num_stages", "maxnreg", "UNROLL", "PREFETCH",
                                                            "ASM") if name in tuning})
-    splits = triton.cdiv(n, split_tokens(n, b * h, config["STEP"], query.device, **tuning)) if n else 0
-    per_split = triton.cdiv(n, splits) if splits else 0
-    per_split = triton.cdiv(per_split, config["STEP"]) * config["STEP"]
     q = query.reshape(b * h, group, d).contiguous()
     _, sp, sp_scales = sketch_tables(matrix)
     _, spo, spo_scales = sketch_tables(outlier_matrix) if outlier_matrix is not None else (None, sp, sp_scales)
-    if splits:  # read by splits only
+    if n:  # read by splits only
         tables, table_scales = project_queries(q, matrix, config["PRECISE"])
     else:
         tables, table_scales = q.new_empty(0, dtype=torch.int8), q.new_empty(0, dtype=torch.float32)
@@ -456,15 +479,24 @@ def decode_attention(query: torch.Tensor, keys, values, value_bits: int, matrix:
         return signs if t is None else t.contiguous()
 
     mean = key_mean.float().contiguous() if key_mean is not None else q
+    oscale = (torch.pi / 2) ** 0.5 / outlier_matrix.shape[0] if outlier_matrix is not None else 0.0
+
+    def arguments(parts, per_split):
+        return (q, tables, table_scales, sp, sp_scales, spo, spo_scales, mean, signs.contiguous(), norms.contiguous(),
+                present(idx), present(osigns), present(onorms), present(ovalues), packed, scales, minimums, sink_k,
+                sink_v, buf_k, buf_v, *parts, n, idx.shape[2] if k else 0, per_split, sink_k.shape[2],
+                buf_k.shape[2], (torch.pi / 2) ** 0.5 / matrix.shape[0], oscale, scaling * LOG2E)
+
+    if "programs_per_sm" in tuning or interpreting():
+        programs_per_sm = tuning.pop("programs_per_sm", INTERPRETER_PROGRAMS_PER_SM)
+    else:
+        placeholders = [q.new_empty(1, dtype=torch.float32)] * 3
+        programs_per_sm = resident(arguments(placeholders, config["STEP"]), config, query.device)
+    per_split = split_size(n, b * h, config["STEP"], programs_per_sm, query.device, **tuning)
+    splits = triton.cdiv(n, per_split) if n else 0
     part_m = q.new_empty(b * h, splits + 1, group, dtype=torch.float32)
     part_l = torch.empty_like(part_m)
     part_acc = q.new_empty(b * h, splits + 1, group, d, dtype=torch.float32)
-    oscale = (torch.pi / 2) ** 0.5 / outlier_matrix.shape[0] if outlier_matrix is not None else 0.0
-    decode_split_kernel[(b * h, splits + 1)](
-        q, tables, table_scales, sp, sp_scales, spo, spo_scales, mean, signs.contiguous(), norms.contiguous(),
-        present(idx), present(osigns), present(onorms), present(ovalues), packed, scales, minimums, sink_k, sink_v,
-        buf_k, buf_v,
-        part_m, part_l, part_acc, n, idx.shape[2] if k else 0, max(per_split, 1), sink_k.shape[2], buf_k.shape[2],
-        (torch.pi / 2) ** 0.5 / matrix.shape[0], oscale, scaling * LOG2E, **config)
+    decode_split_kernel[(b * h, splits + 1)](*arguments((part_m, part_l, part_acc), per_split), **config)
     out = combine_splits(part_m, part_l, part_acc, query.dtype)  # [b h, group, d]
     return out.reshape(b, 1, hq, d)

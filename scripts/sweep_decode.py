@@ -30,15 +30,16 @@ from qjl.backend import decode_arguments  # noqa: E402
 from qjl.config import QJLConfig  # noqa: E402
 
 # (pipeline stages, warps, register cap, per-token numbers loaded a tile ahead, PTX bit unpacking), each beside the
-# default (3, 4, 255, True, True): two stages and no prefetch are the launch the H100 and H200 timed at 7097b39; a cap
-# of 168 registers lets three programs of four warps share a multiprocessor instead of two (no spills at these
-# shapes); four stages start the copies two tiles ahead; two warps per program take fewer instructions per tile; the
-# interpreter's element-wise unpacking instead of PTX measures what the PTX gains, and its max_diff checks the PTX on
-# the GPU. One stage was 1.4-2x slower than two at every shape on the H100 and the H200, so it is not swept.
-CHOICES = [(2, 4, 255, True, True), (3, 4, 255, False, True), (2, 4, 255, False, True), (3, 4, 168, True, True),
-           (4, 4, 255, True, True), (3, 2, 255, True, True), (3, 4, 255, True, False)]
-TUNINGS = [dict(num_stages=s, num_warps=w, maxnreg=r, PREFETCH=f, ASM=a, programs_per_sm=p)
-           for (s, w, r, f, a), p in itertools.product(CHOICES, (4, 6))]
+# default (3, 2, 255, True, True). On the H100 at 31602b4, two warps per program were 27-33% faster than four and
+# the PTX unpacking 1.2-1.3x faster than the interpreter's element-wise path (its max_diff checks the PTX on the GPU);
+# four warps are the launch timed there. A cap of 200 (168) registers fits five (six) programs of two warps on a
+# multiprocessor in place of four; one warp takes fewer instructions per tile still. Programs per multiprocessor:
+# the default, one wave of what the compiled kernel fits (None), or eight, more than fit.
+CHOICES = [(2, 2, 255, True, True), (4, 2, 255, True, True), (3, 2, 255, False, True), (3, 2, 200, True, True),
+           (3, 2, 168, True, True), (3, 1, 255, True, True), (3, 4, 255, True, True), (3, 2, 255, True, False)]
+TUNINGS = [dict(num_stages=s, num_warps=w, maxnreg=r, PREFETCH=f, ASM=a,
+                **({} if p is None else dict(programs_per_sm=p)))
+           for (s, w, r, f, a), p in itertools.product(CHOICES, (None, 8))]
 BASELINE = "kernels.decode_attention_baseline"
 
 
