@@ -7,6 +7,7 @@ products run at fp16 rate. Operands must stay below fp16's range (65504): true o
 values and probabilities of real models. (bf16 would have the range, but Triton's interpreter mis-computes bf16 dots.)
 """
 
+import ctypes
 import math
 import os
 
@@ -56,17 +57,18 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def resident_programs(kernel, device: torch.device) -> int:
-    """Programs of a compiled kernel that one multiprocessor runs at once: its registers (allocated per warp, 8 a
-    thread at a time), its shared memory (plus the 1 KiB the driver keeps per program from sm_80 on) and its
-    threads, each against what the multiprocessor has."""
-    props = torch.cuda.get_device_properties(device)
+def resident_programs(kernel) -> int:
+    """Programs of a compiled kernel that one multiprocessor runs at once, as the CUDA driver places them: its
+    registers, threads and shared memory, with the shared-memory carveout the driver would pick
+    (``cuOccupancyMaxActiveBlocksPerMultiprocessor``; Triton passes all of a kernel's shared memory as dynamic)."""
     kernel._init_handles()
-    warps = kernel.metadata.num_warps
-    by_registers = props.regs_per_multiprocessor // (-(-kernel.n_regs // 8) * 8 * props.warp_size * warps)
-    by_shared = props.shared_memory_per_multiprocessor // (kernel.metadata.shared + 1024)
-    by_threads = props.max_threads_per_multi_processor // (props.warp_size * warps)
-    return max(1, min(by_registers, by_shared, by_threads))
+    programs = ctypes.c_int()
+    status = ctypes.CDLL("libcuda.so.1").cuOccupancyMaxActiveBlocksPerMultiprocessor(
+        ctypes.byref(programs), ctypes.c_void_p(kernel.function), ctypes.c_int(32 * kernel.metadata.num_warps),
+        ctypes.c_size_t(kernel.metadata.shared))
+    if status != 0:
+        raise RuntimeError(f"cuOccupancyMaxActiveBlocksPerMultiprocessor failed with CUresult {status}")
+    return max(1, programs.value)
 
 
 def pow2(n: int, minimum: int = 1) -> int:

@@ -32,8 +32,8 @@ from .decode_project import LIMB_BASE, limb_count, padded_bytes, project_queries
 from .scores import BLOCK_TOKENS, load_queries, query_mean
 
 BLOCK_EXACT = 32
-# The splits make one wave: as many programs as the multiprocessors hold at once (``resident_programs``, from the
-# compiled kernel's registers and shared memory). On the H100 at 7097b39..31602b4, a wave and a half (six programs per
+# The splits make one wave: as many programs as the multiprocessors hold at once (``resident_programs``, the driver's
+# count for the compiled kernel). On the H100 at 7097b39..31602b4, a wave and a half (six programs per
 # multiprocessor where four fit) took 15% longer at 128k tokens, batch 1. Under the interpreter, which compiles
 # nothing, this many per "multiprocessor" (eight of them) exercise the splits.
 INTERPRETER_PROGRAMS_PER_SM = 6
@@ -424,13 +424,12 @@ def launch_config(queries: int, head_dim: int, sketch_dim: int, outlier_sketch_d
 _RESIDENT = {}
 
 
-def resident(arguments: tuple, config: dict, device: torch.device) -> int:
-    """Programs of the decode kernel one multiprocessor holds at once, compiled for these arguments' types and
-    ``config``: taken from the compiled kernel once, then remembered."""
-    key = (device, tuple(a.dtype if isinstance(a, torch.Tensor) else type(a) for a in arguments),
-           tuple(sorted(config.items())))
+def resident(config: dict, dtype: torch.dtype, device: torch.device, compile_kernel) -> int:
+    """Programs of the decode kernel one multiprocessor holds at once at ``config`` for queries of ``dtype`` (which
+    set the other inputs' types): read from the kernel ``compile_kernel()`` returns, once, then remembered."""
+    key = (device, dtype, tuple(config.items()))
     if key not in _RESIDENT:
-        _RESIDENT[key] = resident_programs(decode_split_kernel.warmup(*arguments, grid=(1,), **config), device)
+        _RESIDENT[key] = resident_programs(compile_kernel())
     return _RESIDENT[key]
 
 
@@ -490,8 +489,8 @@ def decode_attention(query: torch.Tensor, keys, values, value_bits: int, matrix:
     if "programs_per_sm" in tuning or interpreting():
         programs_per_sm = tuning.pop("programs_per_sm", INTERPRETER_PROGRAMS_PER_SM)
     else:
-        placeholders = [q.new_empty(1, dtype=torch.float32)] * 3
-        programs_per_sm = resident(arguments(placeholders, config["STEP"]), config, query.device)
+        programs_per_sm = resident(config, query.dtype, query.device, lambda: decode_split_kernel.warmup(
+            *arguments([q.new_empty(1, dtype=torch.float32)] * 3, config["STEP"]), grid=(1,), **config))
     per_split = split_size(n, b * h, config["STEP"], programs_per_sm, query.device, **tuning)
     splits = triton.cdiv(n, per_split) if n else 0
     part_m = q.new_empty(b * h, splits + 1, group, dtype=torch.float32)

@@ -46,7 +46,7 @@ if not interpreter_runs_dynamic_loops():
     pytest.skip(f"Triton {triton.__version__}'s interpreter cannot run kernels with NumPy {numpy.__version__}: "
                 "install numpy<2.3 or a newer Triton", allow_module_level=True)
 
-from kernels.decode_attention import decode_attention  # noqa: E402
+from kernels.decode_attention import decode_attention, split_size  # noqa: E402
 from kernels.decode_project import from_limbs, project_queries, sketch_tables  # noqa: E402
 from kernels.quantize_keys import quantize_keys  # noqa: E402
 from kernels.quantize_values import quantize_values  # noqa: E402
@@ -236,7 +236,7 @@ def test_fused_decode_matches_reference_attend(monkeypatch, d, group, dtype, con
 
 
 def test_fused_decode_launch_choices_agree():
-    """The sweep's launch choices (scripts/sweep_decode.py) split the tokens differently (2, 3 and 9 splits of the 288
+    """The sweep's launch choices (scripts/sweep_decode.py) split the tokens differently (5, 3 and 9 splits of the 288
     compressed tokens here), take the bit positions one or two at a time and load the per-token numbers a tile ahead
     or not, and change nothing in the result."""
     config = QJLConfig.preset("3bit", head_dim=64)
@@ -246,8 +246,20 @@ def test_fused_decode_launch_choices_agree():
     arguments = decode_arguments(layer, query, 0.125)
     default = decode_attention(*arguments)
     for tuning in (dict(programs_per_sm=1, min_tokens=64), dict(programs_per_sm=64, min_tokens=32, num_stages=1),
-                   dict(UNROLL=2, num_warps=2, maxnreg=128), dict(UNROLL=1, PREFETCH=False)):
+                   dict(UNROLL=2, num_warps=4, maxnreg=128), dict(UNROLL=1, PREFETCH=False)):
         torch.testing.assert_close(decode_attention(*arguments, tuning=tuning), default, rtol=1e-5, atol=1e-5)
+
+
+def test_decode_splits_fill_one_wave():
+    """The decode kernel's (batch, KV head) pairs split into one wave of the programs the multiprocessors hold (four
+    each here, on split_size's eight off a GPU), never more, and no program takes fewer than ``min_tokens``."""
+    sms, resident = 8, 4
+    for heads, tokens in ((8, 130944), (64, 32640), (64, 100), (200, 4096), (3, 40)):
+        per_split = split_size(tokens, heads, 32, resident, torch.device("cpu"))
+        assert per_split % 32 == 0 and per_split >= 64
+        programs = heads * triton.cdiv(tokens, per_split)
+        assert programs <= max(resident * sms, heads), (heads, tokens, programs)
+        assert per_split == 64 or programs > resident * sms - heads, (heads, tokens, programs)  # the wave is full
 
 
 def test_fused_decode_with_empty_buffer_and_no_compressed_tokens():

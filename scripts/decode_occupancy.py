@@ -1,0 +1,37 @@
+"""How many programs of the fused decode kernel the CUDA driver fits on a multiprocessor, for the default launch and a
+few register caps and warp counts, and what one decode step takes with the one wave of programs the launcher then
+makes (CUDA-graph replays), at Llama-3.1-8B attention shapes and the 3bit preset.
+
+    python scripts/decode_occupancy.py
+"""
+
+import sys
+from pathlib import Path
+
+import torch
+from triton.testing import do_bench_cudagraph
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from kernels import decode_attention as da  # noqa: E402
+from profiling.cmd_bench_kernels import HEAD_DIM, KV_HEADS, Q_HEADS, qjl_layer  # noqa: E402
+from qjl.backend import decode_arguments  # noqa: E402
+from qjl.config import QJLConfig  # noqa: E402
+
+
+def main():
+    config = QJLConfig.preset("3bit", head_dim=HEAD_DIM)
+    for batch, context in ((1, 32768), (8, 131072)):
+        k, v = (torch.randn(batch, KV_HEADS, context, HEAD_DIM, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+        q = torch.randn(batch, Q_HEADS, 1, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
+        layer = qjl_layer(config, k, v)
+        args = decode_arguments(layer, q, HEAD_DIM ** -0.5)
+        for tuning in ({}, dict(maxnreg=200), dict(maxnreg=168), dict(num_warps=4)):
+            da._RESIDENT.clear()
+            da.decode_attention(*args, tuning=dict(tuning))
+            ms = do_bench_cudagraph(lambda: da.decode_attention(*args, tuning=dict(tuning)))
+            print(batch, context, tuning, "resident", list(da._RESIDENT.values()), f"{ms:.4f} ms", flush=True)
+
+
+if __name__ == "__main__":
+    main()
