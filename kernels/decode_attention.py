@@ -33,7 +33,7 @@ from .scores import BLOCK_TOKENS, load_queries, query_mean
 
 BLOCK_EXACT = 32
 # The splits make one wave: as many programs as the multiprocessors hold at once (``resident_programs``, the driver's
-# count for the compiled kernel). On the H100 at 7097b39..31602b4, a wave and a half (six programs per
+# count for the compiled kernel). On the H100 (31602b4, two warps a program), a wave and a half (six programs per
 # multiprocessor where four fit) took 15% longer at 128k tokens, batch 1. Under the interpreter, which compiles
 # nothing, this many per "multiprocessor" (eight of them) exercise the splits.
 INTERPRETER_PROGRAMS_PER_SM = 6
