@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One command for a short GPU slot: kernel tests on the GPU itself (whole-model decoding through the kernels against
-# the torch path included), the decode benchmark, the sm_90 compile report and the sweep of the fused decode kernel's
-# launch choices. Everything lands in OUTDIR (8 files, what a GPU slot returns at most); the same commands took 146 s
-# on an H200.
+# the torch path included), the decode benchmark, the sm_90 compile report with what fits on a multiprocessor, and the
+# sweep of the fused decode kernel's launch choices. Everything lands in OUTDIR (8 files, what a GPU slot returns at
+# most); it took 302 s on an H100 at 20a307d (before decode_occupancy.py, which took about 25 s at 50fa5fd).
 # Needs torch (CUDA), triton, transformers, pytest; not gradio, plotly or kaleido. To time an earlier decode kernel
 # on the same card, run `bash scripts/decode_baseline.sh COMMIT` before the call (the GPU box gets no history).
 set -uo pipefail
@@ -14,6 +14,7 @@ status=0
 timeout 240 python -m pytest -q tests/test_kernels.py 2>&1 | tee "$OUT/tests.txt" || status=1
 timeout 200 python -m profiling bench-kernels --out "$OUT/bench-kernels" 2>&1 | tee "$OUT/bench.txt" || status=1
 timeout 120 python -m profiling kernels-compile --quick --arch 90 --out "$OUT/kernels-compile" > "$OUT/compile.txt" 2>&1 || status=1
+timeout 60 python scripts/decode_occupancy.py >> "$OUT/compile.txt" 2>&1 || status=1
 timeout 240 python scripts/sweep_decode.py "$OUT/sweep-decode.json" > "$OUT/sweep-decode.txt" 2>&1 || status=1
 echo "gpu-check: exit $status; results in $OUT"
 exit $status
