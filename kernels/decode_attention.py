@@ -414,11 +414,11 @@ def launch_config(queries: int, head_dim: int, sketch_dim: int, outlier_sketch_d
                 num_stages=3 if sketch_dim <= 256 and head_dim <= 128 else 2,
                 PREFETCH=head_dim * sketch_dim < 256 * 1024,
                 # Two warps a program where they fit in registers: on the H100 at 31602b4, 27-33% faster than four at
-                # 32k and 128k tokens, batch 1 and 8 (fewer instructions a tile, four programs a multiprocessor in
-                # place of two). fp32 queries at head dim 256 (two products per value pair, three limbs) spill with
-                # four.
-                num_warps=2 if sketch_dim <= 256 and head_dim <= 128 else 8 if precise and head_dim >= 256 else 4,
-                maxnreg=255)
+                # 32k and 128k tokens, batch 1 and 8, bf16 (fewer instructions a tile, four programs a multiprocessor
+                # in place of two). fp32 queries (two products per value pair, three limbs) spill with two on Triton
+                # 3.9, and at head dim 256 with four.
+                num_warps=(8 if head_dim >= 256 else 4) if precise else 2 if sketch_dim <= 256 and head_dim <= 128
+                else 4, maxnreg=255)
 
 
 _RESIDENT = {}
