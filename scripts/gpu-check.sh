@@ -1,20 +1,28 @@
 #!/usr/bin/env bash
 # One command for a short GPU slot: kernel tests on the GPU itself (whole-model decoding through the kernels against
-# the torch path included), the decode benchmark, the sm_90 compile report with what fits on a multiprocessor, and the
-# sweep of the fused decode kernel's launch choices. Everything lands in OUTDIR (8 files, what a GPU slot returns at
-# most); it took 302 s on an H100 at 20a307d (before decode_occupancy.py, which took about 25 s at 50fa5fd).
-# Needs torch (CUDA), triton, transformers, pytest; not gradio, plotly or kaleido. To time an earlier decode kernel
-# on the same card, run `bash scripts/decode_baseline.sh COMMIT` before the call (the GPU box gets no history).
+# the torch path included), the decode benchmark, the sm_90 compile report with what fits on a multiprocessor, the
+# sweep of the fused decode kernel's launch choices, and Nsight Compute on one of its launches. Everything lands in
+# OUTDIR (8 files, what a GPU slot returns at most); it took 302 s on an H100 at 20a307d (before decode_occupancy.py,
+# about 25 s, and ncu_decode.sh).
+# Needs torch (CUDA), triton, transformers, pytest; not gradio, plotly or kaleido. Before the call, on this machine:
+# `bash scripts/gpu-wheels.sh` for transformers' QuantizedCache in the benchmark (carry ".whl"; untried on a GPU: its
+# first use may build optimum-quanto's CUDA extension), and, to time an earlier decode kernel on the same card,
+# `bash scripts/decode_baseline.sh COMMIT` (the GPU box gets no history).
 set -uo pipefail
 OUT="${1:?usage: bash scripts/gpu-check.sh OUTDIR}"
 cd "$(dirname "$0")/.."
 mkdir -p "$OUT"
 status=0
-{ nvidia-smi; python -c "import sys, torch, triton, transformers; print(sys.version); print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"; } > "$OUT/environment.txt" 2>&1
-timeout 240 python -m pytest -q tests/test_kernels.py 2>&1 | tee "$OUT/tests.txt" || status=1
-timeout 200 python -m profiling bench-kernels --out "$OUT/bench-kernels" 2>&1 | tee "$OUT/bench.txt" || status=1
+if compgen -G ".whl/*.whl" > /dev/null; then
+  python -m pip install -q --no-index --no-deps --no-compile --target /tmp/gpu-check-site .whl/*.whl || status=1
+  export PYTHONPATH="/tmp/gpu-check-site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+{ nvidia-smi; python -c "import sys, torch, triton, transformers; print(sys.version); print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"; python -m pip list 2>/dev/null | grep -i quanto; } > "$OUT/tests.txt" 2>&1
+timeout 240 python -m pytest -q tests/test_kernels.py 2>&1 | tee -a "$OUT/tests.txt" || status=1
+timeout 300 python -m profiling bench-kernels --out "$OUT/bench-kernels" 2>&1 | tee "$OUT/bench.txt" || status=1
 timeout 120 python -m profiling kernels-compile --quick --arch 90 --out "$OUT/kernels-compile" > "$OUT/compile.txt" 2>&1 || status=1
 timeout 60 python scripts/decode_occupancy.py >> "$OUT/compile.txt" 2>&1 || status=1
 timeout 240 python scripts/sweep_decode.py "$OUT/sweep-decode.json" > "$OUT/sweep-decode.txt" 2>&1 || status=1
+timeout 180 bash scripts/ncu_decode.sh 1 32768 > "$OUT/ncu.txt" 2>&1 || status=1
 echo "gpu-check: exit $status; results in $OUT"
 exit $status
