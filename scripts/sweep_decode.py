@@ -1,8 +1,9 @@
 """Launch choices of the fused QJL decode kernel on this GPU: pipeline stages, warps per program, register cap,
-prefetch of per-token numbers and programs per multiprocessor, at Llama-3.1-8B attention shapes (32 query heads,
-8 KV heads, head dim 128, bf16) and the 3bit preset, next to bf16 SDPA (grouped-query, and with each KV head's queries
-folded into rows). Times are CUDA-graph replays (``triton.testing.do_bench_cudagraph``), as in ``bench-kernels``.
-Prints and writes JSON; ``max_diff`` is each choice's largest difference from the default launch.
+prefetch of per-token numbers, programs per multiprocessor and the PTX unpacking, at Llama-3.1-8B attention shapes
+(32 query heads, 8 KV heads, head dim 128, bf16) and the 3bit preset, next to bf16 SDPA (grouped-query, and with
+each KV head's queries folded into rows). Times are CUDA-graph replays (``triton.testing.do_bench_cudagraph``), as
+in ``bench-kernels``. Prints and writes JSON; ``max_diff`` is each choice's largest difference from the default
+launch.
 
 A kernel to compare against, where one is wanted, goes beside the current one before the run (untracked files travel
 to a GPU machine; its history does not), and is timed at its own defaults on the same card:
@@ -29,17 +30,14 @@ from profiling.cmd_bench_kernels import (HEAD_DIM, KV_HEADS, Q_HEADS, decode_byt
 from qjl.backend import decode_arguments  # noqa: E402
 from qjl.config import QJLConfig  # noqa: E402
 
-# (pipeline stages, warps, register cap, per-token numbers loaded a tile ahead, PTX bit unpacking), each beside the
-# default (3, 2, 255, True, True). On the H100 at 31602b4, two warps per program were 27-33% faster than four and
-# the PTX unpacking 1.2-1.3x faster than the interpreter's element-wise path (its max_diff checks the PTX on the GPU);
-# four warps are the launch timed there. A cap of 200 (168) registers fits five (six) programs of two warps on a
-# multiprocessor in place of four; one warp takes fewer instructions per tile still. Programs per multiprocessor:
-# the default, one wave of what the compiled kernel fits (None), or eight, more than fit.
-CHOICES = [(2, 2, 255, True, True), (4, 2, 255, True, True), (3, 2, 255, False, True), (3, 2, 200, True, True),
-           (3, 2, 168, True, True), (3, 1, 255, True, True), (3, 4, 255, True, True), (3, 2, 255, True, False)]
-TUNINGS = [dict(num_stages=s, num_warps=w, maxnreg=r, PREFETCH=f, ASM=a,
-                **({} if p is None else dict(programs_per_sm=p)))
-           for (s, w, r, f, a), p in itertools.product(CHOICES, (None, 8))]
+# Launch choices beside the default (``launch_config``: three stages, two warps, no register cap, per-token numbers a
+# tile ahead, PTX bit unpacking; one wave of the programs that fit), each the default with what it names changed. On
+# the H100 at 20a307d the default was the fastest of 17 at every shape (profiling/results/nvidia-h100/); these are
+# the ones worth re-timing when the kernel changes: the pipeline depth, the prefetch, four warps, a cap of 168
+# registers (five programs a multiprocessor in place of four), more programs than fit, and the interpreter's
+# element-wise unpacking in place of the PTX (whose max_diff also checks the PTX on the GPU).
+TUNINGS = [dict(num_stages=2), dict(num_stages=4), dict(PREFETCH=False), dict(num_warps=4), dict(maxnreg=168),
+           dict(programs_per_sm=8), dict(ASM=False)]
 BASELINE = "kernels.decode_attention_baseline"
 
 
