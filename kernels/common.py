@@ -57,6 +57,11 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def multiprocessors(device: torch.device) -> int:
+    """The GPU's multiprocessors; eight off a GPU, where the launchers' splits are only exercised."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
+
+
 def resident_programs(kernel) -> int:
     """Programs of a compiled kernel that one multiprocessor runs at once, as the CUDA driver places them: its
     registers, threads and shared memory, with the shared-memory carveout the driver would pick

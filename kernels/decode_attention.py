@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from .combine_splits import combine_splits
-from .common import dot3, dot_exact_rhs, interpreting, pow2, resident_programs
+from .common import dot3, dot_exact_rhs, interpreting, multiprocessors, pow2, resident_programs
 from .decode_project import LIMB_BASE, limb_count, padded_bytes, project_queries, sketch_tables
 from .scores import BLOCK_TOKENS, load_queries, query_mean
 
@@ -437,8 +437,7 @@ def split_size(n_tokens: int, heads: int, step: int, programs_per_sm: int, devic
                min_tokens: int = MIN_TOKENS) -> int:
     """Tokens per program, a multiple of ``step``: the (batch, KV head) pairs split so that all programs run in one
     wave of ``programs_per_sm`` on every multiprocessor, down to ``min_tokens`` a program."""
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
-    splits = max(1, programs_per_sm * sms // heads)
+    splits = max(1, programs_per_sm * multiprocessors(device) // heads)
     tokens = max(triton.cdiv(n_tokens, splits), min_tokens)
     return triton.cdiv(tokens, step) * step
 

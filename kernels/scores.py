@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import dot3, dot_exact_rhs, pow2, unpack_rows
+from .common import dot3, dot_exact_rhs, multiprocessors, pow2, unpack_rows
 
 BLOCK_TOKENS = 32  # tile without outliers; with outliers a tile is one token group
 BLOCK_SKETCH = 64  # sketch slice scored at a time
@@ -172,8 +172,7 @@ def launch_config(queries: int, head_dim: int, sketch_dim: int, outlier_sketch_d
 def split_tokens(n_tokens: int, programs_per_split: int, step: int, device: torch.device,
                  programs_per_sm: int = PROGRAMS_PER_SM, min_tokens: int = MIN_TOKENS_PER_PROGRAM) -> int:
     """Tokens per program: enough programs to fill the GPU (flash-decoding), a multiple of ``step``."""
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
-    splits = max(1, triton.cdiv(programs_per_sm * sms, programs_per_split))
+    splits = max(1, triton.cdiv(programs_per_sm * multiprocessors(device), programs_per_split))
     tokens = max(triton.cdiv(n_tokens, splits), min_tokens)
     return triton.cdiv(tokens, step) * step
 

@@ -46,6 +46,7 @@ if not interpreter_runs_dynamic_loops():
     pytest.skip(f"Triton {triton.__version__}'s interpreter cannot run kernels with NumPy {numpy.__version__}: "
                 "install numpy<2.3 or a newer Triton", allow_module_level=True)
 
+from kernels.common import multiprocessors  # noqa: E402
 from kernels.decode_attention import decode_attention, split_size  # noqa: E402
 from kernels.decode_project import from_limbs, project_queries, sketch_tables  # noqa: E402
 from kernels.quantize_keys import quantize_keys  # noqa: E402
@@ -252,8 +253,9 @@ def test_fused_decode_launch_choices_agree():
 
 def test_decode_splits_fill_one_wave():
     """The decode kernel's (batch, KV head) pairs split into one wave of the programs the multiprocessors hold (four
-    each here, on split_size's eight off a GPU), never more, and no program takes fewer than ``min_tokens``."""
-    sms, resident = 8, 4
+    each here, on the eight multiprocessors the launchers count off a GPU), never more, and no program takes fewer
+    than ``min_tokens``."""
+    sms, resident = multiprocessors(torch.device("cpu")), 4
     for heads, tokens in ((8, 130944), (64, 32640), (64, 100), (200, 4096), (3, 40)):
         per_split = split_size(tokens, heads, 32, resident, torch.device("cpu"))
         assert per_split % 32 == 0 and per_split >= 64
