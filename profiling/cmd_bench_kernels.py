@@ -139,6 +139,20 @@ def quantized_cache_note(rows) -> str:
     return "quantized_cache_ms: transformers' QuantizedCache on optimum-quanto, 4 bits"
 
 
+def decode_inputs(batch: int, context: int, device, gen=None):
+    """bf16 keys and values ``[batch, KV_HEADS, context, HEAD_DIM]`` and one decode token's queries ``[batch,
+    Q_HEADS, 1, HEAD_DIM]``, random: what every decode timing here runs on. Drawn from ``gen`` (a caller's further
+    draws continue it), by default a generator seeded by the context."""
+    import torch
+
+    if gen is None:
+        gen = torch.Generator(device=device).manual_seed(context)
+    k, v = (torch.randn(batch, KV_HEADS, context, HEAD_DIM, device=device, dtype=torch.bfloat16, generator=gen)
+            for _ in range(2))
+    q = torch.randn(batch, Q_HEADS, 1, HEAD_DIM, device=device, dtype=torch.bfloat16, generator=gen)
+    return q, k, v
+
+
 def sdpa_calls(q, k, v, scale: float) -> dict:
     """Two ways to ask SDPA for grouped-query decoding of one token, ``{"gqa": fn, "folded": fn}``; the faster is the
     baseline. Folding each KV head's queries into rows is exact for one query token and lets the flash kernel run
@@ -162,10 +176,7 @@ def measure_row(config, batch, context, device, measure, timed: bool, prefill: b
     if not timed:
         return row
     gen = torch.Generator(device=device).manual_seed(context)
-    dtype = torch.bfloat16
-    k, v = (torch.randn(batch, KV_HEADS, context, HEAD_DIM, device=device, dtype=dtype, generator=gen)
-            for _ in range(2))
-    q = torch.randn(batch, Q_HEADS, 1, HEAD_DIM, device=device, dtype=dtype, generator=gen)
+    q, k, v = decode_inputs(batch, context, device, gen)
     scale = HEAD_DIM ** -0.5
     sdpa = sdpa_calls(q, k, v, scale)
     for name, fn in sdpa.items():
@@ -198,7 +209,7 @@ def measure_row(config, batch, context, device, measure, timed: bool, prefill: b
         except Exception as error:  # noqa: BLE001  third-party: e.g. quanto's CUDA extension needs ninja and nvcc
             row["quantized_cache_error"] = f"{type(error).__name__}: {error}"[:300]
     if prefill:
-        qp = torch.randn(batch, Q_HEADS, context, HEAD_DIM, device=device, dtype=dtype, generator=gen)
+        qp = torch.randn(batch, Q_HEADS, context, HEAD_DIM, device=device, dtype=k.dtype, generator=gen)
         row["prefill_attention_ms"] = measure(
             lambda: F.scaled_dot_product_attention(qp, k, v, is_causal=True, scale=scale, enable_gqa=True))
         del qp

@@ -14,7 +14,7 @@ from triton.testing import do_bench_cudagraph
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kernels import decode_attention as da  # noqa: E402
-from profiling.cmd_bench_kernels import HEAD_DIM, KV_HEADS, Q_HEADS, qjl_layer  # noqa: E402
+from profiling.cmd_bench_kernels import HEAD_DIM, decode_inputs, qjl_layer  # noqa: E402
 from qjl.backend import decode_arguments  # noqa: E402
 from qjl.config import QJLConfig  # noqa: E402
 
@@ -22,8 +22,7 @@ from qjl.config import QJLConfig  # noqa: E402
 def main():
     config = QJLConfig.preset("3bit", head_dim=HEAD_DIM)
     for batch, context in ((1, 32768), (8, 131072)):
-        k, v = (torch.randn(batch, KV_HEADS, context, HEAD_DIM, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-        q = torch.randn(batch, Q_HEADS, 1, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
+        q, k, v = decode_inputs(batch, context, torch.device("cuda"))
         layer = qjl_layer(config, k, v)
         args = decode_arguments(layer, q, HEAD_DIM ** -0.5)
         for tuning in ({}, dict(maxnreg=200), dict(maxnreg=168), dict(num_warps=4)):

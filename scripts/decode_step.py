@@ -13,7 +13,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kernels.decode_attention import decode_attention  # noqa: E402
-from profiling.cmd_bench_kernels import HEAD_DIM, KV_HEADS, Q_HEADS, qjl_layer  # noqa: E402
+from profiling.cmd_bench_kernels import HEAD_DIM, decode_inputs, qjl_layer  # noqa: E402
 from qjl.backend import decode_arguments  # noqa: E402
 from qjl.config import QJLConfig  # noqa: E402
 
@@ -25,9 +25,7 @@ def main():
     parser.add_argument("--steps", type=int, default=4)
     args = parser.parse_args()
     config = QJLConfig.preset("3bit", head_dim=HEAD_DIM)
-    k, v = (torch.randn(args.batch, KV_HEADS, args.context, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
-            for _ in range(2))
-    q = torch.randn(args.batch, Q_HEADS, 1, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
+    q, k, v = decode_inputs(args.batch, args.context, torch.device("cuda"))
     fused_args = decode_arguments(qjl_layer(config, k, v), q, HEAD_DIM ** -0.5)
     for _ in range(args.steps):
         decode_attention(*fused_args)

@@ -25,8 +25,7 @@ from triton.testing import do_bench_cudagraph
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kernels.decode_attention import decode_attention  # noqa: E402
-from profiling.cmd_bench_kernels import (HEAD_DIM, KV_HEADS, Q_HEADS, decode_bytes, qjl_layer,  # noqa: E402
-                                         sdpa_calls)
+from profiling.cmd_bench_kernels import HEAD_DIM, decode_bytes, decode_inputs, qjl_layer, sdpa_calls  # noqa: E402
 from qjl.backend import decode_arguments  # noqa: E402
 from qjl.config import QJLConfig  # noqa: E402
 
@@ -60,10 +59,7 @@ def main():
     baseline = baseline_kernel()
     rows = []
     for batch, context in itertools.product(map(int, args.batches.split(",")), map(int, args.contexts.split(","))):
-        gen = torch.Generator(device=device).manual_seed(context)
-        k, v = (torch.randn(batch, KV_HEADS, context, HEAD_DIM, device=device, dtype=torch.bfloat16, generator=gen)
-                for _ in range(2))
-        q = torch.randn(batch, Q_HEADS, 1, HEAD_DIM, device=device, dtype=torch.bfloat16, generator=gen)
+        q, k, v = decode_inputs(batch, context, device)
         scale = HEAD_DIM ** -0.5
         row = dict(batch=batch, context=context, bytes=decode_bytes(config, batch, context),
                    **{f"sdpa_{name}_ms": do_bench_cudagraph(fn) for name, fn in sdpa_calls(q, k, v, scale).items()})
