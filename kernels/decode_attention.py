@@ -169,18 +169,14 @@ def _plane_bits(codes, planes, masks, SHIFT: tl.constexpr, ASM: tl.constexpr):
     """``codes | ((planes >> SHIFT) & masks)`` (a left shift for a negative ``SHIFT``) of int16 ``[BLOCK_N, C]``. On
     a GPU (``ASM``) two numbers a register: a shift of the whole register and one ``lop3``; what the shift moves
     from one half into the other lands above bit 8, outside every mask, so each half is its own number."""
-    if ASM and SHIFT >= 0:
-        return tl.inline_asm_elementwise(f"{{ .reg .b32 t; shr.b32 t, $2, {SHIFT}; lop3.b32 $0, t, $3, $1, 0xEA; }}",
-                                         "=r,r,r,r", [codes, planes, masks], dtype=tl.int16, is_pure=True, pack=2)
-    elif ASM:
-        return tl.inline_asm_elementwise(f"{{ .reg .b32 t; shl.b32 t, $2, {-SHIFT}; lop3.b32 $0, t, $3, $1, 0xEA; }}",
-                                         "=r,r,r,r", [codes, planes, masks], dtype=tl.int16, is_pure=True, pack=2)
+    if ASM:
+        shift: tl.constexpr = f"shr.b32 t, $2, {SHIFT}" if SHIFT >= 0 else f"shl.b32 t, $2, {-SHIFT}"
+        return tl.inline_asm_elementwise(f"{{ .reg .b32 t; {shift}; lop3.b32 $0, t, $3, $1, 0xEA; }}", "=r,r,r,r",
+                                         [codes, planes, masks], dtype=tl.int16, is_pure=True, pack=2)
+    elif SHIFT >= 0:
+        return codes | ((planes >> SHIFT) & masks)
     else:
-        if SHIFT >= 0:
-            moved = planes >> SHIFT
-        else:
-            moved = planes << -SHIFT
-        return codes | (moved & masks)
+        return codes | ((planes << -SHIFT) & masks)
 
 
 @triton.jit
@@ -340,8 +336,10 @@ def decode_split_kernel(q_ptr, tables_ptr, table_scales_ptr, sp_ptr, sp_scales_p
         last = tl.minimum(first + tokens_per_split, n_tokens)
         # With PREFETCH the next tile's norms, scales and minimums load while this tile is computed: the pipeliner
         # leaves these small loads in the loop, where each would wait for memory once a tile.
-        rows, ok = _tile_rows(bh, first, last, n_tokens, STEP, BLOCK_N)
-        norms, token_scales, token_minimums = _token_numbers(norms_ptr, vscales_ptr, vmins_ptr, rows, ok, VGROUP, D)
+        if PREFETCH:
+            rows, ok = _tile_rows(bh, first, last, n_tokens, STEP, BLOCK_N)
+            norms, token_scales, token_minimums = _token_numbers(norms_ptr, vscales_ptr, vmins_ptr, rows, ok, VGROUP,
+                                                                 D)
         for start in range(first, last, STEP):
             rows, ok = _tile_rows(bh, start, last, n_tokens, STEP, BLOCK_N)
             if PREFETCH:
@@ -421,16 +419,17 @@ def launch_config(queries: int, head_dim: int, sketch_dim: int, outlier_sketch_d
                 else 4, maxnreg=255)
 
 
-_RESIDENT = {}
+# The driver's count for each launch (``resident``), kept for the process; scripts/decode_occupancy.py prints it.
+RESIDENT_PROGRAMS = {}
 
 
 def resident(config: dict, dtype: torch.dtype, device: torch.device, compile_kernel) -> int:
     """Programs of the decode kernel one multiprocessor holds at once at ``config`` for queries of ``dtype`` (which
     set the other inputs' types): read from the kernel ``compile_kernel()`` returns, once, then remembered."""
     key = (device, dtype, tuple(config.items()))
-    if key not in _RESIDENT:
-        _RESIDENT[key] = resident_programs(compile_kernel())
-    return _RESIDENT[key]
+    if key not in RESIDENT_PROGRAMS:
+        RESIDENT_PROGRAMS[key] = resident_programs(compile_kernel())
+    return RESIDENT_PROGRAMS[key]
 
 
 def split_size(n_tokens: int, heads: int, step: int, programs_per_sm: int, device: torch.device,

@@ -26,10 +26,10 @@ def main():
         layer = qjl_layer(config, k, v)
         args = decode_arguments(layer, q, HEAD_DIM ** -0.5)
         for tuning in ({}, dict(maxnreg=200), dict(maxnreg=168), dict(num_warps=4)):
-            da._RESIDENT.clear()
+            da.RESIDENT_PROGRAMS.clear()
             da.decode_attention(*args, tuning=dict(tuning))
             ms = do_bench_cudagraph(lambda: da.decode_attention(*args, tuning=dict(tuning)))
-            print(batch, context, tuning, "resident", list(da._RESIDENT.values()), f"{ms:.4f} ms", flush=True)
+            print(batch, context, tuning, "resident", list(da.RESIDENT_PROGRAMS.values()), f"{ms:.4f} ms", flush=True)
 
 
 if __name__ == "__main__":
