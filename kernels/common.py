@@ -31,6 +31,14 @@ def dot_exact_rhs(a, b):
 
 
 @triton.jit
+def dot_exact_lhs(a, b):
+    """fp32 ``a @ b`` for ``a`` exactly representable in fp16 (bf16 or fp16 queries, keys, values)."""
+    b_hi, b_lo = split_fp16(b)
+    a16 = a.to(tl.float16)
+    return tl.dot(a16, b_hi) + tl.dot(a16, b_lo)
+
+
+@triton.jit
 def dot3(a, b):
     """fp32 ``a @ b`` from three fp16 products (the lo x lo term is below fp32 rounding)."""
     a_hi, a_lo = split_fp16(a)

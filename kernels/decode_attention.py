@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from .combine_splits import combine_splits
-from .common import dot3, dot_exact_rhs, interpreting, multiprocessors, pow2, resident_programs
+from .common import dot3, dot_exact_lhs, dot_exact_rhs, interpreting, multiprocessors, pow2, resident_programs
 from .decode_project import LIMB_BASE, limb_count, padded_bytes, project_queries, sketch_tables
 from .scores import BLOCK_TOKENS, load_queries, query_mean
 
@@ -118,7 +118,7 @@ def _tile_scores(tables_ptr, table_scales_ptr, q_ptr, bh, start, n_groups, rows,
                  M: tl.constexpr, M_PAD: tl.constexpr, D: tl.constexpr, BYTES: tl.constexpr, BP: tl.constexpr,
                  OBYTES: tl.constexpr, OBP: tl.constexpr, K: tl.constexpr, R_PAD: tl.constexpr, EXACT: tl.constexpr,
                  GROUP: tl.constexpr, STEP: tl.constexpr, BLOCK_N: tl.constexpr, LIMBS: tl.constexpr,
-                 UNROLL: tl.constexpr, ASM: tl.constexpr):
+                 PRECISE: tl.constexpr, UNROLL: tl.constexpr, ASM: tl.constexpr):
     """Estimated scores ``[M_PAD, BLOCK_N]`` of the tile from token ``start`` (within one outlier group of ``GROUP``
     tokens; global rows ``rows``, real where ``ok``) whose key norms are ``norms``.
 
@@ -160,7 +160,10 @@ def _tile_scores(tables_ptr, table_scales_ptr, q_ptr, bh, start, n_groups, rows,
         w = tl.load(q_ptr + (bh * M + q_rows[:, None]) * D + channel[None, :],
                     mask=(q_rows[:, None] < M) & is_outlier[None, :], other=0.0).to(tl.float32)
         w = tl.where(q_rows[:, None] == r[None, :], 1.0, w)
-        scores = dot3(w, y)
+        if EXACT and not PRECISE:  # bf16 and fp16 queries are fp16 numbers: two products
+            scores = dot_exact_lhs(w, y)
+        else:  # fp32 queries; and sketched outliers, which spill 8 bytes at two warps with two (Triton 3.9)
+            scores = dot3(w, y)
     return scores
 
 
@@ -352,7 +355,7 @@ def decode_split_kernel(q_ptr, tables_ptr, table_scales_ptr, sp_ptr, sp_scales_p
             scores = _tile_scores(tables_ptr, table_scales_ptr, q_ptr, bh, start, n_groups, rows, ok, norms,
                                   signs_ptr, idx_ptr, osigns_ptr, onorms_ptr, ovalues_ptr, sp_ptr, sp_scales_ptr,
                                   spo_ptr, spo_scales_ptr, scale, oscale, M, M_PAD, D, BYTES, BP, OBYTES, OBP, K,
-                                  R_PAD, EXACT, GROUP, STEP, BLOCK_N, LIMBS, UNROLL, ASM)
+                                  R_PAD, EXACT, GROUP, STEP, BLOCK_N, LIMBS, PRECISE, UNROLL, ASM)
             scores = tl.where(ok[None, :], scores * qk_scale + bias[:, None], float("-inf"))
             m_i, alpha, p = _softmax_step(scores, m_i)
             weight_sums = weight_sums * alpha[:, None] + p
