@@ -14,10 +14,15 @@ the products' operand layout (no reshape):
   ``S (q * mask) . sign = S q . sign - sum_k q[i_k] u_k`` with ``u_k = S[:, i_k] . sign`` from ``S``'s columns in
   the same bit order, taken in the same product as ``S q . sign`` (more rows of one operand); exact outliers add
   ``q[i_k] v_k``, sketched ones ``q[i_k] (S_o[:, i_k] . sign_o)``;
-- values: ``code * scale + minimum``; the output columns ``8 j + i`` come from bit ``i`` of byte ``j``, so four
-  products, each of two bit positions (``2 DB_PAD`` columns: one slice per warp); with one group per token row
+- values: ``code * scale + minimum``; the output columns ``8 j + i`` come from bit ``i`` of byte ``j``, so eight
+  products, one per bit position, each of the planes shifted by constants: the compiler then unpacks them in the
+  operand's layout, from the pipeline's shared-memory copy of the planes; with one group per token row
   ``p @ v = (p * scale) @ codes + p . minimum`` with the integer codes exact in fp16, else the dequantized values in
   fp32.
+
+The softmax and the value products take the queries padded to a power of two (``Q_PAD``, tensor cores pad a small
+product themselves), not to 16: Triton spreads the warps of a product that feeds another over its columns only when
+it has fewer rows than columns (else each warp would make all of a 16-row product).
 
 Reference: ``qjl.layer.CompressedLayer.attend`` with ``QJLLayer``'s scores and values, for one query token.
 """
@@ -113,13 +118,13 @@ def _token_numbers(norms_ptr, scales_ptr, mins_ptr, rows, ok, VGROUP: tl.constex
 
 
 @triton.jit
-def _tile_scores(tables_ptr, table_scales_ptr, q_ptr, bh, start, n_groups, rows, ok, norms, signs_ptr, idx_ptr,
+def _tile_scores(tables_ptr, table_scales_ptr, q_ptr, bh, kv, start, n_groups, rows, ok, norms, signs_ptr, idx_ptr,
                  osigns_ptr, onorms_ptr, ovalues_ptr, sp_ptr, sp_scales_ptr, spo_ptr, spo_scales_ptr, scale, oscale,
-                 M: tl.constexpr, M_PAD: tl.constexpr, D: tl.constexpr, BYTES: tl.constexpr, BP: tl.constexpr,
-                 OBYTES: tl.constexpr, OBP: tl.constexpr, K: tl.constexpr, R_PAD: tl.constexpr, EXACT: tl.constexpr,
-                 GROUP: tl.constexpr, STEP: tl.constexpr, BLOCK_N: tl.constexpr, LIMBS: tl.constexpr,
-                 PRECISE: tl.constexpr, UNROLL: tl.constexpr, ASM: tl.constexpr):
-    """Estimated scores ``[M_PAD, BLOCK_N]`` of the tile from token ``start`` (within one outlier group of ``GROUP``
+                 M: tl.constexpr, M_PAD: tl.constexpr, Q_PAD: tl.constexpr, D: tl.constexpr, BYTES: tl.constexpr,
+                 BP: tl.constexpr, OBYTES: tl.constexpr, OBP: tl.constexpr, K: tl.constexpr, R_PAD: tl.constexpr,
+                 EXACT: tl.constexpr, GROUP: tl.constexpr, STEP: tl.constexpr, BLOCK_N: tl.constexpr,
+                 LIMBS: tl.constexpr, PRECISE: tl.constexpr, UNROLL: tl.constexpr, ASM: tl.constexpr):
+    """Estimated scores ``[Q_PAD, BLOCK_N]`` of the tile from token ``start`` (within one outlier group of ``GROUP``
     tokens; global rows ``rows``, real where ``ok``) whose key norms are ``norms``.
 
     One product serves the queries and the group's outlier channels: rows ``r < M`` of the table are the queries'
@@ -127,7 +132,7 @@ def _tile_scores(tables_ptr, table_scales_ptr, q_ptr, bh, start, n_groups, rows,
     holds ``S q . sign`` then ``S[:, idx_k] . sign``; then ``Y`` replaces the outlier rows by each channel's
     correction and outlier term, and ``W @ Y`` with ``W = [I | q[idx]]`` sums them per query."""
     weight = norms * scale
-    r = tl.arange(0, R_PAD)
+    r = tl.arange(0, R_PAD if K else Q_PAD)
     table = tables_ptr + (bh * LIMBS * M_PAD + r) * (8 * BP)  # rows r < M
     table_scales = tl.load(table_scales_ptr + bh * M_PAD + r, mask=r < M, other=0.0)
     if K == 0:
@@ -135,7 +140,7 @@ def _tile_scores(tables_ptr, table_scales_ptr, q_ptr, bh, start, n_groups, rows,
                             LIMBS, UNROLL, ASM) * weight[None, :]
     else:
         is_outlier = (r >= M) & (r < M + K)
-        group_idx = idx_ptr + (bh * n_groups + start // GROUP) * K
+        group_idx = idx_ptr + (kv * n_groups + start // GROUP) * K
         channel = tl.load(group_idx + (r - M), mask=is_outlier, other=0).to(tl.int32)
         # The select between two bases loses their alignment; without it each row is read a byte at a time and
         # reaches the product through shared memory, a barrier per bit position.
@@ -156,7 +161,7 @@ def _tile_scores(tables_ptr, table_scales_ptr, q_ptr, bh, start, n_groups, rows,
                               LIMBS, UNROLL, ASM)
             term *= oweight[None, :]
         y = tl.where(is_outlier[:, None], term - u, u)
-        q_rows = tl.arange(0, M_PAD)
+        q_rows = tl.arange(0, Q_PAD)
         w = tl.load(q_ptr + (bh * M + q_rows[:, None]) * D + channel[None, :],
                     mask=(q_rows[:, None] < M) & is_outlier[None, :], other=0.0).to(tl.float32)
         w = tl.where(q_rows[:, None] == r[None, :], 1.0, w)
@@ -168,102 +173,104 @@ def _tile_scores(tables_ptr, table_scales_ptr, q_ptr, bh, start, n_groups, rows,
 
 
 @triton.jit
-def _plane_bits(codes, planes, masks, SHIFT: tl.constexpr, ASM: tl.constexpr):
-    """``codes | ((planes >> SHIFT) & masks)`` (a left shift for a negative ``SHIFT``) of int16 ``[BLOCK_N, C]``. On
-    a GPU (``ASM``) two numbers a register: a shift of the whole register and one ``lop3``; what the shift moves
-    from one half into the other lands above bit 8, outside every mask, so each half is its own number."""
+def _plane_bits(codes, planes, SHIFT: tl.constexpr, MASK: tl.constexpr, ASM: tl.constexpr):
+    """``codes | ((planes >> SHIFT) & MASK)`` (a left shift for a negative ``SHIFT``) of int16 ``[BLOCK_N, DB_PAD]``.
+    On a GPU (``ASM``) two numbers a register: a shift of the whole register and one ``lop3``; what the shift moves
+    from one half into the other lands above bit 8, outside the mask, so each half is its own number."""
     if ASM:
         shift: tl.constexpr = f"shr.b32 t, $2, {SHIFT}" if SHIFT >= 0 else f"shl.b32 t, $2, {-SHIFT}"
-        return tl.inline_asm_elementwise(f"{{ .reg .b32 t; {shift}; lop3.b32 $0, t, $3, $1, 0xEA; }}", "=r,r,r,r",
-                                         [codes, planes, masks], dtype=tl.int16, is_pure=True, pack=2)
+        return tl.inline_asm_elementwise(f"{{ .reg .b32 t; {shift}; lop3.b32 $0, t, {MASK * 0x10001}, $1, 0xEA; }}",
+                                         "=r,r,r", [codes, planes], dtype=tl.int16, is_pure=True, pack=2)
     elif SHIFT >= 0:
-        return codes | ((planes >> SHIFT) & masks)
+        return codes | ((planes >> SHIFT) & MASK)
     else:
-        return codes | ((planes << -SHIFT) & masks)
+        return codes | ((planes << -SHIFT) & MASK)
 
 
 @triton.jit
-def _value_product(weights, values, CODES: tl.constexpr, PRECISE: tl.constexpr):
-    """``weights @ values``; ``CODES``: the values are integers, exact in fp16."""
+def _value_product(weights, values, acc, CODES: tl.constexpr, PRECISE: tl.constexpr):
+    """``acc + weights @ values``; ``CODES``: the values are integers, exact in fp16."""
     if PRECISE and CODES:
-        return dot_exact_rhs(weights, values)
+        return acc + dot_exact_rhs(weights, values)
     elif PRECISE:
-        return dot3(weights, values)
+        return acc + dot3(weights, values)
     else:
-        return tl.dot(weights.to(tl.float16), values.to(tl.float16))
+        return tl.dot(weights.to(tl.float16), values.to(tl.float16), acc)
 
 
 @triton.jit
-def _tile_values(p, packed_ptr, scales_ptr, mins_ptr, token_scales, token_minimums, rows, ok, D: tl.constexpr,
+def _codes(codes):
+    """The integers ``code`` of int16 ``0x6400 | code`` in fp16: that is the fp16 number ``1024 + code``, so less 1024
+    it is exactly ``code``, with no conversion instruction."""
+    return codes.to(tl.float16, bitcast=True) - 1024.0
+
+
+@triton.jit
+def _tile_values(p, alpha, accs, packed_ptr, scales_ptr, mins_ptr, token_scales, rows, ok, D: tl.constexpr,
                  DB_PAD: tl.constexpr, BITS: tl.constexpr, VGROUP: tl.constexpr, BLOCK_N: tl.constexpr,
                  PRECISE: tl.constexpr, ASM: tl.constexpr):
-    """``p @ values`` of the tile as four float32 ``[M_PAD, 2 DB_PAD]`` products, one per pair of bit positions: in
-    product ``a`` column ``h DB_PAD + j`` is output column ``8 j + 2 a + h``; and ``p * minimum`` ``[M_PAD, BLOCK_N]``
-    where the minimum is one per token (``token_scales``, ``token_minimums``; else zeros: the products hold the
-    minimums, and ``scales_ptr``, ``mins_ptr`` give them per group).
-
-    Each product's operand is the packed bytes shifted, unpacked in the layout it is read in; two bit positions per
-    product make 2 DB_PAD columns, enough for every warp to take its own. With one scale per token, ``p @ v =
-    (p * scale) @ codes + p . minimum`` with the integer codes exact in fp16: ``0x6400 | c`` is the fp16 number
-    ``1024 + c``, less 1024 exactly ``c``, and no conversion instruction; grouped scales dequantize the codes in
-    fp32. The ``h = 1`` columns take their codes doubled (bit ``2 a + h`` of plane ``b`` lands at bit ``b + h``), so
-    one shift a product serves both halves; ``_halve_odd_columns`` undoes it for one scale per token, halved scales
-    for grouped ones."""
-    cols = tl.arange(0, 2 * DB_PAD)
-    j = cols % DB_PAD
-    h = (cols // DB_PAD)[None, :]
+    """The eight float32 ``[Q_PAD, DB_PAD]`` accumulators ``accs`` rescaled by ``alpha`` plus ``p @ values`` of the
+    tile, one per bit position: in product ``i`` column ``j`` is output column ``8 j + i``, from bit ``i`` of byte
+    ``j`` of each plane. With one minimum per token (``VGROUP == D``) the products leave it out, ``p @ v = (p *
+    scale) @ codes + p . minimum`` (the caller sums ``p . minimum``), the codes exact in fp16; grouped scales
+    dequantize the codes in fp32."""
+    acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7 = accs
+    j = tl.arange(0, DB_PAD)
     inside = ok[:, None] & (j[None, :] < D // 8)
-    masks = tl.broadcast_to((1 << h).to(tl.int16), (BLOCK_N, 2 * DB_PAD))
     if VGROUP == D:
-        codes0 = tl.full((BLOCK_N, 2 * DB_PAD), 0x6400, dtype=tl.int16)
+        codes0 = tl.full((BLOCK_N, DB_PAD), 0x6400, dtype=tl.int16)
     else:
-        codes0 = tl.zeros((BLOCK_N, 2 * DB_PAD), dtype=tl.int16)
+        codes0 = tl.zeros((BLOCK_N, DB_PAD), dtype=tl.int16)
     codes1 = codes0
     codes2 = codes0
     codes3 = codes0
-    for plane in tl.static_range(BITS):
-        planes = tl.load(packed_ptr + rows[:, None] * (BITS * D // 8) + plane * (D // 8) + j[None, :], mask=inside,
+    codes4 = codes0
+    codes5 = codes0
+    codes6 = codes0
+    codes7 = codes0
+    for b in tl.static_range(BITS):
+        planes = tl.load(packed_ptr + rows[:, None] * (BITS * D // 8) + b * (D // 8) + j[None, :], mask=inside,
                          other=0).to(tl.int16)
-        codes0 = _plane_bits(codes0, planes, masks << plane, 0 - plane, ASM)
-        codes1 = _plane_bits(codes1, planes, masks << plane, 2 - plane, ASM)
-        codes2 = _plane_bits(codes2, planes, masks << plane, 4 - plane, ASM)
-        codes3 = _plane_bits(codes3, planes, masks << plane, 6 - plane, ASM)
+        codes0 = _plane_bits(codes0, planes, 0 - b, 1 << b, ASM)
+        codes1 = _plane_bits(codes1, planes, 1 - b, 1 << b, ASM)
+        codes2 = _plane_bits(codes2, planes, 2 - b, 1 << b, ASM)
+        codes3 = _plane_bits(codes3, planes, 3 - b, 1 << b, ASM)
+        codes4 = _plane_bits(codes4, planes, 4 - b, 1 << b, ASM)
+        codes5 = _plane_bits(codes5, planes, 5 - b, 1 << b, ASM)
+        codes6 = _plane_bits(codes6, planes, 6 - b, 1 << b, ASM)
+        codes7 = _plane_bits(codes7, planes, 7 - b, 1 << b, ASM)
+    rescale = alpha[:, None]
     if VGROUP == D:
-        weights = p * token_scales[None, :]
-        return (_value_product(weights, codes0.to(tl.float16, bitcast=True) - 1024.0, True, PRECISE),
-                _value_product(weights, codes1.to(tl.float16, bitcast=True) - 1024.0, True, PRECISE),
-                _value_product(weights, codes2.to(tl.float16, bitcast=True) - 1024.0, True, PRECISE),
-                _value_product(weights, codes3.to(tl.float16, bitcast=True) - 1024.0, True, PRECISE),
-                p * token_minimums[None, :])
+        w = p * token_scales[None, :]
+        return (_value_product(w, _codes(codes0), acc0 * rescale, True, PRECISE),
+                _value_product(w, _codes(codes1), acc1 * rescale, True, PRECISE),
+                _value_product(w, _codes(codes2), acc2 * rescale, True, PRECISE),
+                _value_product(w, _codes(codes3), acc3 * rescale, True, PRECISE),
+                _value_product(w, _codes(codes4), acc4 * rescale, True, PRECISE),
+                _value_product(w, _codes(codes5), acc5 * rescale, True, PRECISE),
+                _value_product(w, _codes(codes6), acc6 * rescale, True, PRECISE),
+                _value_product(w, _codes(codes7), acc7 * rescale, True, PRECISE))
     else:
         groups = rows[:, None] * (D // VGROUP) + j[None, :] // (VGROUP // 8)
-        # halved scales for the doubled codes of the h = 1 columns (exact: a power of two)
-        scales = tl.load(scales_ptr + groups, mask=inside, other=0.0).to(tl.float32) * tl.where(h == 0, 1.0, 0.5)
+        scales = tl.load(scales_ptr + groups, mask=inside, other=0.0).to(tl.float32)
         minimums = tl.load(mins_ptr + groups, mask=inside, other=0.0).to(tl.float32)
-        return (_value_product(p, codes0.to(tl.float32) * scales + minimums, False, PRECISE),
-                _value_product(p, codes1.to(tl.float32) * scales + minimums, False, PRECISE),
-                _value_product(p, codes2.to(tl.float32) * scales + minimums, False, PRECISE),
-                _value_product(p, codes3.to(tl.float32) * scales + minimums, False, PRECISE), tl.zeros_like(p))
+        return (_value_product(p, codes0.to(tl.float32) * scales + minimums, acc0 * rescale, False, PRECISE),
+                _value_product(p, codes1.to(tl.float32) * scales + minimums, acc1 * rescale, False, PRECISE),
+                _value_product(p, codes2.to(tl.float32) * scales + minimums, acc2 * rescale, False, PRECISE),
+                _value_product(p, codes3.to(tl.float32) * scales + minimums, acc3 * rescale, False, PRECISE),
+                _value_product(p, codes4.to(tl.float32) * scales + minimums, acc4 * rescale, False, PRECISE),
+                _value_product(p, codes5.to(tl.float32) * scales + minimums, acc5 * rescale, False, PRECISE),
+                _value_product(p, codes6.to(tl.float32) * scales + minimums, acc6 * rescale, False, PRECISE),
+                _value_product(p, codes7.to(tl.float32) * scales + minimums, acc7 * rescale, False, PRECISE))
 
 
 @triton.jit
-def _halve_odd_columns(pair, DB_PAD: tl.constexpr):
-    """A pair product with its ``h = 1`` columns halved (their codes came doubled, ``_tile_values``)."""
-    return pair * tl.where(tl.arange(0, 2 * DB_PAD) < DB_PAD, 1.0, 0.5)[None, :]
-
-
-@triton.jit
-def _halves(x, DB_PAD: tl.constexpr):
-    """``[M, 2 DB_PAD]`` -> ``[M, DB_PAD, 2]``: column ``h DB_PAD + j`` to ``[j, h]``."""
-    return tl.permute(tl.reshape(x, (x.shape[0], 2, DB_PAD)), (0, 2, 1))
-
-
-@triton.jit
-def _value_columns(pair0, pair1, pair2, pair3, DB_PAD: tl.constexpr):
-    """The four pair products (``_tile_values``) as one ``[M, 8 DB_PAD]``, column ``8 j + 2 a + h``."""
-    both = tl.join(tl.join(_halves(pair0, DB_PAD), _halves(pair2, DB_PAD)),
-                   tl.join(_halves(pair1, DB_PAD), _halves(pair3, DB_PAD)))  # [M, j, h, a // 2, a % 2]
-    return tl.reshape(tl.permute(both, (0, 1, 3, 4, 2)), (pair0.shape[0], 8 * DB_PAD))
+def _value_columns(accs):
+    """The eight bit-position accumulators (``_tile_values``) as one ``[M, 8 DB_PAD]``, column ``8 j + i``."""
+    a0, a1, a2, a3, a4, a5, a6, a7 = accs
+    both = tl.join(tl.join(tl.join(a0, a4), tl.join(a2, a6)),
+                   tl.join(tl.join(a1, a5), tl.join(a3, a7)))  # [M, j, i // 4, i // 2 % 2, i % 2]
+    return tl.reshape(both, (a0.shape[0], 8 * a0.shape[1]))
 
 
 @triton.jit
@@ -308,102 +315,107 @@ def decode_split_kernel(q_ptr, tables_ptr, table_scales_ptr, sp_ptr, sp_scales_p
                         vscales_ptr, vmins_ptr,
                         sink_k_ptr, sink_v_ptr, buf_k_ptr, buf_v_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, n_tokens,
                         n_groups, tokens_per_split, n_sink, n_buffer, scale, oscale, qk_scale, M: tl.constexpr,
-                        M_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, DB_PAD: tl.constexpr,
+                        M_PAD: tl.constexpr, Q_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
+                        DB_PAD: tl.constexpr,
                         BYTES: tl.constexpr, BP: tl.constexpr, OBYTES: tl.constexpr, OBP: tl.constexpr,
                         K: tl.constexpr, R_PAD: tl.constexpr, EXACT: tl.constexpr, GROUP: tl.constexpr,
                         STEP: tl.constexpr,
                         BLOCK_N: tl.constexpr, CENTERED: tl.constexpr, BITS: tl.constexpr, VGROUP: tl.constexpr,
                         BLOCK_EXACT: tl.constexpr, PRECISE: tl.constexpr, LIMBS: tl.constexpr,
-                        UNROLL: tl.constexpr, ASM: tl.constexpr, PREFETCH: tl.constexpr):
-    """Program ``(bh, split)``: splits ``0 .. S-1`` take compressed tokens, split ``S`` the exact ones. Writes the
+                        UNROLL: tl.constexpr, ASM: tl.constexpr, PREFETCH: tl.constexpr, CHUNKS: tl.constexpr):
+    """Program ``(bh, split)``: ``bh`` stands for ``M`` queries, chunk ``bh % CHUNKS`` of the group of (batch row
+    and) KV head ``bh // CHUNKS``. Splits ``0 .. S-1`` take compressed tokens, split ``S`` the exact ones. Writes the
     split's max and sum (log2 units) ``[BH, S + 1, M]`` and unnormalised output ``[BH, S + 1, M, D]``.
     ``tables``, ``table_scales``: ``kernels.decode_project``'s limbs of the queries' projections; ``sp``,
     ``sp_scales`` (``spo``, ``spo_scales``): those of the (outlier) sketch's rows, ``sketch_tables``."""
     bh, split = tl.program_id(0), tl.program_id(1)
+    kv = bh // CHUNKS
     n_splits = tl.num_programs(1)
     part = bh * n_splits + split
-    m_i = tl.full((M_PAD,), float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros((M_PAD,), dtype=tl.float32)
     if split < n_splits - 1:
-        acc0 = tl.zeros((M_PAD, 2 * DB_PAD), dtype=tl.float32)
-        acc1 = tl.zeros((M_PAD, 2 * DB_PAD), dtype=tl.float32)
-        acc2 = tl.zeros((M_PAD, 2 * DB_PAD), dtype=tl.float32)
-        acc3 = tl.zeros((M_PAD, 2 * DB_PAD), dtype=tl.float32)
+        m_i = tl.full((Q_PAD,), float("-inf"), dtype=tl.float32)
+        zeros = tl.zeros((Q_PAD, DB_PAD), dtype=tl.float32)
+        accs = (zeros, zeros, zeros, zeros, zeros, zeros, zeros, zeros)
         # Sums over tokens stay per column until the end: summed each tile they would cross warps (a barrier each).
-        weight_sums = tl.zeros((M_PAD, BLOCK_N), dtype=tl.float32)
-        minimum_sums = tl.zeros((M_PAD, BLOCK_N), dtype=tl.float32)
-        bias = tl.zeros((M_PAD,), dtype=tl.float32)
+        weight_sums = tl.zeros((Q_PAD, BLOCK_N), dtype=tl.float32)
+        minimum_sums = tl.zeros((Q_PAD, BLOCK_N), dtype=tl.float32)
+        bias = tl.zeros((Q_PAD,), dtype=tl.float32)
         if CENTERED:
-            bias = query_mean(load_queries(q_ptr, bh, M, M_PAD, D, D_PAD), mean_ptr, bh, D, D_PAD) * qk_scale
+            bias = query_mean(load_queries(q_ptr, bh, M, Q_PAD, D, D_PAD), mean_ptr, kv, D, D_PAD) * qk_scale
         first = split * tokens_per_split
         last = tl.minimum(first + tokens_per_split, n_tokens)
         # With PREFETCH the next tile's norms, scales and minimums load while this tile is computed: the pipeliner
         # leaves these small loads in the loop, where each would wait for memory once a tile.
         if PREFETCH:
-            rows, ok = _tile_rows(bh, first, last, n_tokens, STEP, BLOCK_N)
+            rows, ok = _tile_rows(kv, first, last, n_tokens, STEP, BLOCK_N)
             norms, token_scales, token_minimums = _token_numbers(norms_ptr, vscales_ptr, vmins_ptr, rows, ok, VGROUP,
                                                                  D)
         for start in range(first, last, STEP):
-            rows, ok = _tile_rows(bh, start, last, n_tokens, STEP, BLOCK_N)
+            rows, ok = _tile_rows(kv, start, last, n_tokens, STEP, BLOCK_N)
             if PREFETCH:
-                next_rows, next_ok = _tile_rows(bh, start + STEP, last, n_tokens, STEP, BLOCK_N)
+                next_rows, next_ok = _tile_rows(kv, start + STEP, last, n_tokens, STEP, BLOCK_N)
                 next_norms, next_scales, next_minimums = _token_numbers(norms_ptr, vscales_ptr, vmins_ptr, next_rows,
                                                                         next_ok, VGROUP, D)
             else:
                 norms, token_scales, token_minimums = _token_numbers(norms_ptr, vscales_ptr, vmins_ptr, rows, ok,
                                                                      VGROUP, D)
-            scores = _tile_scores(tables_ptr, table_scales_ptr, q_ptr, bh, start, n_groups, rows, ok, norms,
+            scores = _tile_scores(tables_ptr, table_scales_ptr, q_ptr, bh, kv, start, n_groups, rows, ok, norms,
                                   signs_ptr, idx_ptr, osigns_ptr, onorms_ptr, ovalues_ptr, sp_ptr, sp_scales_ptr,
-                                  spo_ptr, spo_scales_ptr, scale, oscale, M, M_PAD, D, BYTES, BP, OBYTES, OBP, K,
-                                  R_PAD, EXACT, GROUP, STEP, BLOCK_N, LIMBS, PRECISE, UNROLL, ASM)
+                                  spo_ptr, spo_scales_ptr, scale, oscale, M, M_PAD, Q_PAD, D, BYTES, BP, OBYTES, OBP,
+                                  K, R_PAD, EXACT, GROUP, STEP, BLOCK_N, LIMBS, PRECISE, UNROLL, ASM)
             scores = tl.where(ok[None, :], scores * qk_scale + bias[:, None], float("-inf"))
             m_i, alpha, p = _softmax_step(scores, m_i)
             weight_sums = weight_sums * alpha[:, None] + p
-            pair0, pair1, pair2, pair3, minimum_terms = _tile_values(p, vpacked_ptr, vscales_ptr, vmins_ptr,
-                                                                   token_scales, token_minimums, rows, ok, D, DB_PAD,
-                                                                   BITS, VGROUP, BLOCK_N, PRECISE, ASM)
-            acc0 = acc0 * alpha[:, None] + pair0
-            acc1 = acc1 * alpha[:, None] + pair1
-            acc2 = acc2 * alpha[:, None] + pair2
-            acc3 = acc3 * alpha[:, None] + pair3
+            accs = _tile_values(p, alpha, accs, vpacked_ptr, vscales_ptr, vmins_ptr, token_scales, rows, ok, D,
+                                DB_PAD, BITS, VGROUP, BLOCK_N, PRECISE, ASM)
             if VGROUP == D:
-                minimum_sums = minimum_sums * alpha[:, None] + minimum_terms
+                minimum_sums = minimum_sums * alpha[:, None] + p * token_minimums[None, :]
             if PREFETCH:
                 norms, token_scales, token_minimums = next_norms, next_scales, next_minimums
         l_i = tl.sum(weight_sums, axis=1)
-        if VGROUP == D:
-            acc0 = _halve_odd_columns(acc0, DB_PAD)
-            acc1 = _halve_odd_columns(acc1, DB_PAD)
-            acc2 = _halve_odd_columns(acc2, DB_PAD)
-            acc3 = _halve_odd_columns(acc3, DB_PAD)
-        out = _value_columns(acc0, acc1, acc2, acc3, DB_PAD) + tl.sum(minimum_sums, axis=1)[:, None]
+        out = _value_columns(accs) + tl.sum(minimum_sums, axis=1)[:, None]
         _store_partial(part_m_ptr, part_l_ptr, part_acc_ptr, part, m_i, l_i, out, M, D)
     else:
+        # The exact tokens keep the queries padded to 16 rows: with Q_PAD rows their loop took 20% more
+        # instructions (Triton 3.6, sm_90). A name both branches set must keep one shape, hence exact_.
         q = load_queries(q_ptr, bh, M, M_PAD, D, D_PAD)
-        acc = tl.zeros((M_PAD, D_PAD), dtype=tl.float32)
-        m_i, l_i, acc = _exact_tokens(q, sink_k_ptr, sink_v_ptr, bh, n_sink, qk_scale, m_i, l_i, acc, D, D_PAD,
-                                      BLOCK_EXACT)
-        m_i, l_i, acc = _exact_tokens(q, buf_k_ptr, buf_v_ptr, bh, n_buffer, qk_scale, m_i, l_i, acc, D, D_PAD,
-                                      BLOCK_EXACT)
-        _store_partial(part_m_ptr, part_l_ptr, part_acc_ptr, part, m_i, l_i, acc, M, D)
+        exact_m = tl.full((M_PAD,), float("-inf"), dtype=tl.float32)
+        exact_l = tl.zeros((M_PAD,), dtype=tl.float32)
+        exact_acc = tl.zeros((M_PAD, D_PAD), dtype=tl.float32)
+        exact_m, exact_l, exact_acc = _exact_tokens(q, sink_k_ptr, sink_v_ptr, kv, n_sink, qk_scale, exact_m, exact_l,
+                                                    exact_acc, D, D_PAD, BLOCK_EXACT)
+        exact_m, exact_l, exact_acc = _exact_tokens(q, buf_k_ptr, buf_v_ptr, kv, n_buffer, qk_scale, exact_m, exact_l,
+                                                    exact_acc, D, D_PAD, BLOCK_EXACT)
+        _store_partial(part_m_ptr, part_l_ptr, part_acc_ptr, part, exact_m, exact_l, exact_acc, M, D)
 
 
-def launch_config(queries: int, head_dim: int, sketch_dim: int, outlier_sketch_dim: int, n_outliers: int,
+def query_chunks(group: int, columns: int) -> int:
+    """How many programs share a KV head's ``group`` queries: the fewest whose equal shares, padded to a power of
+    two, stay below the value products' ``columns`` (so that the warps split the columns, module docstring)."""
+    rows = columns // 2
+    return next(c for c in range(triton.cdiv(group, rows), group + 1) if group % c == 0)
+
+
+def launch_config(group: int, head_dim: int, sketch_dim: int, outlier_sketch_dim: int, n_outliers: int,
                   group_size: int, centered: bool, value_bits: int, value_group_size: int,
                   exact_outliers: bool = False, precise: bool = False, asm: bool = True) -> dict:
-    """The constexprs (and warps) for these shapes; also what ``kernels-compile`` checks. ``precise``: fp32 queries,
-    whose products take three int8 limbs of the projections (~2^-24) and fp16 high and low parts of the weights
-    (~2^-22); fp16 and bf16 queries take two limbs (~2^-16) and one fp16 product (~2^-11). ``asm``: sign bits
-    unpacked in PTX, four bytes at a time (False under Triton's interpreter)."""
+    """The constexprs (and warps) for ``group`` queries a KV head; also what ``kernels-compile`` checks. ``precise``:
+    fp32 queries, whose products take three int8 limbs of the projections (~2^-24) and fp16 high and low parts of
+    the weights (~2^-22); fp16 and bf16 queries take two limbs (~2^-16) and one fp16 product (~2^-11). ``asm``:
+    sign bits unpacked in PTX, four bytes at a time (False under Triton's interpreter)."""
     step = group_size if n_outliers else BLOCK_TOKENS
     if (head_dim >= 256 or sketch_dim >= 512) and step % 16 == 0:
         step = 16  # tiles of half a group: wide rows leave no registers for 32 tokens
     sketched = n_outliers and not exact_outliers
     obytes = outlier_sketch_dim // 8 if sketched else 2
-    return dict(M=queries, M_PAD=pow2(queries, 16), D=head_dim, D_PAD=pow2(head_dim, 16),
-                DB_PAD=pow2(head_dim // 8, 16), BYTES=sketch_dim // 8, BP=padded_bytes(sketch_dim), OBYTES=obytes,
-                OBP=padded_bytes(8 * obytes), K=n_outliers, R_PAD=pow2(queries + n_outliers, 16),
-                EXACT=bool(n_outliers and exact_outliers), GROUP=group_size, STEP=step, BLOCK_N=pow2(step, 16),
+    db_pad = pow2(head_dim // 8, 16)
+    chunks = query_chunks(group, db_pad)
+    queries = group // chunks
+    return dict(CHUNKS=chunks, M=queries, M_PAD=pow2(queries, 16), Q_PAD=pow2(queries), D=head_dim,
+                D_PAD=pow2(head_dim, 16), DB_PAD=db_pad, BYTES=sketch_dim // 8,
+                BP=padded_bytes(sketch_dim), OBYTES=obytes, OBP=padded_bytes(8 * obytes), K=n_outliers,
+                R_PAD=pow2(queries + n_outliers, 16), EXACT=bool(n_outliers and exact_outliers),
+                GROUP=group_size, STEP=step, BLOCK_N=pow2(step, 16),
                 CENTERED=centered, BITS=value_bits, VGROUP=value_group_size, BLOCK_EXACT=BLOCK_EXACT, PRECISE=precise,
                 LIMBS=limb_count(precise), ASM=asm,
                 # How many of the eight bit positions are unrolled: all, up to sketch 256 and head dim 128 (fastest);
@@ -464,7 +476,8 @@ def decode_attention(query: torch.Tensor, keys, values, value_bits: int, matrix:
                            ovalues is not None, query.dtype == torch.float32, asm=not interpreting())
     config.update({name: tuning.pop(name) for name in ("num_warps", "num_stages", "maxnreg", "UNROLL", "PREFETCH",
                                                            "ASM") if name in tuning})
-    q = query.reshape(b * h, group, d).contiguous()
+    programs, m = b * h * config["CHUNKS"], config["M"]
+    q = query.reshape(programs, m, d).contiguous()
     _, sp, sp_scales = sketch_tables(matrix)
     _, spo, spo_scales = sketch_tables(outlier_matrix) if outlier_matrix is not None else (None, sp, sp_scales)
     if n:  # read by splits only
@@ -492,11 +505,11 @@ def decode_attention(query: torch.Tensor, keys, values, value_bits: int, matrix:
     else:
         programs_per_sm = resident(config, query.dtype, query.device, lambda: decode_split_kernel.warmup(
             *arguments([q.new_empty(1, dtype=torch.float32)] * 3, config["STEP"]), grid=(1,), **config))
-    per_split = split_size(n, b * h, config["STEP"], programs_per_sm, query.device, **tuning)
+    per_split = split_size(n, programs, config["STEP"], programs_per_sm, query.device, **tuning)
     splits = triton.cdiv(n, per_split) if n else 0
-    part_m = q.new_empty(b * h, splits + 1, group, dtype=torch.float32)
+    part_m = q.new_empty(programs, splits + 1, m, dtype=torch.float32)
     part_l = torch.empty_like(part_m)
-    part_acc = q.new_empty(b * h, splits + 1, group, d, dtype=torch.float32)
-    decode_split_kernel[(b * h, splits + 1)](*arguments((part_m, part_l, part_acc), per_split), **config)
-    out = combine_splits(part_m, part_l, part_acc, query.dtype)  # [b h, group, d]
+    part_acc = q.new_empty(programs, splits + 1, m, d, dtype=torch.float32)
+    decode_split_kernel[(programs, splits + 1)](*arguments((part_m, part_l, part_acc), per_split), **config)
+    out = combine_splits(part_m, part_l, part_acc, query.dtype)  # [b h chunks, m, d]
     return out.reshape(b, 1, hq, d)

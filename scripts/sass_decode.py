@@ -59,7 +59,8 @@ def copies_in_flight(body: list[str]) -> int | None:
 
 def count(module, config: dict, arch: int) -> dict:
     """Registers and main-loop counts of ``module``'s decode kernel at the launch of ``config``'s shapes."""
-    own = module.launch_config(config["M"], config["D"], config["BYTES"] * 8, config["OBYTES"] * 8, config["K"],
+    group = config["M"] * config.get("CHUNKS", 1)
+    own = module.launch_config(group, config["D"], config["BYTES"] * 8, config["OBYTES"] * 8, config["K"],
                                config["GROUP"], config["CENTERED"], config["BITS"], config["VGROUP"],
                                config["EXACT"], config["PRECISE"])
     fn = module.decode_split_kernel

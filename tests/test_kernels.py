@@ -47,7 +47,7 @@ if not interpreter_runs_dynamic_loops():
                 "install numpy<2.3 or a newer Triton", allow_module_level=True)
 
 from kernels.common import multiprocessors  # noqa: E402
-from kernels.decode_attention import decode_attention, split_size  # noqa: E402
+from kernels.decode_attention import decode_attention, query_chunks, split_size  # noqa: E402
 from kernels.decode_project import from_limbs, project_queries, sketch_tables  # noqa: E402
 from kernels.quantize_keys import quantize_keys  # noqa: E402
 from kernels.quantize_values import quantize_values  # noqa: E402
@@ -221,6 +221,8 @@ def filled_layer(config, b, h, d, prompt, steps, dtype, seed=0):
     (128, 4, "bf16", QJLConfig.preset("3bit", head_dim=128)),
     (64, 2, "fp16", QJLConfig(sketch_dim=64, n_outliers=2, exact_outliers=True, value_bits=8, value_group_size=64,
                               buffer_size=32)),
+    # Groups of more queries than a program takes (two programs of 6 per KV head)
+    (128, 12, "bf16", QJLConfig.preset("3bit", head_dim=128)),
 ])
 def test_fused_decode_matches_reference_attend(monkeypatch, d, group, dtype, config):
     b, h = 2, 2
@@ -262,6 +264,15 @@ def test_decode_splits_fill_one_wave():
         programs = heads * triton.cdiv(tokens, per_split)
         assert programs <= max(resident * sms, heads), (heads, tokens, programs)
         assert per_split == 64 or programs > resident * sms - heads, (heads, tokens, programs)  # the wave is full
+
+
+def test_query_chunks_keep_rows_below_the_value_columns():
+    """A KV head's queries split into the fewest equal chunks of fewer rows (padded to a power of two) than the value
+    products' columns: 16 at head dims 64 and 128, 32 at 256."""
+    for group, columns, chunks in ((1, 16, 1), (3, 16, 1), (4, 16, 1), (8, 16, 1), (12, 16, 2), (16, 16, 2),
+                                   (11, 16, 11), (16, 32, 1), (24, 32, 2)):
+        assert query_chunks(group, columns) == chunks, (group, columns)
+        assert triton.next_power_of_2(group // chunks) < columns
 
 
 def test_fused_decode_with_empty_buffer_and_no_compressed_tokens():
