@@ -2,7 +2,7 @@
 no GPU is at hand to time them.
 
 Compiles ``kernels.decode_attention`` for sm_ARCH (``triton.compile``, pointers 16-byte aligned as the launcher's
-tensors are) at the launch configuration of each shape, disassembles the cubin (the ``cuobjdump`` inside the Triton
+tensors are) at the launch configuration of each shape, disassembles the cubin (the ``nvdisasm`` inside the Triton
 wheel) and counts the instructions of its longest loop, the loop over 32-token tiles: all of them, the barriers, the
 shared-memory and shuffle instructions, the tensor-core products, the plain global loads, and how many groups of
 asynchronous copies the loop's wait leaves in flight (0: each tile waits for memory); and the registers, which set how
@@ -12,7 +12,10 @@ it does the same for that kernel.
 Counts are a proxy: the kernel is bound by instruction issue and latency, not bandwidth, on the H100 and H200
 (``profiling/results``), but only a GPU says what a change is worth.
 
-    python scripts/sass_decode.py [--arch 90] [--shapes llama8b/3bit/exact/sketch256 ...] [--json OUT.json]
+With ``--lines N`` it also prints the N source lines behind most of the loop's instructions (the disassembler's line
+information): where a change would pay.
+
+    python scripts/sass_decode.py [--arch 90] [--shapes llama8b/3bit/exact/sketch256 ...] [--lines N] [--json OUT]
 """
 
 import argparse
@@ -20,7 +23,9 @@ import collections
 import importlib
 import json
 import re
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -29,7 +34,6 @@ from profiling.cmd_kernels_compile import (  # noqa: E402
     POINTERS,
     SHAPES,
     compile_for,
-    cuobjdump,
     launch_configs,
     resource_usage,
 )
@@ -40,14 +44,48 @@ SHARED_OR_SHUFFLE = {"LDS", "STS", "LDSM", "STSM", "SHFL", "BAR"}
 FP16_TABLES = dict(tables_ptr="*fp16", sp_hi_ptr="*fp16", sp_lo_ptr="*fp16", spo_hi_ptr="*fp16", spo_lo_ptr="*fp16")
 
 
-def loop_body(sass: str) -> list[str]:
-    """The instructions of the longest backward branch's body, predicates stripped."""
-    instructions = [(int(m.group(1), 16), m.group(2).strip()) for line in sass.splitlines()
-                    if (m := re.match(r"\s+/\*([0-9a-f]{4,5})\*/\s+(.*?);", line))]
-    loops = [(int(m.group(1), 16), address) for address, text in instructions
+def disassemble(cubin: bytes) -> list[tuple[int, str, str | None]]:
+    """(address, instruction, ``path:line`` of the source it came from) of every instruction of ``cubin``, by the
+    ``nvdisasm`` inside the Triton wheel (with line information; branch targets as addresses)."""
+    import triton
+
+    binary = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        text = subprocess.run([str(binary), "-gi", "-c", f.name], capture_output=True, text=True, check=True).stdout
+    rows, labels, pending, where = [], {}, [], None
+    for line in text.splitlines():
+        if m := re.match(r"\s*(\.L_x_\d+):", line):
+            pending.append(m.group(1))
+        elif m := re.search(r'//## File "([^"]+)", line (\d+)', line):
+            where = f"{m.group(1)}:{m.group(2)}"
+        elif m := re.match(r"\s+/\*([0-9a-f]{4,5})\*/\s+(.*?);", line):
+            address = int(m.group(1), 16)
+            labels.update((label, address) for label in pending)
+            pending = []
+            rows.append((address, m.group(2).strip(), where))
+    return [(address, re.sub(r"`\((\.L_x_\d+)\)", lambda m: hex(labels[m.group(1)]), text), where)
+            for address, text, where in rows]
+
+
+def loop_body(instructions: list[tuple[int, str, str | None]]) -> list[tuple[str, str | None]]:
+    """The instructions (predicates stripped) and their source lines of the longest backward branch's body."""
+    loops = [(int(m.group(1), 16), address) for address, text, _ in instructions
              if (m := re.search(r"BRA 0x([0-9a-f]+)", text)) and int(m.group(1), 16) < address]
     start, end = max(loops, key=lambda loop: loop[1] - loop[0])
-    return [re.sub(r"^@!?U?P\w+\s+", "", text) for address, text in instructions if start <= address <= end]
+    return [(re.sub(r"^@!?U?P\w+\s+", "", text), where) for address, text, where in instructions
+            if start <= address <= end]
+
+
+def source_lines(body: list[tuple[str, str | None]], top: int) -> list[tuple[int, str, str]]:
+    """The ``top`` source lines with the most of ``body``'s instructions: (count, ``file:line``, the line's text)."""
+    lines = []
+    for where, n in collections.Counter(where for _, where in body).most_common(top):
+        path, number = where.rsplit(":", 1) if where else ("?", "0")
+        text = Path(path).read_text().splitlines()[int(number) - 1].strip() if Path(path).is_file() else ""
+        lines.append((n, f"{Path(path).name}:{number}", text))
+    return lines
 
 
 def copies_in_flight(body: list[str]) -> int | None:
@@ -57,8 +95,9 @@ def copies_in_flight(body: list[str]) -> int | None:
     return min(waits) if waits else None
 
 
-def count(module, config: dict, arch: int) -> dict:
-    """Registers and main-loop counts of ``module``'s decode kernel at the launch of ``config``'s shapes."""
+def count(module, config: dict, arch: int, top: int = 0) -> dict:
+    """Registers and main-loop counts of ``module``'s decode kernel at the launch of ``config``'s shapes, and the
+    ``top`` source lines behind most of the loop's instructions."""
     group = config["M"] * config.get("CHUNKS", 1)
     own = module.launch_config(group, config["D"], config["BYTES"] * 8, config["OBYTES"] * 8, config["K"],
                                config["GROUP"], config["CENTERED"], config["BITS"], config["VGROUP"],
@@ -66,11 +105,13 @@ def count(module, config: dict, arch: int) -> dict:
     fn = module.decode_split_kernel
     pointers = {**POINTERS["decode_split"], **(FP16_TABLES if "sp_hi_ptr" in fn.arg_names else {})}
     cubin = compile_for(fn, pointers, own, arch).asm["cubin"]
-    body = loop_body(cuobjdump(cubin, "-sass"))
-    ops = collections.Counter(text.split()[0].split(".")[0] for text in body)
+    body = loop_body(disassemble(cubin))
+    texts = [text for text, _ in body]
+    ops = collections.Counter(text.split()[0].split(".")[0] for text in texts)
     return dict(registers=resource_usage(cubin)["REG"], instructions=sum(ops.values()), barriers=ops["BAR"],
                 shared_or_shuffle=sum(n for op, n in ops.items() if op in SHARED_OR_SHUFFLE),
-                mma=ops["HMMA"] + ops["IMMA"], global_loads=ops["LDG"], copies_in_flight=copies_in_flight(body))
+                mma=ops["HMMA"] + ops["IMMA"], global_loads=ops["LDG"], copies_in_flight=copies_in_flight(texts),
+                source_lines=source_lines(body, top))
 
 
 def main():
@@ -80,6 +121,8 @@ def main():
     parser.add_argument("--arch", type=int, default=90)
     parser.add_argument("--shapes", nargs="+", default=DEFAULT_SHAPES)
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--lines", type=int, default=0, help="also print the N source lines with the most of the "
+                        "loop's instructions")
     args = parser.parse_args()
     configs = {label: config for kernel, label, config in launch_configs(SHAPES) if kernel == "decode_split"}
     unknown = sorted(set(args.shapes) - set(configs))
@@ -94,13 +137,15 @@ def main():
     for label in args.shapes:
         for name, module in modules.items():
             row = dict(kernel=name, shapes=label, arch=args.arch, triton=triton.__version__,
-                       **count(module, configs[label], args.arch))
+                       **count(module, configs[label], args.arch, args.lines))
             rows.append(row)
             print(f"{name:8s} {label:32s} sm_{args.arch} triton {row['triton']}: {row['registers']} registers, "
                   f"main loop {row['instructions']} instructions, {row['barriers']} barriers, "
                   f"{row['shared_or_shuffle']} shared-memory/shuffle, {row['mma']} tensor-core products, "
                   f"{row['global_loads']} "
                   f"global loads, {row['copies_in_flight']} copy groups in flight at the wait", flush=True)
+            for n, where, text in row["source_lines"]:
+                print(f"    {n:4d} {where:34s} {text[:100]}")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
 
