@@ -119,9 +119,10 @@ def resource_usage(cubin: bytes) -> dict:
     return {name: int(value) for name, value in fields.items()}
 
 
-def compile_for(fn, pointers: dict, config: dict, arch: int):
+def compile_for(fn, pointers: dict, config: dict, arch: int, multiples_of_16: tuple = ()):
     """``triton.compile`` of ``fn`` for sm_``arch`` at ``config`` (constexprs and launch options), every pointer
-    marked 16-byte aligned."""
+    marked 16-byte aligned, and the integer arguments ``multiples_of_16`` marked so (Triton specializes a launch on
+    that)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -129,7 +130,8 @@ def compile_for(fn, pointers: dict, config: dict, arch: int):
     options = {name: config[name] for name in LAUNCH_OPTIONS if name in config}
     constexprs = {name: value for name, value in config.items() if name not in LAUNCH_OPTIONS}
     signature = {name: pointers.get(name, "constexpr") for name in fn.arg_names}
-    aligned = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names) if signature[name][0] == "*"}
+    aligned = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
+               if signature[name][0] == "*" or name in multiples_of_16}
     return triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=aligned),
                           target=GPUTarget("cuda", arch, 32), options=options)
 

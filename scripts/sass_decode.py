@@ -2,12 +2,13 @@
 no GPU is at hand to time them.
 
 Compiles ``kernels.decode_attention`` for sm_ARCH (``triton.compile``, pointers 16-byte aligned as the launcher's
-tensors are) at the launch configuration of each shape, disassembles the cubin (the ``nvdisasm`` inside the Triton
-wheel) and counts the instructions of its longest loop, the loop over 32-token tiles: all of them, the barriers, the
-shared-memory and shuffle instructions, the tensor-core products, the plain global loads, and how many groups of
-asynchronous copies the loop's wait leaves in flight (0: each tile waits for memory); and the registers, which set how
-many programs share a multiprocessor. With an earlier kernel beside it (``bash scripts/decode_baseline.sh COMMIT``)
-it does the same for that kernel.
+tensors are, and the token count and tokens per split multiples of 16 as at the benchmark's contexts, where whole
+groups of 32 tokens are compressed: Triton specializes a launch on both) at the launch configuration of each shape,
+disassembles the cubin (the ``nvdisasm`` inside the Triton wheel) and counts the instructions of its longest loop, the
+loop over 32-token tiles: all of them, the barriers, the shared-memory and shuffle instructions, the tensor-core
+products, the plain global loads, and how many groups of asynchronous copies the loop's wait leaves in flight (0: each
+tile waits for memory); and the registers, which set how many programs share a multiprocessor. With an earlier kernel
+beside it (``bash scripts/decode_baseline.sh COMMIT``) it does the same for that kernel.
 
 Counts are a proxy: the kernel is bound by instruction issue and latency, not bandwidth, on the H100 and H200
 (``profiling/results``), but only a GPU says what a change is worth.
@@ -70,10 +71,17 @@ def disassemble(cubin: bytes) -> list[tuple[int, str, str | None]]:
 
 
 def loop_body(instructions: list[tuple[int, str, str | None]]) -> list[tuple[str, str | None]]:
-    """The instructions (predicates stripped) and their source lines of the longest backward branch's body."""
+    """The instructions (predicates stripped) and their source lines of the tile loop: the longest backward branch's
+    body with int8 tensor-core products (the sign products; the sink and buffer tokens' loops have none and can be
+    as long), or the longest for kernels without them."""
     loops = [(int(m.group(1), 16), address) for address, text, _ in instructions
              if (m := re.search(r"BRA 0x([0-9a-f]+)", text)) and int(m.group(1), 16) < address]
-    start, end = max(loops, key=lambda loop: loop[1] - loop[0])
+
+    def int8_products_and_length(loop):
+        start, end = loop
+        return any("IMMA" in text for address, text, _ in instructions if start <= address <= end), end - start
+
+    start, end = max(loops, key=int8_products_and_length)
     return [(re.sub(r"^@!?U?P\w+\s+", "", text), where) for address, text, where in instructions
             if start <= address <= end]
 
@@ -104,7 +112,7 @@ def count(module, config: dict, arch: int, top: int = 0) -> dict:
                                config["EXACT"], config["PRECISE"])
     fn = module.decode_split_kernel
     pointers = {**POINTERS["decode_split"], **(FP16_TABLES if "sp_hi_ptr" in fn.arg_names else {})}
-    cubin = compile_for(fn, pointers, own, arch).asm["cubin"]
+    cubin = compile_for(fn, pointers, own, arch, multiples_of_16=("n_tokens", "tokens_per_split")).asm["cubin"]
     body = loop_body(disassemble(cubin))
     texts = [text for text, _ in body]
     ops = collections.Counter(text.split()[0].split(".")[0] for text in texts)
