@@ -15,10 +15,10 @@ the products' operand layout (no reshape):
   the same bit order, taken in the same product as ``S q . sign`` (more rows of one operand); exact outliers add
   ``q[i_k] v_k``, sketched ones ``q[i_k] (S_o[:, i_k] . sign_o)``;
 - values: ``code * scale + minimum``; the output columns ``8 j + i`` come from bit ``i`` of byte ``j``, so eight
-  products, one per bit position, each of the planes shifted by constants: the compiler then unpacks them in the
-  operand's layout, from the pipeline's shared-memory copy of the planes; with one group per token row
-  ``p @ v = (p * scale) @ codes + p . minimum`` with the integer codes exact in fp16, else the dequantized values in
-  fp32.
+  products, one per bit position, each of the planes shifted and masked by constants: the compiler then unpacks them
+  in the operand's layout, from the pipeline's shared-memory copy of the planes (two planes: one ``lop3`` a product,
+  from two interleavings of the planes); with one group per token row ``p @ v = (p * scale) @ codes + p . minimum``
+  with the integer codes exact in fp16, else the dequantized values in fp32.
 
 The softmax and the value products take the queries padded to a power of two (``Q_PAD``, tensor cores pad a small
 product themselves), not to 16: Triton spreads the warps of a product that feeds another over its columns only when
@@ -178,13 +178,26 @@ def _plane_bits(codes, planes, SHIFT: tl.constexpr, MASK: tl.constexpr, ASM: tl.
     On a GPU (``ASM``) two numbers a register: a shift of the whole register and one ``lop3``; what the shift moves
     from one half into the other lands above bit 8, outside the mask, so each half is its own number."""
     if ASM:
-        shift: tl.constexpr = f"shr.b32 t, $2, {SHIFT}" if SHIFT >= 0 else f"shl.b32 t, $2, {-SHIFT}"
+        shift: tl.constexpr = (f"shr.b32 t, $2, {SHIFT}" if SHIFT > 0 else f"shl.b32 t, $2, {-SHIFT}" if SHIFT < 0
+                               else "mov.b32 t, $2")
         return tl.inline_asm_elementwise(f"{{ .reg .b32 t; {shift}; lop3.b32 $0, t, {MASK * 0x10001}, $1, 0xEA; }}",
                                          "=r,r,r", [codes, planes], dtype=tl.int16, is_pure=True, pack=2)
     elif SHIFT >= 0:
         return codes | ((planes >> SHIFT) & MASK)
     else:
         return codes | ((planes << -SHIFT) & MASK)
+
+
+@triton.jit
+def _interleaved(plane0, plane1, MASK: tl.constexpr, ASM: tl.constexpr):
+    """The bits of int16 ``plane0`` where ``MASK`` is set and of ``plane1 << 1`` elsewhere (two planes of 8 bits:
+    nothing of either past bit 8). On a GPU (``ASM``) two numbers a register, a shift and one ``lop3``."""
+    if ASM:
+        return tl.inline_asm_elementwise(
+            f"{{ .reg .b32 t; shl.b32 t, $2, 1; lop3.b32 $0, $1, t, {MASK * 0x10001}, 0xE4; }}", "=r,r,r",
+            [plane0, plane1], dtype=tl.int16, is_pure=True, pack=2)
+    else:
+        return (plane0 & MASK) | ((plane1 << 1) & ~MASK)
 
 
 @triton.jit
@@ -208,12 +221,17 @@ def _codes(codes):
 @triton.jit
 def _tile_values(p, alpha, accs, packed_ptr, scales_ptr, mins_ptr, token_scales, rows, ok, D: tl.constexpr,
                  DB_PAD: tl.constexpr, BITS: tl.constexpr, VGROUP: tl.constexpr, BLOCK_N: tl.constexpr,
-                 PRECISE: tl.constexpr, ASM: tl.constexpr):
+                 PAIRS: tl.constexpr, PRECISE: tl.constexpr, ASM: tl.constexpr):
     """The eight float32 ``[Q_PAD, DB_PAD]`` accumulators ``accs`` rescaled by ``alpha`` plus ``p @ values`` of the
     tile, one per bit position: in product ``i`` column ``j`` is output column ``8 j + i``, from bit ``i`` of byte
     ``j`` of each plane. With one minimum per token (``VGROUP == D``) the products leave it out, ``p @ v = (p *
     scale) @ codes + p . minimum`` (the caller sums ``p . minimum``), the codes exact in fp16; grouped scales
-    dequantize the codes in fp32."""
+    dequantize the codes in fp32.
+
+    ``PAIRS`` (two planes, one scale per token): product ``i`` takes its codes doubled ``i`` times, bits ``i`` and
+    ``i + 1`` of one of two interleavings of the planes (plane 0's even bits with plane 1's odd ones a bit up, or the
+    reverse), so a product's codes cost one ``lop3`` in place of a shift and a ``lop3`` per plane; the caller halves
+    accumulator ``i`` ``i`` times (``_value_columns``)."""
     acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7 = accs
     j = tl.arange(0, DB_PAD)
     inside = ok[:, None] & (j[None, :] < D // 8)
@@ -228,17 +246,32 @@ def _tile_values(p, alpha, accs, packed_ptr, scales_ptr, mins_ptr, token_scales,
     codes5 = codes0
     codes6 = codes0
     codes7 = codes0
-    for b in tl.static_range(BITS):
-        planes = tl.load(packed_ptr + rows[:, None] * (BITS * D // 8) + b * (D // 8) + j[None, :], mask=inside,
+    if PAIRS:
+        plane0 = tl.load(packed_ptr + rows[:, None] * (D // 4) + j[None, :], mask=inside, other=0).to(tl.int16)
+        plane1 = tl.load(packed_ptr + rows[:, None] * (D // 4) + D // 8 + j[None, :], mask=inside,
                          other=0).to(tl.int16)
-        codes0 = _plane_bits(codes0, planes, 0 - b, 1 << b, ASM)
-        codes1 = _plane_bits(codes1, planes, 1 - b, 1 << b, ASM)
-        codes2 = _plane_bits(codes2, planes, 2 - b, 1 << b, ASM)
-        codes3 = _plane_bits(codes3, planes, 3 - b, 1 << b, ASM)
-        codes4 = _plane_bits(codes4, planes, 4 - b, 1 << b, ASM)
-        codes5 = _plane_bits(codes5, planes, 5 - b, 1 << b, ASM)
-        codes6 = _plane_bits(codes6, planes, 6 - b, 1 << b, ASM)
-        codes7 = _plane_bits(codes7, planes, 7 - b, 1 << b, ASM)
+        even = _interleaved(plane0, plane1, 0x155, ASM)  # bits 2k of plane 0 and 2k + 1 of plane 1 << 1
+        odd = _interleaved(plane0, plane1, 0x0AA, ASM)
+        codes0 = _plane_bits(codes0, even, 0, 3, ASM)
+        codes1 = _plane_bits(codes1, odd, 0, 3 << 1, ASM)
+        codes2 = _plane_bits(codes2, even, 0, 3 << 2, ASM)
+        codes3 = _plane_bits(codes3, odd, 0, 3 << 3, ASM)
+        codes4 = _plane_bits(codes4, even, 0, 3 << 4, ASM)
+        codes5 = _plane_bits(codes5, odd, 0, 3 << 5, ASM)
+        codes6 = _plane_bits(codes6, even, 0, 3 << 6, ASM)
+        codes7 = _plane_bits(codes7, odd, 0, 3 << 7, ASM)
+    else:
+        for b in tl.static_range(BITS):
+            planes = tl.load(packed_ptr + rows[:, None] * (BITS * D // 8) + b * (D // 8) + j[None, :], mask=inside,
+                             other=0).to(tl.int16)
+            codes0 = _plane_bits(codes0, planes, 0 - b, 1 << b, ASM)
+            codes1 = _plane_bits(codes1, planes, 1 - b, 1 << b, ASM)
+            codes2 = _plane_bits(codes2, planes, 2 - b, 1 << b, ASM)
+            codes3 = _plane_bits(codes3, planes, 3 - b, 1 << b, ASM)
+            codes4 = _plane_bits(codes4, planes, 4 - b, 1 << b, ASM)
+            codes5 = _plane_bits(codes5, planes, 5 - b, 1 << b, ASM)
+            codes6 = _plane_bits(codes6, planes, 6 - b, 1 << b, ASM)
+            codes7 = _plane_bits(codes7, planes, 7 - b, 1 << b, ASM)
     rescale = alpha[:, None]
     if VGROUP == D:
         w = p * token_scales[None, :]
@@ -265,9 +298,13 @@ def _tile_values(p, alpha, accs, packed_ptr, scales_ptr, mins_ptr, token_scales,
 
 
 @triton.jit
-def _value_columns(accs):
-    """The eight bit-position accumulators (``_tile_values``) as one ``[M, 8 DB_PAD]``, column ``8 j + i``."""
+def _value_columns(accs, PAIRS: tl.constexpr):
+    """The eight bit-position accumulators (``_tile_values``) as one ``[M, 8 DB_PAD]``, column ``8 j + i``; with
+    ``PAIRS`` accumulator ``i`` halved ``i`` times (exact: powers of two)."""
     a0, a1, a2, a3, a4, a5, a6, a7 = accs
+    if PAIRS:
+        a1, a2, a3, a4 = a1 * 0.5, a2 * 0.25, a3 * 0.125, a4 * 0.0625
+        a5, a6, a7 = a5 * 0.03125, a6 * 0.015625, a7 * 0.0078125
     both = tl.join(tl.join(tl.join(a0, a4), tl.join(a2, a6)),
                    tl.join(tl.join(a1, a5), tl.join(a3, a7)))  # [M, j, i // 4, i // 2 % 2, i % 2]
     return tl.reshape(both, (a0.shape[0], 8 * a0.shape[1]))
@@ -322,7 +359,8 @@ def decode_split_kernel(q_ptr, tables_ptr, table_scales_ptr, sp_ptr, sp_scales_p
                         STEP: tl.constexpr,
                         BLOCK_N: tl.constexpr, CENTERED: tl.constexpr, BITS: tl.constexpr, VGROUP: tl.constexpr,
                         BLOCK_EXACT: tl.constexpr, PRECISE: tl.constexpr, LIMBS: tl.constexpr,
-                        UNROLL: tl.constexpr, ASM: tl.constexpr, PREFETCH: tl.constexpr, CHUNKS: tl.constexpr):
+                        UNROLL: tl.constexpr, ASM: tl.constexpr, PREFETCH: tl.constexpr, CHUNKS: tl.constexpr,
+                        PAIRS: tl.constexpr):
     """Program ``(bh, split)``: ``bh`` stands for ``M`` queries, chunk ``bh % CHUNKS`` of the group of (batch row
     and) KV head ``bh // CHUNKS``. Splits ``0 .. S-1`` take compressed tokens, split ``S`` the exact ones. Writes the
     split's max and sum (log2 units) ``[BH, S + 1, M]`` and unnormalised output ``[BH, S + 1, M, D]``.
@@ -367,13 +405,13 @@ def decode_split_kernel(q_ptr, tables_ptr, table_scales_ptr, sp_ptr, sp_scales_p
             m_i, alpha, p = _softmax_step(scores, m_i)
             weight_sums = weight_sums * alpha[:, None] + p
             accs = _tile_values(p, alpha, accs, vpacked_ptr, vscales_ptr, vmins_ptr, token_scales, rows, ok, D,
-                                DB_PAD, BITS, VGROUP, BLOCK_N, PRECISE, ASM)
+                                DB_PAD, BITS, VGROUP, BLOCK_N, PAIRS, PRECISE, ASM)
             if VGROUP == D:
                 minimum_sums = minimum_sums * alpha[:, None] + p * token_minimums[None, :]
             if PREFETCH:
                 norms, token_scales, token_minimums = next_norms, next_scales, next_minimums
         l_i = tl.sum(weight_sums, axis=1)
-        out = _value_columns(accs) + tl.sum(minimum_sums, axis=1)[:, None]
+        out = _value_columns(accs, PAIRS) + tl.sum(minimum_sums, axis=1)[:, None]
         _store_partial(part_m_ptr, part_l_ptr, part_acc_ptr, part, m_i, l_i, out, M, D)
     else:
         # The exact tokens keep the queries padded to 16 rows: with Q_PAD rows their loop took 20% more
@@ -416,7 +454,9 @@ def launch_config(group: int, head_dim: int, sketch_dim: int, outlier_sketch_dim
                 BP=padded_bytes(sketch_dim), OBYTES=obytes, OBP=padded_bytes(8 * obytes), K=n_outliers,
                 R_PAD=pow2(queries + n_outliers, 16), EXACT=bool(n_outliers and exact_outliers),
                 GROUP=group_size, STEP=step, BLOCK_N=pow2(step, 16),
-                CENTERED=centered, BITS=value_bits, VGROUP=value_group_size, BLOCK_EXACT=BLOCK_EXACT, PRECISE=precise,
+                CENTERED=centered, BITS=value_bits, VGROUP=value_group_size,
+                # Two planes and one scale per token: each value product's codes in one instruction (_tile_values).
+                PAIRS=value_bits == 2 and value_group_size == head_dim, BLOCK_EXACT=BLOCK_EXACT, PRECISE=precise,
                 LIMBS=limb_count(precise), ASM=asm,
                 # How many of the eight bit positions are unrolled: all, up to sketch 256 and head dim 128 (fastest);
                 # the table loads of the unrolled positions are hoisted and held, so wider sketches unroll as many as
