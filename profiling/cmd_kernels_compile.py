@@ -58,6 +58,10 @@ POINTERS = {
 # The arguments in the model's dtype, fp32 where a launch is for an fp32 model (``PRECISE``).
 FP32_MODEL_POINTERS = ("q_ptr", "sink_k_ptr", "sink_v_ptr", "buf_k_ptr", "buf_v_ptr")
 LAUNCH_OPTIONS = ("num_warps", "num_stages", "maxnreg")  # launch options a launch_config may set, not constexprs
+# Integer arguments that are multiples of 16 at the usual launches, which Triton specializes on (it compiles such a
+# launch apart): the decode kernel's token count (whole groups of 32 tokens are compressed) and tokens per split (a
+# multiple of its tile). Each such kernel is compiled both ways.
+LAUNCH_MULTIPLES_OF_16 = {"decode_split": ("n_tokens", "tokens_per_split")}
 
 
 def add_arguments(parser):
@@ -136,13 +140,13 @@ def compile_for(fn, pointers: dict, config: dict, arch: int, multiples_of_16: tu
                           target=GPUTarget("cuda", arch, 32), options=options)
 
 
-def compile_kernel(kernel: str, config: dict, arch: int) -> dict:
+def compile_kernel(kernel: str, config: dict, arch: int, multiples_of_16: tuple = ()) -> dict:
     from kernels import KERNELS
 
     pointers = POINTERS[kernel]
     if config.get("PRECISE"):  # an fp32 model's queries and exact tokens
         pointers = {**pointers, **{name: "*fp32" for name in FP32_MODEL_POINTERS if name in pointers}}
-    compiled = compile_for(KERNELS[kernel][0], pointers, config, arch)
+    compiled = compile_for(KERNELS[kernel][0], pointers, config, arch, multiples_of_16)
     usage = resource_usage(compiled.asm["cubin"])
     return dict(registers=usage.get("REG"), shared_bytes=max(compiled.metadata.shared, usage.get("SHARED", 0)),
                 spill_bytes=usage.get("LOCAL", 0) + usage.get("STACK", 0))
@@ -160,11 +164,17 @@ def run(args) -> int:
         for kernel, label, config in launch_configs(QUICK_SHAPES if args.quick else SHAPES):
             if args.only and kernel not in args.only:
                 continue
-            row = dict(name=kernel, arch=arch, shapes=label, config=config, **compile_kernel(kernel, config, arch),
-                       shared_limit=SHARED_LIMITS[arch])
-            rows.append(row)
-            print(f"sm_{arch} {kernel:15s} {label:28s} warps={config.get('num_warps', 4)} regs={row['registers']:3d} "
-                  f"shared={row['shared_bytes']:6d} B spills={row['spill_bytes']} B", flush=True)
+            variants = [()]
+            if kernel in LAUNCH_MULTIPLES_OF_16:
+                variants.append(LAUNCH_MULTIPLES_OF_16[kernel])
+            for multiples in variants:
+                shapes = label + ("/x16" if multiples else "")
+                row = dict(name=kernel, arch=arch, shapes=shapes, config=config, multiples_of_16=list(multiples),
+                           **compile_kernel(kernel, config, arch, multiples), shared_limit=SHARED_LIMITS[arch])
+                rows.append(row)
+                print(f"sm_{arch} {kernel:15s} {shapes:28s} warps={config.get('num_warps', 4)} "
+                      f"regs={row['registers']:3d} shared={row['shared_bytes']:6d} B spills={row['spill_bytes']} B",
+                      flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(dict(triton=triton.__version__, kernels=rows), indent=1))
     spilling = [r for r in rows if r["spill_bytes"]]

@@ -3,7 +3,7 @@
 # the torch path included), the decode benchmark, the sm_90 compile report with what fits on a multiprocessor, the
 # sweep of the fused decode kernel's launch choices, and Nsight Compute on one of its launches. Everything lands in
 # OUTDIR (8 files, what a GPU slot returns at most); it took 302 s on an H100 at 20a307d (before decode_occupancy.py,
-# about 25 s, and ncu_decode.sh).
+# about 25 s, ncu_decode.sh, and the compile report's second build of each decode launch, as launched).
 # Needs torch (CUDA), triton, transformers, pytest; not gradio, plotly or kaleido. Before the call, on this machine:
 # `bash scripts/gpu-wheels.sh` for transformers' QuantizedCache in the benchmark (carry ".whl"; untried on a GPU: its
 # first use may build optimum-quanto's CUDA extension), and, to time an earlier decode kernel on the same card,
@@ -20,7 +20,7 @@ fi
 { nvidia-smi; python -c "import sys, torch, triton, transformers; print(sys.version); print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"; python -m pip list 2>/dev/null | grep -i quanto; } > "$OUT/tests.txt" 2>&1
 timeout 240 python -m pytest -q tests/test_kernels.py 2>&1 | tee -a "$OUT/tests.txt" || status=1
 timeout 300 python -m profiling bench-kernels --out "$OUT/bench-kernels" 2>&1 | tee "$OUT/bench.txt" || status=1
-timeout 120 python -m profiling kernels-compile --quick --arch 90 --out "$OUT/kernels-compile" > "$OUT/compile.txt" 2>&1 || status=1
+timeout 240 python -m profiling kernels-compile --quick --arch 90 --out "$OUT/kernels-compile" > "$OUT/compile.txt" 2>&1 || status=1
 timeout 60 python scripts/decode_occupancy.py >> "$OUT/compile.txt" 2>&1 || status=1
 timeout 240 python scripts/sweep_decode.py "$OUT/sweep-decode.json" > "$OUT/sweep-decode.txt" 2>&1 || status=1
 timeout 180 bash scripts/ncu_decode.sh 1 32768 > "$OUT/ncu.txt" 2>&1 || status=1

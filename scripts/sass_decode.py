@@ -32,6 +32,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from profiling.cmd_kernels_compile import (  # noqa: E402
+    LAUNCH_MULTIPLES_OF_16,
     POINTERS,
     SHAPES,
     compile_for,
@@ -112,7 +113,7 @@ def count(module, config: dict, arch: int, top: int = 0) -> dict:
                                config["EXACT"], config["PRECISE"])
     fn = module.decode_split_kernel
     pointers = {**POINTERS["decode_split"], **(FP16_TABLES if "sp_hi_ptr" in fn.arg_names else {})}
-    cubin = compile_for(fn, pointers, own, arch, multiples_of_16=("n_tokens", "tokens_per_split")).asm["cubin"]
+    cubin = compile_for(fn, pointers, own, arch, LAUNCH_MULTIPLES_OF_16["decode_split"]).asm["cubin"]
     body = loop_body(disassemble(cubin))
     texts = [text for text, _ in body]
     ops = collections.Counter(text.split()[0].split(".")[0] for text in texts)
