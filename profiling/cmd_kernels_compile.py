@@ -107,19 +107,20 @@ def launch_configs(shapes) -> list[tuple[str, str, dict]]:
     return configs
 
 
-def cuobjdump(cubin: bytes, flag: str) -> str:
-    """``cuobjdump FLAG`` of a cubin (``-res-usage``, ``-sass``), with the binary inside the Triton wheel."""
+def cubin_tool(tool: str, cubin: bytes, *flags: str) -> str:
+    """The output of ``TOOL FLAGS`` on a cubin (``cuobjdump -res-usage``, ``nvdisasm -gi -c``), with the binary
+    inside the Triton wheel."""
     import triton
 
-    binary = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    binary = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / tool
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        return subprocess.run([str(binary), flag, f.name], capture_output=True, text=True, check=True).stdout
+        return subprocess.run([str(binary), *flags, f.name], capture_output=True, text=True, check=True).stdout
 
 
 def resource_usage(cubin: bytes) -> dict:
-    fields = dict(re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", cuobjdump(cubin, "-res-usage")))
+    fields = dict(re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", cubin_tool("cuobjdump", cubin, "-res-usage")))
     return {name: int(value) for name, value in fields.items()}
 
 

@@ -24,9 +24,7 @@ import collections
 import importlib
 import json
 import re
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -36,6 +34,7 @@ from profiling.cmd_kernels_compile import (  # noqa: E402
     POINTERS,
     SHAPES,
     compile_for,
+    cubin_tool,
     launch_configs,
     resource_usage,
 )
@@ -49,13 +48,7 @@ FP16_TABLES = dict(tables_ptr="*fp16", sp_hi_ptr="*fp16", sp_lo_ptr="*fp16", spo
 def disassemble(cubin: bytes) -> list[tuple[int, str, str | None]]:
     """(address, instruction, ``path:line`` of the source it came from) of every instruction of ``cubin``, by the
     ``nvdisasm`` inside the Triton wheel (with line information; branch targets as addresses)."""
-    import triton
-
-    binary = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm"
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(cubin)
-        f.flush()
-        text = subprocess.run([str(binary), "-gi", "-c", f.name], capture_output=True, text=True, check=True).stdout
+    text = cubin_tool("nvdisasm", cubin, "-gi", "-c")
     rows, labels, pending, where = [], {}, [], None
     for line in text.splitlines():
         if m := re.match(r"\s*(\.L_x_\d+):", line):
