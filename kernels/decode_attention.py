@@ -132,7 +132,7 @@ def _tile_scores(tables_ptr, table_scales_ptr, q_ptr, bh, kv, start, n_groups, r
     holds ``S q . sign`` then ``S[:, idx_k] . sign``; then ``Y`` replaces the outlier rows by each channel's
     correction and outlier term, and ``W @ Y`` with ``W = [I | q[idx]]`` sums them per query."""
     weight = norms * scale
-    r = tl.arange(0, R_PAD if K else Q_PAD)
+    r = tl.arange(0, R_PAD)
     table = tables_ptr + (bh * LIMBS * M_PAD + r) * (8 * BP)  # rows r < M
     table_scales = tl.load(table_scales_ptr + bh * M_PAD + r, mask=r < M, other=0.0)
     if K == 0:
@@ -212,10 +212,13 @@ def _value_product(weights, values, acc, CODES: tl.constexpr, PRECISE: tl.conste
 
 
 @triton.jit
-def _codes(codes):
-    """The integers ``code`` of int16 ``0x6400 | code`` in fp16: that is the fp16 number ``1024 + code``, so less 1024
-    it is exactly ``code``, with no conversion instruction."""
-    return codes.to(tl.float16, bitcast=True) - 1024.0
+def _values(codes, scales, minimums, CODES: tl.constexpr):
+    """``CODES``: the integers ``code`` of int16 ``0x6400 | code`` in fp16 (that is the fp16 number ``1024 + code``,
+    so less 1024 it is exactly ``code``, with no conversion instruction); else the codes dequantized in fp32."""
+    if CODES:
+        return codes.to(tl.float16, bitcast=True) - 1024.0
+    else:
+        return codes.to(tl.float32) * scales + minimums
 
 
 @triton.jit
@@ -272,29 +275,24 @@ def _tile_values(p, alpha, accs, packed_ptr, scales_ptr, mins_ptr, token_scales,
             codes5 = _plane_bits(codes5, planes, 5 - b, 1 << b, ASM)
             codes6 = _plane_bits(codes6, planes, 6 - b, 1 << b, ASM)
             codes7 = _plane_bits(codes7, planes, 7 - b, 1 << b, ASM)
-    rescale = alpha[:, None]
-    if VGROUP == D:
+    if VGROUP == D:  # one scale per token: the products take the codes, weighted by it
         w = p * token_scales[None, :]
-        return (_value_product(w, _codes(codes0), acc0 * rescale, True, PRECISE),
-                _value_product(w, _codes(codes1), acc1 * rescale, True, PRECISE),
-                _value_product(w, _codes(codes2), acc2 * rescale, True, PRECISE),
-                _value_product(w, _codes(codes3), acc3 * rescale, True, PRECISE),
-                _value_product(w, _codes(codes4), acc4 * rescale, True, PRECISE),
-                _value_product(w, _codes(codes5), acc5 * rescale, True, PRECISE),
-                _value_product(w, _codes(codes6), acc6 * rescale, True, PRECISE),
-                _value_product(w, _codes(codes7), acc7 * rescale, True, PRECISE))
+        scales, minimums = None, None
     else:
+        w = p
         groups = rows[:, None] * (D // VGROUP) + j[None, :] // (VGROUP // 8)
         scales = tl.load(scales_ptr + groups, mask=inside, other=0.0).to(tl.float32)
         minimums = tl.load(mins_ptr + groups, mask=inside, other=0.0).to(tl.float32)
-        return (_value_product(p, codes0.to(tl.float32) * scales + minimums, acc0 * rescale, False, PRECISE),
-                _value_product(p, codes1.to(tl.float32) * scales + minimums, acc1 * rescale, False, PRECISE),
-                _value_product(p, codes2.to(tl.float32) * scales + minimums, acc2 * rescale, False, PRECISE),
-                _value_product(p, codes3.to(tl.float32) * scales + minimums, acc3 * rescale, False, PRECISE),
-                _value_product(p, codes4.to(tl.float32) * scales + minimums, acc4 * rescale, False, PRECISE),
-                _value_product(p, codes5.to(tl.float32) * scales + minimums, acc5 * rescale, False, PRECISE),
-                _value_product(p, codes6.to(tl.float32) * scales + minimums, acc6 * rescale, False, PRECISE),
-                _value_product(p, codes7.to(tl.float32) * scales + minimums, acc7 * rescale, False, PRECISE))
+    rescale = alpha[:, None]
+    CODES: tl.constexpr = VGROUP == D
+    return (_value_product(w, _values(codes0, scales, minimums, CODES), acc0 * rescale, CODES, PRECISE),
+            _value_product(w, _values(codes1, scales, minimums, CODES), acc1 * rescale, CODES, PRECISE),
+            _value_product(w, _values(codes2, scales, minimums, CODES), acc2 * rescale, CODES, PRECISE),
+            _value_product(w, _values(codes3, scales, minimums, CODES), acc3 * rescale, CODES, PRECISE),
+            _value_product(w, _values(codes4, scales, minimums, CODES), acc4 * rescale, CODES, PRECISE),
+            _value_product(w, _values(codes5, scales, minimums, CODES), acc5 * rescale, CODES, PRECISE),
+            _value_product(w, _values(codes6, scales, minimums, CODES), acc6 * rescale, CODES, PRECISE),
+            _value_product(w, _values(codes7, scales, minimums, CODES), acc7 * rescale, CODES, PRECISE))
 
 
 @triton.jit
@@ -452,7 +450,9 @@ def launch_config(group: int, head_dim: int, sketch_dim: int, outlier_sketch_dim
     return dict(CHUNKS=chunks, M=queries, M_PAD=pow2(queries, 16), Q_PAD=pow2(queries), D=head_dim,
                 D_PAD=pow2(head_dim, 16), DB_PAD=db_pad, BYTES=sketch_dim // 8,
                 BP=padded_bytes(sketch_dim), OBYTES=obytes, OBP=padded_bytes(8 * obytes), K=n_outliers,
-                R_PAD=pow2(queries + n_outliers, 16), EXACT=bool(n_outliers and exact_outliers),
+                # the sign product's rows: the queries and outlier channels, or (none) the scores' own Q_PAD rows
+                R_PAD=pow2(queries + n_outliers, 16) if n_outliers else pow2(queries),
+                EXACT=bool(n_outliers and exact_outliers),
                 GROUP=group_size, STEP=step, BLOCK_N=pow2(step, 16),
                 CENTERED=centered, BITS=value_bits, VGROUP=value_group_size,
                 # Two planes and one scale per token: each value product's codes in one instruction (_tile_values).
