@@ -1,7 +1,8 @@
 """Fused QJL decode attention, flash-decoding style: each program takes one (batch, KV head) and a range of
 compressed tokens, scores them from the packed signs, takes their values from the packed codes, and keeps an online
-softmax; one extra program per (batch, KV head) does the exact sink and buffer tokens. Partial maxima, sums and
-outputs go to ``kernels.combine_splits``. A decode step reads each compressed byte once.
+softmax (the accumulators rescaled only in a tile where some query's max grows, a branch the other tiles skip); one
+extra program per (batch, KV head) does the exact sink and buffer tokens. Partial maxima, sums and outputs go to
+``kernels.combine_splits``. A decode step reads each compressed byte once.
 
 The bits reach the tensor cores one bit position at a time, so unpacking is a shift and a mask of the packed bytes in
 the products' operand layout (no reshape):
@@ -213,19 +214,20 @@ def _value_product(weights, values, acc, CODES: tl.constexpr, PRECISE: tl.conste
 
 @triton.jit
 def _values(codes, scales, minimums, CODES: tl.constexpr):
-    """``CODES``: the integers ``code`` of int16 ``0x6400 | code`` in fp16 (that is the fp16 number ``1024 + code``,
-    so less 1024 it is exactly ``code``, with no conversion instruction); else the codes dequantized in fp32."""
+    """``CODES``: the int16 codes as the fp16 numbers ``code * 2^-24``, with no instruction at all (below 2048, the
+    bit pattern ``n`` of an fp16 number, subnormal or with exponent field 1, is ``n * 2^-24``: tensor cores keep
+    subnormal inputs); else the codes dequantized in fp32."""
     if CODES:
-        return codes.to(tl.float16, bitcast=True) - 1024.0
+        return codes.to(tl.float16, bitcast=True)
     else:
         return codes.to(tl.float32) * scales + minimums
 
 
 @triton.jit
-def _tile_values(p, alpha, accs, packed_ptr, scales_ptr, mins_ptr, token_scales, rows, ok, D: tl.constexpr,
+def _tile_values(p, accs, packed_ptr, scales_ptr, mins_ptr, token_scales, rows, ok, D: tl.constexpr,
                  DB_PAD: tl.constexpr, BITS: tl.constexpr, VGROUP: tl.constexpr, BLOCK_N: tl.constexpr,
                  PAIRS: tl.constexpr, PRECISE: tl.constexpr, ASM: tl.constexpr):
-    """The eight float32 ``[Q_PAD, DB_PAD]`` accumulators ``accs`` rescaled by ``alpha`` plus ``p @ values`` of the
+    """The eight float32 ``[Q_PAD, DB_PAD]`` accumulators ``accs`` plus ``p @ values`` of the
     tile, one per bit position: in product ``i`` column ``j`` is output column ``8 j + i``, from bit ``i`` of byte
     ``j`` of each plane. With one minimum per token (``VGROUP == D``) the products leave it out, ``p @ v = (p *
     scale) @ codes + p . minimum`` (the caller sums ``p . minimum``), the codes exact in fp16; grouped scales
@@ -238,10 +240,7 @@ def _tile_values(p, alpha, accs, packed_ptr, scales_ptr, mins_ptr, token_scales,
     acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7 = accs
     j = tl.arange(0, DB_PAD)
     inside = ok[:, None] & (j[None, :] < D // 8)
-    if VGROUP == D:
-        codes0 = tl.full((BLOCK_N, DB_PAD), 0x6400, dtype=tl.int16)
-    else:
-        codes0 = tl.zeros((BLOCK_N, DB_PAD), dtype=tl.int16)
+    codes0 = tl.zeros((BLOCK_N, DB_PAD), dtype=tl.int16)
     codes1 = codes0
     codes2 = codes0
     codes3 = codes0
@@ -283,26 +282,33 @@ def _tile_values(p, alpha, accs, packed_ptr, scales_ptr, mins_ptr, token_scales,
         groups = rows[:, None] * (D // VGROUP) + j[None, :] // (VGROUP // 8)
         scales = tl.load(scales_ptr + groups, mask=inside, other=0.0).to(tl.float32)
         minimums = tl.load(mins_ptr + groups, mask=inside, other=0.0).to(tl.float32)
-    rescale = alpha[:, None]
     CODES: tl.constexpr = VGROUP == D
-    return (_value_product(w, _values(codes0, scales, minimums, CODES), acc0 * rescale, CODES, PRECISE),
-            _value_product(w, _values(codes1, scales, minimums, CODES), acc1 * rescale, CODES, PRECISE),
-            _value_product(w, _values(codes2, scales, minimums, CODES), acc2 * rescale, CODES, PRECISE),
-            _value_product(w, _values(codes3, scales, minimums, CODES), acc3 * rescale, CODES, PRECISE),
-            _value_product(w, _values(codes4, scales, minimums, CODES), acc4 * rescale, CODES, PRECISE),
-            _value_product(w, _values(codes5, scales, minimums, CODES), acc5 * rescale, CODES, PRECISE),
-            _value_product(w, _values(codes6, scales, minimums, CODES), acc6 * rescale, CODES, PRECISE),
-            _value_product(w, _values(codes7, scales, minimums, CODES), acc7 * rescale, CODES, PRECISE))
+    return (_value_product(w, _values(codes0, scales, minimums, CODES), acc0, CODES, PRECISE),
+            _value_product(w, _values(codes1, scales, minimums, CODES), acc1, CODES, PRECISE),
+            _value_product(w, _values(codes2, scales, minimums, CODES), acc2, CODES, PRECISE),
+            _value_product(w, _values(codes3, scales, minimums, CODES), acc3, CODES, PRECISE),
+            _value_product(w, _values(codes4, scales, minimums, CODES), acc4, CODES, PRECISE),
+            _value_product(w, _values(codes5, scales, minimums, CODES), acc5, CODES, PRECISE),
+            _value_product(w, _values(codes6, scales, minimums, CODES), acc6, CODES, PRECISE),
+            _value_product(w, _values(codes7, scales, minimums, CODES), acc7, CODES, PRECISE))
 
 
 @triton.jit
-def _value_columns(accs, PAIRS: tl.constexpr):
-    """The eight bit-position accumulators (``_tile_values``) as one ``[M, 8 DB_PAD]``, column ``8 j + i``; with
-    ``PAIRS`` accumulator ``i`` halved ``i`` times (exact: powers of two)."""
+def _rescaled(accs, alpha):
     a0, a1, a2, a3, a4, a5, a6, a7 = accs
-    if PAIRS:
-        a1, a2, a3, a4 = a1 * 0.5, a2 * 0.25, a3 * 0.125, a4 * 0.0625
-        a5, a6, a7 = a5 * 0.03125, a6 * 0.015625, a7 * 0.0078125
+    return a0 * alpha, a1 * alpha, a2 * alpha, a3 * alpha, a4 * alpha, a5 * alpha, a6 * alpha, a7 * alpha
+
+
+@triton.jit
+def _value_columns(accs, PAIRS: tl.constexpr, CODES: tl.constexpr):
+    """The eight bit-position accumulators (``_tile_values``) as one ``[M, 8 DB_PAD]``, column ``8 j + i``:
+    ``CODES``, each times ``2^24`` (the codes were ``code * 2^-24``, ``_values``), and with ``PAIRS`` accumulator
+    ``i`` halved ``i`` times (exact: powers of two)."""
+    a0, a1, a2, a3, a4, a5, a6, a7 = accs
+    unit: tl.constexpr = 16777216.0 if CODES else 1.0
+    half: tl.constexpr = 0.5 if PAIRS else 1.0
+    a0, a1, a2, a3 = a0 * unit, a1 * (unit * half), a2 * (unit * half ** 2), a3 * (unit * half ** 3)
+    a4, a5, a6, a7 = a4 * (unit * half ** 4), a5 * (unit * half ** 5), a6 * (unit * half ** 6), a7 * (unit * half ** 7)
     both = tl.join(tl.join(tl.join(a0, a4), tl.join(a2, a6)),
                    tl.join(tl.join(a1, a5), tl.join(a3, a7)))  # [M, j, i // 4, i // 2 % 2, i % 2]
     return tl.reshape(both, (a0.shape[0], 8 * a0.shape[1]))
@@ -400,16 +406,27 @@ def decode_split_kernel(q_ptr, tables_ptr, table_scales_ptr, sp_ptr, sp_scales_p
                                   spo_ptr, spo_scales_ptr, scale, oscale, M, M_PAD, Q_PAD, D, BYTES, BP, OBYTES, OBP,
                                   K, R_PAD, EXACT, GROUP, STEP, BLOCK_N, LIMBS, PRECISE, UNROLL, ASM)
             scores = tl.where(ok[None, :], scores * qk_scale + bias[:, None], float("-inf"))
-            m_i, alpha, p = _softmax_step(scores, m_i)
-            weight_sums = weight_sums * alpha[:, None] + p
-            accs = _tile_values(p, alpha, accs, vpacked_ptr, vscales_ptr, vmins_ptr, token_scales, rows, ok, D,
+            m_tile = tl.max(scores, axis=1)
+            # The old terms are rescaled only when some query's max grew: rarely, once the maxima settle (every row
+            # has a token each tile, so after the first the maxima are finite).
+            if tl.max(m_tile - m_i, axis=0) > 0:
+                m_new = tl.maximum(m_i, m_tile)
+                alpha = tl.exp2(m_i - m_new)[:, None]
+                accs = _rescaled(accs, alpha)
+                weight_sums *= alpha
+                if VGROUP == D:
+                    minimum_sums *= alpha
+                m_i = m_new
+            p = tl.exp2(scores - m_i[:, None])
+            weight_sums += p
+            accs = _tile_values(p, accs, vpacked_ptr, vscales_ptr, vmins_ptr, token_scales, rows, ok, D,
                                 DB_PAD, BITS, VGROUP, BLOCK_N, PAIRS, PRECISE, ASM)
             if VGROUP == D:
-                minimum_sums = minimum_sums * alpha[:, None] + p * token_minimums[None, :]
+                minimum_sums += p * token_minimums[None, :]
             if PREFETCH:
                 norms, token_scales, token_minimums = next_norms, next_scales, next_minimums
         l_i = tl.sum(weight_sums, axis=1)
-        out = _value_columns(accs, PAIRS) + tl.sum(minimum_sums, axis=1)[:, None]
+        out = _value_columns(accs, PAIRS, VGROUP == D) + tl.sum(minimum_sums, axis=1)[:, None]
         _store_partial(part_m_ptr, part_l_ptr, part_acc_ptr, part, m_i, l_i, out, M, D)
     else:
         # The exact tokens keep the queries padded to 16 rows: with Q_PAD rows their loop took 20% more

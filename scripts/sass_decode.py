@@ -64,10 +64,10 @@ def disassemble(cubin: bytes) -> list[tuple[int, str, str | None]]:
             for address, text, where in rows]
 
 
-def loop_body(instructions: list[tuple[int, str, str | None]]) -> list[tuple[str, str | None]]:
-    """The instructions (predicates stripped) and their source lines of the tile loop: the longest backward branch's
-    body with int8 tensor-core products (the sign products; the sink and buffer tokens' loops have none and can be
-    as long), or the longest for kernels without them."""
+def loop_body(instructions: list[tuple[int, str, str | None]]) -> list[tuple[int, str, str | None]]:
+    """The instructions (address, text with predicates stripped, source line) of the tile loop: the longest backward
+    branch's body with int8 tensor-core products (the sign products; the sink and buffer tokens' loops have none and
+    can be as long), or the longest for kernels without them."""
     loops = [(int(m.group(1), 16), address) for address, text, _ in instructions
              if (m := re.search(r"BRA 0x([0-9a-f]+)", text)) and int(m.group(1), 16) < address]
 
@@ -76,14 +76,22 @@ def loop_body(instructions: list[tuple[int, str, str | None]]) -> list[tuple[str
         return any("IMMA" in text for address, text, _ in instructions if start <= address <= end), end - start
 
     start, end = max(loops, key=int8_products_and_length)
-    return [(re.sub(r"^@!?U?P\w+\s+", "", text), where) for address, text, where in instructions
+    return [(address, re.sub(r"^@!?U?P\w+\s+", "", text), where) for address, text, where in instructions
             if start <= address <= end]
 
 
-def source_lines(body: list[tuple[str, str | None]], top: int) -> list[tuple[int, str, str]]:
+def common_path(body: list[tuple[int, str, str | None]]) -> list[tuple[int, str, str | None]]:
+    """``body`` less what its forward branches skip: the rescale of the accumulators, which runs only in a tile where
+    some query's max grows (rarely, once the maxima settle)."""
+    skipped = [(address, int(m.group(1), 16)) for address, text, _ in body if (m := re.match(r"BRA 0x([0-9a-f]+)", text))
+               and address < int(m.group(1), 16) <= body[-1][0]]
+    return [row for row in body if not any(branch < row[0] < target for branch, target in skipped)]
+
+
+def source_lines(body: list[tuple[int, str, str | None]], top: int) -> list[tuple[int, str, str]]:
     """The ``top`` source lines with the most of ``body``'s instructions: (count, ``file:line``, the line's text)."""
     lines = []
-    for where, n in collections.Counter(where for _, where in body).most_common(top):
+    for where, n in collections.Counter(where for _, _, where in body).most_common(top):
         path, number = where.rsplit(":", 1) if where else ("?", "0")
         text = Path(path).read_text().splitlines()[int(number) - 1].strip() if Path(path).is_file() else ""
         lines.append((n, f"{Path(path).name}:{number}", text))
@@ -108,9 +116,10 @@ def count(module, config: dict, arch: int, top: int = 0) -> dict:
     pointers = {**POINTERS["decode_split"], **(FP16_TABLES if "sp_hi_ptr" in fn.arg_names else {})}
     cubin = compile_for(fn, pointers, own, arch, LAUNCH_MULTIPLES_OF_16["decode_split"]).asm["cubin"]
     body = loop_body(disassemble(cubin))
-    texts = [text for text, _ in body]
+    texts = [text for _, text, _ in body]
     ops = collections.Counter(text.split()[0].split(".")[0] for text in texts)
-    return dict(registers=resource_usage(cubin)["REG"], instructions=sum(ops.values()), barriers=ops["BAR"],
+    return dict(registers=resource_usage(cubin)["REG"], instructions=sum(ops.values()),
+                common_path=len(common_path(body)), barriers=ops["BAR"],
                 shared_or_shuffle=sum(n for op, n in ops.items() if op in SHARED_OR_SHUFFLE),
                 mma=ops["HMMA"] + ops["IMMA"], global_loads=ops["LDG"], copies_in_flight=copies_in_flight(texts),
                 source_lines=source_lines(body, top))
@@ -142,7 +151,8 @@ def main():
                        **count(module, configs[label], args.arch, args.lines))
             rows.append(row)
             print(f"{name:8s} {label:32s} sm_{args.arch} triton {row['triton']}: {row['registers']} registers, "
-                  f"main loop {row['instructions']} instructions, {row['barriers']} barriers, "
+                  f"main loop {row['instructions']} instructions ({row['common_path']} in a tile where no max grows), "
+                  f"{row['barriers']} barriers, "
                   f"{row['shared_or_shuffle']} shared-memory/shuffle, {row['mma']} tensor-core products, "
                   f"{row['global_loads']} "
                   f"global loads, {row['copies_in_flight']} copy groups in flight at the wait", flush=True)
