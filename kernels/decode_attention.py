@@ -10,7 +10,8 @@ the products' operand layout (no reshape):
 - scores: ``<S q, sign(S k)> = sum_i P_i . sign_i`` where ``sign_i[j]`` is bit ``i`` of byte ``j`` (sketch row
   ``8 j + i``) and ``P_i`` those entries of ``S q``, as int8 limbs from ``kernels.decode_project``: the products run
   on int8 tensor cores, exact in int32, and the packed bytes are the sign operand's registers as they are, four
-  bytes a register, so a bit position's signs cost three instructions a register;
+  bytes a register: a bit position's bits, ``b`` (0 or 1), cost a shift and a mask a register, and each row's sum
+  from ``kernels.decode_project`` makes them signs, ``P_i . sign_i = 2 P_i . b_i - sum P_i``;
 - outlier channels (one set per token group, so a tile is one group): the inlier sketch saw ``k`` without them,
   ``S (q * mask) . sign = S q . sign - sum_k q[i_k] u_k`` with ``u_k = S[:, i_k] . sign`` from ``S``'s columns in
   the same bit order, taken in the same product as ``S q . sign`` (more rows of one operand); exact outliers add
@@ -51,32 +52,32 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _signs(packed, i, ASM: tl.constexpr):
-    """int8 +-1 of bit ``i`` of the bytes ``packed``. On a GPU (``ASM``) four bytes a register at once: the bits
-    masked to one a byte, ``b``, make ``-254 b - 1 = ~(254 b)``, 0x01 or 0xFF a byte, with no carry between bytes
-    (Triton's interpreter cannot run PTX; it takes the same numbers a byte at a time)."""
+def _bits(packed, i, ASM: tl.constexpr):
+    """int8 0 or 1, bit ``i`` of the bytes ``packed``. On a GPU (``ASM``) four bytes a register at once, a shift and a
+    mask (Triton's interpreter cannot run PTX; it takes the same numbers a byte at a time)."""
     if ASM:
-        return tl.inline_asm_elementwise(
-            "{ .reg .b32 t; shr.b32 t, $1, $2; and.b32 t, t, 0x01010101; mad.lo.s32 $0, t, -254, -1; }",
-            "=r,r,r,r,r,r", [packed, tl.full(packed.shape, i, tl.int32)], dtype=tl.int8, is_pure=True, pack=4)
+        return tl.inline_asm_elementwise("{ .reg .b32 t; shr.b32 t, $1, $2; and.b32 $0, t, 0x01010101; }",
+                                         "=r,r,r,r,r,r", [packed, tl.full(packed.shape, i, tl.int32)], dtype=tl.int8,
+                                         is_pure=True, pack=4)
     else:
-        return (((packed.to(tl.int32) >> i) & 1) * 2 - 1).to(tl.int8)
+        return ((packed.to(tl.int32) >> i) & 1).to(tl.int8)
 
 
 @triton.jit
-def _limb_product(acc, limb_rows, inside, signs, i, offs_j, BP: tl.constexpr):
-    """``acc`` plus one limb's bit position ``i`` times the signs of bit ``i``, exact in int32."""
+def _limb_product(acc, limb_rows, inside, bits, i, offs_j, BP: tl.constexpr):
+    """``acc`` plus one limb's bit position ``i`` times the bits ``i``, exact in int32."""
     limb = tl.load(limb_rows[:, None] + i * BP + offs_j[None, :], mask=inside[:, None], other=0)
-    return tl.dot(limb, signs, acc, out_dtype=tl.int32)
+    return tl.dot(limb, bits, acc, out_dtype=tl.int32)
 
 
 @triton.jit
-def _sign_sums(signs_ptr, row_ptrs, limb_stride, row_scales, inside, rows, ok, BYTES: tl.constexpr, BP: tl.constexpr,
-               BLOCK_N: tl.constexpr, LIMBS: tl.constexpr, UNROLL: tl.constexpr, ASM: tl.constexpr):
+def _sign_sums(signs_ptr, row_ptrs, limb_stride, row_scales, row_sums, inside, rows, ok, BYTES: tl.constexpr,
+               BP: tl.constexpr, BLOCK_N: tl.constexpr, LIMBS: tl.constexpr, UNROLL: tl.constexpr, ASM: tl.constexpr):
     """``sum_s T[r, s] sign_t[s]`` ``[R, BLOCK_N]`` for the tile's tokens (global rows ``rows``), with ``T`` in bit
     order as int8 limbs (``kernels.decode_project``): limb ``l`` of row ``r`` is ``8 BP`` int8 from pointer
-    ``row_ptrs[r] + l limb_stride[r]``, its scale ``row_scales[r]``; zero where not ``inside[r]``. Each limb sums
-    apart, so the products make ``LIMBS`` chains, not one."""
+    ``row_ptrs[r] + l limb_stride[r]``, its scale ``row_scales[r]``, the sum of the row as the limbs hold it
+    ``row_sums[r]``; zero where not ``inside[r]``. The products take the bits, ``b``: ``T . sign = 2 T . b - sum_s
+    T[r, s]``. Each limb sums apart, so the products make ``LIMBS`` chains, not one."""
     offs_j = tl.arange(0, BP)
     packed = tl.load(signs_ptr + rows[None, :] * BYTES + offs_j[:, None], mask=ok[None, :] & (offs_j[:, None] < BYTES),
                      other=0)  # uint8 [BP, BLOCK_N]
@@ -84,15 +85,15 @@ def _sign_sums(signs_ptr, row_ptrs, limb_stride, row_scales, inside, rows, ok, B
     acc1 = tl.zeros((row_ptrs.shape[0], BLOCK_N), dtype=tl.int32)
     acc2 = tl.zeros((row_ptrs.shape[0], BLOCK_N), dtype=tl.int32)
     for i in tl.range(0, 8, loop_unroll_factor=UNROLL):
-        signs = _signs(packed, i, ASM)
-        acc0 = _limb_product(acc0, row_ptrs, inside, signs, i, offs_j, BP)
-        acc1 = _limb_product(acc1, row_ptrs + limb_stride, inside, signs, i, offs_j, BP)
+        bits = _bits(packed, i, ASM)
+        acc0 = _limb_product(acc0, row_ptrs, inside, bits, i, offs_j, BP)
+        acc1 = _limb_product(acc1, row_ptrs + limb_stride, inside, bits, i, offs_j, BP)
         if LIMBS == 3:
-            acc2 = _limb_product(acc2, row_ptrs + 2 * limb_stride, inside, signs, i, offs_j, BP)
+            acc2 = _limb_product(acc2, row_ptrs + 2 * limb_stride, inside, bits, i, offs_j, BP)
     total = acc0.to(tl.float32) + acc1.to(tl.float32) * (1.0 / LIMB_BASE)
     if LIMBS == 3:
         total += acc2.to(tl.float32) * (1.0 / (LIMB_BASE * LIMB_BASE))
-    return total * row_scales[:, None]
+    return total * (2 * row_scales)[:, None] - row_sums[:, None]
 
 
 @triton.jit
@@ -119,10 +120,10 @@ def _token_numbers(norms_ptr, scales_ptr, mins_ptr, rows, ok, VGROUP: tl.constex
 
 
 @triton.jit
-def _tile_scores(tables_ptr, table_scales_ptr, q_ptr, bh, kv, start, n_groups, rows, ok, norms, signs_ptr, idx_ptr,
-                 osigns_ptr, onorms_ptr, ovalues_ptr, sp_ptr, sp_scales_ptr, spo_ptr, spo_scales_ptr, scale, oscale,
-                 M: tl.constexpr, M_PAD: tl.constexpr, Q_PAD: tl.constexpr, D: tl.constexpr, BYTES: tl.constexpr,
-                 BP: tl.constexpr, OBYTES: tl.constexpr, OBP: tl.constexpr, K: tl.constexpr, R_PAD: tl.constexpr,
+def _tile_scores(tables_ptr, table_scales_ptr, table_sums_ptr, q_ptr, bh, kv, start, n_groups, rows, ok, norms,
+                 signs_ptr, idx_ptr, osigns_ptr, onorms_ptr, ovalues_ptr, sp_ptr, sp_scales_ptr, sp_sums_ptr, spo_ptr,
+                 spo_scales_ptr, spo_sums_ptr, scale, oscale, M: tl.constexpr, M_PAD: tl.constexpr, Q_PAD: tl.constexpr,
+                 D: tl.constexpr, BYTES: tl.constexpr, BP: tl.constexpr, OBYTES: tl.constexpr, OBP: tl.constexpr, K: tl.constexpr, R_PAD: tl.constexpr,
                  EXACT: tl.constexpr, GROUP: tl.constexpr, STEP: tl.constexpr, BLOCK_N: tl.constexpr,
                  LIMBS: tl.constexpr, PRECISE: tl.constexpr, UNROLL: tl.constexpr, ASM: tl.constexpr):
     """Estimated scores ``[Q_PAD, BLOCK_N]`` of the tile from token ``start`` (within one outlier group of ``GROUP``
@@ -136,9 +137,10 @@ def _tile_scores(tables_ptr, table_scales_ptr, q_ptr, bh, kv, start, n_groups, r
     r = tl.arange(0, R_PAD)
     table = tables_ptr + (bh * LIMBS * M_PAD + r) * (8 * BP)  # rows r < M
     table_scales = tl.load(table_scales_ptr + bh * M_PAD + r, mask=r < M, other=0.0)
+    table_sums = tl.load(table_sums_ptr + bh * M_PAD + r, mask=r < M, other=0.0)
     if K == 0:
-        scores = _sign_sums(signs_ptr, table, M_PAD * 8 * BP, table_scales, r < M, rows, ok, BYTES, BP, BLOCK_N,
-                            LIMBS, UNROLL, ASM) * weight[None, :]
+        scores = _sign_sums(signs_ptr, table, M_PAD * 8 * BP, table_scales, table_sums, r < M, rows, ok, BYTES, BP,
+                            BLOCK_N, LIMBS, UNROLL, ASM) * weight[None, :]
     else:
         is_outlier = (r >= M) & (r < M + K)
         group_idx = idx_ptr + (kv * n_groups + start // GROUP) * K
@@ -148,8 +150,11 @@ def _tile_scores(tables_ptr, table_scales_ptr, q_ptr, bh, kv, start, n_groups, r
         row_ptrs = tl.multiple_of(tl.where(is_outlier, sp_ptr + channel * (8 * BP), table), 16)
         limb_stride = tl.where(is_outlier, D * 8 * BP, M_PAD * 8 * BP)
         row_scales = tl.where(is_outlier, tl.load(sp_scales_ptr + channel, mask=is_outlier, other=0.0), table_scales)
-        u = _sign_sums(signs_ptr, row_ptrs, limb_stride, row_scales, r < M + K, rows, ok, BYTES, BP, BLOCK_N, LIMBS,
-                       UNROLL, ASM)
+        # the sketch's rows have three limbs, and a sum for each count of them
+        sketch_sums = sp_sums_ptr + (LIMBS - 1) * D + channel
+        row_sums = tl.where(is_outlier, tl.load(sketch_sums, mask=is_outlier, other=0.0), table_sums)
+        u = _sign_sums(signs_ptr, row_ptrs, limb_stride, row_scales, row_sums, r < M + K, rows, ok, BYTES, BP, BLOCK_N,
+                       LIMBS, UNROLL, ASM)
         u *= weight[None, :]
         if EXACT:
             term = tl.load(ovalues_ptr + rows[None, :] * K + (r - M)[:, None], mask=is_outlier[:, None] & ok[None, :],
@@ -157,9 +162,10 @@ def _tile_scores(tables_ptr, table_scales_ptr, q_ptr, bh, kv, start, n_groups, r
         else:
             orow_ptrs = tl.where(is_outlier, spo_ptr + channel * (8 * OBP), spo_ptr)
             oscales = tl.load(spo_scales_ptr + channel, mask=is_outlier, other=0.0)
+            osums = tl.load(spo_sums_ptr + (LIMBS - 1) * D + channel, mask=is_outlier, other=0.0)
             oweight = tl.load(onorms_ptr + rows, mask=ok, other=0.0).to(tl.float32) * oscale
-            term = _sign_sums(osigns_ptr, orow_ptrs, D * 8 * OBP, oscales, is_outlier, rows, ok, OBYTES, OBP, BLOCK_N,
-                              LIMBS, UNROLL, ASM)
+            term = _sign_sums(osigns_ptr, orow_ptrs, D * 8 * OBP, oscales, osums, is_outlier, rows, ok, OBYTES, OBP,
+                              BLOCK_N, LIMBS, UNROLL, ASM)
             term *= oweight[None, :]
         y = tl.where(is_outlier[:, None], term - u, u)
         q_rows = tl.arange(0, Q_PAD)
@@ -351,7 +357,8 @@ def _store_partial(part_m_ptr, part_l_ptr, part_acc_ptr, part, m_i, l_i, acc, M:
 
 
 @triton.jit
-def decode_split_kernel(q_ptr, tables_ptr, table_scales_ptr, sp_ptr, sp_scales_ptr, spo_ptr, spo_scales_ptr,
+def decode_split_kernel(q_ptr, tables_ptr, table_scales_ptr, table_sums_ptr, sp_ptr, sp_scales_ptr, sp_sums_ptr,
+                        spo_ptr, spo_scales_ptr, spo_sums_ptr,
                         mean_ptr, signs_ptr, norms_ptr, idx_ptr, osigns_ptr, onorms_ptr, ovalues_ptr, vpacked_ptr,
                         vscales_ptr, vmins_ptr,
                         sink_k_ptr, sink_v_ptr, buf_k_ptr, buf_v_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, n_tokens,
@@ -368,8 +375,9 @@ def decode_split_kernel(q_ptr, tables_ptr, table_scales_ptr, sp_ptr, sp_scales_p
     """Program ``(bh, split)``: ``bh`` stands for ``M`` queries, chunk ``bh % CHUNKS`` of the group of (batch row
     and) KV head ``bh // CHUNKS``. Splits ``0 .. S-1`` take compressed tokens, split ``S`` the exact ones. Writes the
     split's max and sum (log2 units) ``[BH, S + 1, M]`` and unnormalised output ``[BH, S + 1, M, D]``.
-    ``tables``, ``table_scales``: ``kernels.decode_project``'s limbs of the queries' projections; ``sp``,
-    ``sp_scales`` (``spo``, ``spo_scales``): those of the (outlier) sketch's rows, ``sketch_tables``."""
+    ``tables``, ``table_scales``, ``table_sums``: ``kernels.decode_project``'s limbs of the queries' projections,
+    their rows' scales and sums; ``sp``, ``sp_scales``, ``sp_sums`` (``spo_*``): those of the (outlier) sketch's
+    rows, ``sketch_tables``."""
     bh, split = tl.program_id(0), tl.program_id(1)
     kv = bh // CHUNKS
     n_splits = tl.num_programs(1)
@@ -401,10 +409,11 @@ def decode_split_kernel(q_ptr, tables_ptr, table_scales_ptr, sp_ptr, sp_scales_p
             else:
                 norms, token_scales, token_minimums = _token_numbers(norms_ptr, vscales_ptr, vmins_ptr, rows, ok,
                                                                      VGROUP, D)
-            scores = _tile_scores(tables_ptr, table_scales_ptr, q_ptr, bh, kv, start, n_groups, rows, ok, norms,
-                                  signs_ptr, idx_ptr, osigns_ptr, onorms_ptr, ovalues_ptr, sp_ptr, sp_scales_ptr,
-                                  spo_ptr, spo_scales_ptr, scale, oscale, M, M_PAD, Q_PAD, D, BYTES, BP, OBYTES, OBP,
-                                  K, R_PAD, EXACT, GROUP, STEP, BLOCK_N, LIMBS, PRECISE, UNROLL, ASM)
+            scores = _tile_scores(tables_ptr, table_scales_ptr, table_sums_ptr, q_ptr, bh, kv, start, n_groups, rows,
+                                  ok, norms, signs_ptr, idx_ptr, osigns_ptr, onorms_ptr, ovalues_ptr, sp_ptr,
+                                  sp_scales_ptr, sp_sums_ptr, spo_ptr, spo_scales_ptr, spo_sums_ptr, scale, oscale, M,
+                                  M_PAD, Q_PAD, D, BYTES, BP, OBYTES, OBP, K, R_PAD, EXACT, GROUP, STEP, BLOCK_N, LIMBS,
+                                  PRECISE, UNROLL, ASM)
             scores = tl.where(ok[None, :], scores * qk_scale + bias[:, None], float("-inf"))
             m_tile = tl.max(scores, axis=1)
             # The old terms are rescaled only when some query's max grew: rarely, once the maxima settle (every row
@@ -535,12 +544,12 @@ def decode_attention(query: torch.Tensor, keys, values, value_bits: int, matrix:
                                                            "ASM") if name in tuning})
     programs, m = b * h * config["CHUNKS"], config["M"]
     q = query.reshape(programs, m, d).contiguous()
-    _, sp, sp_scales = sketch_tables(matrix)
-    _, spo, spo_scales = sketch_tables(outlier_matrix) if outlier_matrix is not None else (None, sp, sp_scales)
+    sketch_rows = sketch_tables(matrix)[1:]
+    outlier_rows = sketch_tables(outlier_matrix)[1:] if outlier_matrix is not None else sketch_rows
     if n:  # read by splits only
-        tables, table_scales = project_queries(q, matrix, config["PRECISE"])
+        query_rows = project_queries(q, matrix, config["PRECISE"])
     else:
-        tables, table_scales = q.new_empty(0, dtype=torch.int8), q.new_empty(0, dtype=torch.float32)
+        query_rows = (q.new_empty(0, dtype=torch.int8), *[q.new_empty(0, dtype=torch.float32)] * 2)
     sink_k, buf_k = (t.contiguous() for t in exact_keys)
     sink_v, buf_v = (t.contiguous() for t in exact_values)
     packed, scales, minimums = (t.contiguous() for t in values)
@@ -552,7 +561,7 @@ def decode_attention(query: torch.Tensor, keys, values, value_bits: int, matrix:
     oscale = (torch.pi / 2) ** 0.5 / outlier_matrix.shape[0] if outlier_matrix is not None else 0.0
 
     def arguments(parts, per_split):
-        return (q, tables, table_scales, sp, sp_scales, spo, spo_scales, mean, signs.contiguous(), norms.contiguous(),
+        return (q, *query_rows, *sketch_rows, *outlier_rows, mean, signs.contiguous(), norms.contiguous(),
                 present(idx), present(osigns), present(onorms), present(ovalues), packed, scales, minimums, sink_k,
                 sink_v, buf_k, buf_v, *parts, n, idx.shape[2] if k else 0, per_split, sink_k.shape[2],
                 buf_k.shape[2], (torch.pi / 2) ** 0.5 / matrix.shape[0], oscale, scaling * LOG2E)

@@ -5,8 +5,9 @@ one bit position at a time on int8 tensor cores, so it reads ``S q`` with its co
 (``BP`` the bytes a key takes, padded to a power of two) and split into int8 limbs: a row ``x`` with
 ``s = max |x| / 127`` is ``s (L_0 + L_1 / 254 + L_2 / 254^2 ...)``, each limb in ``[-127, 127]`` refining the
 remainder of the ones before (two limbs: ``max |x| 2^-16``, finer than one fp16 product; three: ``2^-24``, for fp32
-queries). The products of limbs and signs are exact in int32. One program per (batch, KV head) does this once per
-decode step, for the ``M`` queries of that KV head.
+queries). The products of limbs and sign bits are exact in int32. The decode kernel takes the bits as 0 and 1,
+``b``, with each row's sum as the limbs hold it: ``x . (2 b - 1) = 2 x . b - sum_c x_c``. One program per (batch, KV
+head) does this once per decode step, for the ``M`` queries of that KV head.
 
 Reference: ``q @ S.T`` (``qjl.sketch.QJLSketch``), permuted and split as ``sketch_tables`` permutes and splits ``S``.
 """
@@ -46,10 +47,11 @@ def _project_block(q_ptr, s_ptr, bh, offs_c, M: tl.constexpr, M_PAD: tl.constexp
 
 
 @triton.jit
-def project_kernel(q_ptr, s_ptr, tables_ptr, scales_ptr, M: tl.constexpr, M_PAD: tl.constexpr, D: tl.constexpr,
-                   WIDTH: tl.constexpr, BLOCK_C: tl.constexpr, LIMBS: tl.constexpr):
+def project_kernel(q_ptr, s_ptr, tables_ptr, scales_ptr, sums_ptr, M: tl.constexpr, M_PAD: tl.constexpr,
+                   D: tl.constexpr, WIDTH: tl.constexpr, BLOCK_C: tl.constexpr, LIMBS: tl.constexpr):
     """Program ``bh``: ``q @ S_perm`` ``[M_PAD, WIDTH]`` for the queries of one KV head as int8 limbs
-    ``tables[bh, l, m, c]`` and row scales ``scales[bh, m]`` (rows from ``M`` on are zeros). ``s_ptr``: ``S`` in bit
+    ``tables[bh, l, m, c]``, row scales ``scales[bh, m]`` and the rows' sums as the limbs hold them ``sums[bh, m]``
+    (rows from ``M`` on are zeros). ``s_ptr``: ``S`` in bit
     order, float32 ``[D, WIDTH]`` (``sketch_tables``). Two passes: the row maxima, then the limbs (recomputing the
     projection is cheaper than holding it)."""
     bh = tl.program_id(0)
@@ -61,14 +63,19 @@ def project_kernel(q_ptr, s_ptr, tables_ptr, scales_ptr, M: tl.constexpr, M_PAD:
         largest = tl.maximum(largest, tl.max(tl.abs(proj), axis=1))
     scale = tl.where(largest > 0, largest / 127.0, 1.0)
     tl.store(scales_ptr + bh * M_PAD + rows, scale)
+    row_sums = tl.zeros((M_PAD,), dtype=tl.float32)
     for c_start in range(0, WIDTH, BLOCK_C):
         offs_c = c_start + tl.arange(0, BLOCK_C)
         rest = _project_block(q_ptr, s_ptr, bh, offs_c, M, M_PAD, D, WIDTH, BLOCK_C) / scale[:, None]
         out = tables_ptr + (bh * LIMBS * M_PAD + rows[:, None]) * WIDTH + offs_c[None, :]
+        weight = 1.0
         for limb in tl.static_range(LIMBS):
             whole = tl.floor(rest + 0.5)
             tl.store(out + limb * M_PAD * WIDTH, whole.to(tl.int8))
+            row_sums += tl.sum(whole, axis=1) * weight
             rest = (rest - whole) * LIMB_BASE
+            weight /= LIMB_BASE
+    tl.store(sums_ptr + bh * M_PAD + rows, row_sums * scale)
 
 
 def launch_config(queries: int, head_dim: int, sketch_dim: int, precise: bool = False) -> dict:
@@ -99,11 +106,11 @@ def from_limbs(limbs: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return (total * scale[..., None].double()).float()
 
 
-def sketch_tables(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def sketch_tables(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The sketch ``[m, d]`` as the kernels read it: ``T[c, i * BP + j] = S[8 j + i, c]`` (``BP`` the byte count
     padded to a power of two, zero where ``8 j + i >= m``): float32 ``[d, 8 BP]``, and its rows (one per channel) as
-    three int8 limbs ``[3, d, 8 BP]`` with scales ``[d]``. Made once per matrix and kept on it (sketches are never
-    written)."""
+    three int8 limbs ``[3, d, 8 BP]`` with scales ``[d]`` and the rows' sums as the first ``n`` limbs hold them,
+    ``[3, d]`` (``n - 1`` first). Made once per matrix and kept on it (sketches are never written)."""
     cached = getattr(matrix, "_kernel_limb_tables", None)
     if cached is None or cached[0] != matrix._version:
         m, d = matrix.shape
@@ -113,21 +120,26 @@ def sketch_tables(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tor
         # row 8 j + i -> column i * bp + j
         table = padded.reshape(bp, 8, d).permute(2, 1, 0).reshape(d, 8 * bp).contiguous()
         limbs, scales = int8_limbs(table, limb_count(precise=True))
-        cached = (matrix._version, table, limbs.contiguous(), scales.contiguous())
+        weights = LIMB_BASE.value ** -torch.arange(limbs.shape[0], dtype=torch.float64, device=limbs.device)
+        sums = ((limbs.double().sum(-1) * weights[:, None]).cumsum(0) * scales.double()).float()
+        cached = (matrix._version, table, limbs.contiguous(), scales.contiguous(), sums.contiguous())
         matrix._kernel_limb_tables = cached
-    return cached[1], cached[2], cached[3]
+    return cached[1:]
 
 
-def project_queries(q: torch.Tensor, matrix: torch.Tensor, precise: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def project_queries(q: torch.Tensor, matrix: torch.Tensor,
+                    precise: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``q`` ``[BH, M, d]`` (the queries of each KV head), sketch ``matrix`` ``[m, d]``: ``q @ S.T`` with its columns
-    in bit order (zeros past ``m``, zero rows past ``M``) as int8 limbs ``[BH, LIMBS, M_PAD, 8 BP]`` and float32 row
-    scales ``[BH, M_PAD]``; three limbs if ``precise`` (fp32 queries), else two."""
+    in bit order (zeros past ``m``, zero rows past ``M``) as int8 limbs ``[BH, LIMBS, M_PAD, 8 BP]``, float32 row
+    scales ``[BH, M_PAD]`` and the rows' sums as the limbs hold them ``[BH, M_PAD]``; three limbs if ``precise``
+    (fp32 queries), else two."""
     bh, queries, d = q.shape
     if matrix.shape[1] != d:
         raise ValueError(f"sketch matrix {tuple(matrix.shape)} does not match head dim {d}")
     config = launch_config(queries, d, matrix.shape[0], precise)
-    table, _, _ = sketch_tables(matrix)
+    table = sketch_tables(matrix)[0]
     tables = q.new_empty(bh, config["LIMBS"], config["M_PAD"], config["WIDTH"], dtype=torch.int8)
     scales = q.new_empty(bh, config["M_PAD"], dtype=torch.float32)
-    project_kernel[(bh,)](q.contiguous(), table, tables, scales, **config)
-    return tables, scales
+    sums = torch.empty_like(scales)
+    project_kernel[(bh,)](q.contiguous(), table, tables, scales, sums, **config)
+    return tables, scales, sums

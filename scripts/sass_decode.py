@@ -83,8 +83,8 @@ def loop_body(instructions: list[tuple[int, str, str | None]]) -> list[tuple[int
 def common_path(body: list[tuple[int, str, str | None]]) -> list[tuple[int, str, str | None]]:
     """``body`` less what its forward branches skip: the rescale of the accumulators, which runs only in a tile where
     some query's max grows (rarely, once the maxima settle)."""
-    skipped = [(address, int(m.group(1), 16)) for address, text, _ in body if (m := re.match(r"BRA 0x([0-9a-f]+)", text))
-               and address < int(m.group(1), 16) <= body[-1][0]]
+    skipped = [(address, int(m.group(1), 16)) for address, text, _ in body
+               if (m := re.match(r"BRA 0x([0-9a-f]+)", text)) and address < int(m.group(1), 16) <= body[-1][0]]
     return [row for row in body if not any(branch < row[0] < target for branch, target in skipped)]
 
 

@@ -176,11 +176,11 @@ def test_scores_match_reference(d, queries, k, centered, exact):
 def test_query_projection_in_bit_order(queries, d, sketch_dim, dtype):
     """``q @ S.T`` with column ``i * BP + j`` holding sketch row ``8 j + i``, as int8 limbs and a scale per row: three
     limbs for fp32 queries (~2^-24 of the row's largest), two for the others (~2^-16); the sketch's own rows split
-    the same way."""
+    the same way. Each row's sum as its limbs hold it comes beside them (for the sketch, one per count of limbs)."""
     sketch = QJLSketch(d, sketch_dim, 1, device=DEVICE)
     q = torch.randn(5, queries, d, generator=torch.Generator().manual_seed(queries)).to(DEVICE, DTYPES[dtype])
     precise = dtype == "fp32"
-    tables, scales = project_queries(q, sketch.matrix, precise)
+    tables, scales, sums = project_queries(q, sketch.matrix, precise)
     m_pad, width = tables.shape[2], tables.shape[3]
     bp = width // 8
     assert tables.shape == (5, 3 if precise else 2, m_pad, width) and scales.shape == (5, m_pad)
@@ -193,10 +193,14 @@ def test_query_projection_in_bit_order(queries, d, sketch_dim, dtype):
     largest = expected.abs().amax(dim=-1, keepdim=True)
     assert ((got - expected).abs() <= largest * (2 ** -20 if precise else 2 ** -15)).all()  # with fp32 rounding
     assert not got[:, queries:].any() and not got[..., row >= sketch_dim].any()
-    table, limbs, limb_scales = sketch_tables(sketch.matrix)
+    torch.testing.assert_close(sums, got.sum(-1), rtol=0, atol=largest.max().item() * width * 2 ** -22)
+    table, limbs, limb_scales, limb_sums = sketch_tables(sketch.matrix)
     assert torch.equal(table[:, row < sketch_dim], sketch.matrix.float().T[:, row[row < sketch_dim]])
     rebuilt = from_limbs(limbs, limb_scales)
     assert ((rebuilt - table).abs() <= table.abs().amax(dim=-1, keepdim=True) * 2 ** -23).all()
+    for n in (1, 2, 3):
+        expected_sums = from_limbs(limbs[:n], limb_scales).double().sum(-1)
+        assert ((limb_sums[n - 1] - expected_sums).abs() <= table.abs().sum(-1) * 2 ** -22).all()
 
 
 def filled_layer(config, b, h, d, prompt, steps, dtype, seed=0):
