@@ -203,6 +203,27 @@ def test_query_projection_in_bit_order(queries, d, sketch_dim, dtype):
         assert ((limb_sums[n - 1] - expected_sums).abs() <= table.abs().sum(-1) * 2 ** -22).all()
 
 
+@triton.jit
+def _codes_product(codes_ptr, weights_ptr, out_ptr):
+    offs = tl.arange(0, 16)[:, None] * 16 + tl.arange(0, 16)[None, :]
+    codes = tl.load(codes_ptr + offs).to(tl.float16, bitcast=True)
+    tl.store(out_ptr + offs, tl.dot(tl.load(weights_ptr + offs), codes))
+
+
+def test_tensor_cores_keep_fp16_subnormal_codes():
+    """The fused decode kernel hands value codes to fp16 products as their bit patterns, ``code * 2^-24`` (subnormal
+    below 1024, exponent field 1 up to 2047): exact only where the tensor cores keep subnormal inputs."""
+    generator = torch.Generator().manual_seed(11)
+    codes = torch.randint(0, 2048, (16, 16), generator=generator, dtype=torch.int16)
+    codes[0] = torch.arange(16)  # the smallest codes, 0 and 1 included
+    weights = torch.randn(16, 16, generator=generator).to(torch.float16)
+    out = torch.empty(16, 16, dtype=torch.float32, device=DEVICE)
+    _codes_product[(1,)](codes.to(DEVICE), weights.to(DEVICE), out)
+    expected = weights.double() @ codes.double() * 2.0 ** -24
+    bound = weights.double().abs() @ codes.double().abs() * 2.0 ** -24 * 2 ** -20
+    assert ((out.cpu().double() - expected).abs() <= bound).all()
+
+
 def filled_layer(config, b, h, d, prompt, steps, dtype, seed=0):
     """A QJLLayer after a prompt and ``steps`` decode tokens (built with the torch reference)."""
     generator = torch.Generator().manual_seed(seed)
