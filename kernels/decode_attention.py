@@ -90,10 +90,14 @@ def _sign_sums(signs_ptr, row_ptrs, limb_stride, row_scales, row_sums, inside, r
         acc1 = _limb_product(acc1, row_ptrs + limb_stride, inside, bits, i, offs_j, BP)
         if LIMBS == 3:
             acc2 = _limb_product(acc2, row_ptrs + 2 * limb_stride, inside, bits, i, offs_j, BP)
-    total = acc0.to(tl.float32) + acc1.to(tl.float32) * (1.0 / LIMB_BASE)
-    if LIMBS == 3:
-        total += acc2.to(tl.float32) * (1.0 / (LIMB_BASE * LIMB_BASE))
-    return total * (2 * row_scales)[:, None] - row_sums[:, None]
+    if LIMBS == 2:  # summed in int32: |acc0| 254 + |acc1| < 2^31, and exact in fp32 below 2^24 (sketches to 512)
+        total = (acc0 * LIMB_BASE + acc1).to(tl.float32)
+        doubled_scales = row_scales * (2.0 / LIMB_BASE)
+    else:
+        total = (acc0.to(tl.float32) + acc1.to(tl.float32) * (1.0 / LIMB_BASE)
+                 + acc2.to(tl.float32) * (1.0 / (LIMB_BASE * LIMB_BASE)))
+        doubled_scales = row_scales * 2.0
+    return total * doubled_scales[:, None] - row_sums[:, None]
 
 
 @triton.jit

@@ -20,7 +20,7 @@ from .common import dot3, pow2
 
 PROJECT_COLUMNS = 64  # projection columns per step
 # Each limb after the first is the remainder (within +-1/2) of those before, times this.
-LIMB_BASE = tl.constexpr(254.0)
+LIMB_BASE = tl.constexpr(254)
 
 
 def limb_count(precise: bool) -> int:

@@ -1,0 +1,501 @@
+"""Fused QJL decode attention, flash-decoding style: each program takes one (batch, KV head) and a range of
+compressed tokens, scores them from the packed signs, takes their values from the packed codes, and keeps an online
+softmax; one extra program per (batch, KV head) does the exact sink and buffer tokens. Partial maxima, sums and
+outputs go to ``kernels.combine_splits``. A decode step reads each compressed byte once.
+
+The bits reach the tensor cores one bit position at a time, so unpacking is a shift and a mask of the packed bytes in
+the products' operand layout (no reshape):
+
+- scores: ``<S q, sign(S k)> = sum_i P_i . sign_i`` where ``sign_i[j]`` is bit ``i`` of byte ``j`` (sketch row
+  ``8 j + i``) and ``P_i`` those entries of ``S q``, as int8 limbs from ``kernels.decode_project``: the products run
+  on int8 tensor cores, exact in int32, and the packed bytes are the sign operand's registers as they are, four
+  bytes a register, so a bit position's signs cost three instructions a register;
+- outlier channels (one set per token group, so a tile is one group): the inlier sketch saw ``k`` without them,
+  ``S (q * mask) . sign = S q . sign - sum_k q[i_k] u_k`` with ``u_k = S[:, i_k] . sign`` from ``S``'s columns in
+  the same bit order, taken in the same product as ``S q . sign`` (more rows of one operand); exact outliers add
+  ``q[i_k] v_k``, sketched ones ``q[i_k] (S_o[:, i_k] . sign_o)``;
+- values: ``code * scale + minimum``; the output columns ``8 j + i`` come from bit ``i`` of byte ``j``, so four
+  products, each of two bit positions (``2 DB_PAD`` columns: one slice per warp); with one group per token row
+  ``p @ v = (p * scale) @ codes + p . minimum`` with the integer codes exact in fp16, else the dequantized values in
+  fp32.
+
+Reference: ``qjl.layer.CompressedLayer.attend`` with ``QJLLayer``'s scores and values, for one query token.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from .combine_splits import combine_splits
+from .common import dot3, dot_exact_rhs, interpreting, pow2, resident_programs
+from .decode_project_baseline import LIMB_BASE, limb_count, padded_bytes, project_queries, sketch_tables
+from .scores import BLOCK_TOKENS, load_queries, query_mean
+
+BLOCK_EXACT = 32
+# The splits make one wave: as many programs as the multiprocessors hold at once (``resident_programs``, the driver's
+# count for the compiled kernel). On the H100 (31602b4, two warps a program), a wave and a half (six programs per
+# multiprocessor where four fit) took 15% longer at 128k tokens, batch 1. Under the interpreter, which compiles
+# nothing, this many per "multiprocessor" (eight of them) exercise the splits.
+INTERPRETER_PROGRAMS_PER_SM = 6
+# Short contexts split down to two tiles a program, not scores' 256 tokens (which amortise a projection each of its
+# programs makes; here one kernel makes it for all): at 1k tokens the H100 took 4.3x SDPA's time with 4 programs per
+# KV head, each walking its 8 tiles one after another.
+MIN_TOKENS = 2 * BLOCK_TOKENS
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _signs(packed, i, ASM: tl.constexpr):
+    """int8 +-1 of bit ``i`` of the bytes ``packed``. On a GPU (``ASM``) four bytes a register at once: the bits
+    masked to one a byte, ``b``, make ``-254 b - 1 = ~(254 b)``, 0x01 or 0xFF a byte, with no carry between bytes
+    (Triton's interpreter cannot run PTX; it takes the same numbers a byte at a time)."""
+    if ASM:
+        return tl.inline_asm_elementwise(
+            "{ .reg .b32 t; shr.b32 t, $1, $2; and.b32 t, t, 0x01010101; mad.lo.s32 $0, t, -254, -1; }",
+            "=r,r,r,r,r,r", [packed, tl.full(packed.shape, i, tl.int32)], dtype=tl.int8, is_pure=True, pack=4)
+    else:
+        return (((packed.to(tl.int32) >> i) & 1) * 2 - 1).to(tl.int8)
+
+
+@triton.jit
+def _limb_product(acc, limb_rows, inside, signs, i, offs_j, BP: tl.constexpr):
+    """``acc`` plus one limb's bit position ``i`` times the signs of bit ``i``, exact in int32."""
+    limb = tl.load(limb_rows[:, None] + i * BP + offs_j[None, :], mask=inside[:, None], other=0)
+    return tl.dot(limb, signs, acc, out_dtype=tl.int32)
+
+
+@triton.jit
+def _sign_sums(signs_ptr, row_ptrs, limb_stride, row_scales, inside, rows, ok, BYTES: tl.constexpr, BP: tl.constexpr,
+               BLOCK_N: tl.constexpr, LIMBS: tl.constexpr, UNROLL: tl.constexpr, ASM: tl.constexpr):
+    """``sum_s T[r, s] sign_t[s]`` ``[R, BLOCK_N]`` for the tile's tokens (global rows ``rows``), with ``T`` in bit
+    order as int8 limbs (``kernels.decode_project``): limb ``l`` of row ``r`` is ``8 BP`` int8 from pointer
+    ``row_ptrs[r] + l limb_stride[r]``, its scale ``row_scales[r]``; zero where not ``inside[r]``. Each limb sums
+    apart, so the products make ``LIMBS`` chains, not one."""
+    offs_j = tl.arange(0, BP)
+    packed = tl.load(signs_ptr + rows[None, :] * BYTES + offs_j[:, None], mask=ok[None, :] & (offs_j[:, None] < BYTES),
+                     other=0)  # uint8 [BP, BLOCK_N]
+    acc0 = tl.zeros((row_ptrs.shape[0], BLOCK_N), dtype=tl.int32)
+    acc1 = tl.zeros((row_ptrs.shape[0], BLOCK_N), dtype=tl.int32)
+    acc2 = tl.zeros((row_ptrs.shape[0], BLOCK_N), dtype=tl.int32)
+    for i in tl.range(0, 8, loop_unroll_factor=UNROLL):
+        signs = _signs(packed, i, ASM)
+        acc0 = _limb_product(acc0, row_ptrs, inside, signs, i, offs_j, BP)
+        acc1 = _limb_product(acc1, row_ptrs + limb_stride, inside, signs, i, offs_j, BP)
+        if LIMBS == 3:
+            acc2 = _limb_product(acc2, row_ptrs + 2 * limb_stride, inside, signs, i, offs_j, BP)
+    total = acc0.to(tl.float32) + acc1.to(tl.float32) * (1.0 / LIMB_BASE)
+    if LIMBS == 3:
+        total += acc2.to(tl.float32) * (1.0 / (LIMB_BASE * LIMB_BASE))
+    return total * row_scales[:, None]
+
+
+@triton.jit
+def _tile_rows(bh, start, end, n_tokens, STEP: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The ``STEP`` tokens from ``start`` (before ``end``) as global rows of the ``[BH, n]`` arrays, and which are
+    real."""
+    tokens = start + tl.arange(0, BLOCK_N)
+    ok = (tl.arange(0, BLOCK_N) < STEP) & (tokens < end)
+    return bh * n_tokens + tokens, ok
+
+
+@triton.jit
+def _token_numbers(norms_ptr, scales_ptr, mins_ptr, rows, ok, VGROUP: tl.constexpr, D: tl.constexpr):
+    """The tile's key norms and, with one value group per token, its value scales and minimums (float32
+    ``[BLOCK_N]``; zeros for grouped scales, which ``_tile_values`` loads itself)."""
+    norms = tl.load(norms_ptr + rows, mask=ok, other=0.0).to(tl.float32)
+    if VGROUP == D:
+        scales = tl.load(scales_ptr + rows, mask=ok, other=0.0).to(tl.float32)
+        minimums = tl.load(mins_ptr + rows, mask=ok, other=0.0).to(tl.float32)
+    else:
+        scales = tl.zeros_like(norms)
+        minimums = tl.zeros_like(norms)
+    return norms, scales, minimums
+
+
+@triton.jit
+def _tile_scores(tables_ptr, table_scales_ptr, q_ptr, bh, start, n_groups, rows, ok, norms, signs_ptr, idx_ptr,
+                 osigns_ptr, onorms_ptr, ovalues_ptr, sp_ptr, sp_scales_ptr, spo_ptr, spo_scales_ptr, scale, oscale,
+                 M: tl.constexpr, M_PAD: tl.constexpr, D: tl.constexpr, BYTES: tl.constexpr, BP: tl.constexpr,
+                 OBYTES: tl.constexpr, OBP: tl.constexpr, K: tl.constexpr, R_PAD: tl.constexpr, EXACT: tl.constexpr,
+                 GROUP: tl.constexpr, STEP: tl.constexpr, BLOCK_N: tl.constexpr, LIMBS: tl.constexpr,
+                 UNROLL: tl.constexpr, ASM: tl.constexpr):
+    """Estimated scores ``[M_PAD, BLOCK_N]`` of the tile from token ``start`` (within one outlier group of ``GROUP``
+    tokens; global rows ``rows``, real where ``ok``) whose key norms are ``norms``.
+
+    One product serves the queries and the group's outlier channels: rows ``r < M`` of the table are the queries'
+    projections, rows ``M + k`` the sketch's column ``idx_k`` (``S[:, idx_k]``, bit order), so ``u = T . sign``
+    holds ``S q . sign`` then ``S[:, idx_k] . sign``; then ``Y`` replaces the outlier rows by each channel's
+    correction and outlier term, and ``W @ Y`` with ``W = [I | q[idx]]`` sums them per query."""
+    weight = norms * scale
+    r = tl.arange(0, R_PAD)
+    table = tables_ptr + (bh * LIMBS * M_PAD + r) * (8 * BP)  # rows r < M
+    table_scales = tl.load(table_scales_ptr + bh * M_PAD + r, mask=r < M, other=0.0)
+    if K == 0:
+        scores = _sign_sums(signs_ptr, table, M_PAD * 8 * BP, table_scales, r < M, rows, ok, BYTES, BP, BLOCK_N,
+                            LIMBS, UNROLL, ASM) * weight[None, :]
+    else:
+        is_outlier = (r >= M) & (r < M + K)
+        group_idx = idx_ptr + (bh * n_groups + start // GROUP) * K
+        channel = tl.load(group_idx + (r - M), mask=is_outlier, other=0).to(tl.int32)
+        # The select between two bases loses their alignment; without it each row is read a byte at a time and
+        # reaches the product through shared memory, a barrier per bit position.
+        row_ptrs = tl.multiple_of(tl.where(is_outlier, sp_ptr + channel * (8 * BP), table), 16)
+        limb_stride = tl.where(is_outlier, D * 8 * BP, M_PAD * 8 * BP)
+        row_scales = tl.where(is_outlier, tl.load(sp_scales_ptr + channel, mask=is_outlier, other=0.0), table_scales)
+        u = _sign_sums(signs_ptr, row_ptrs, limb_stride, row_scales, r < M + K, rows, ok, BYTES, BP, BLOCK_N, LIMBS,
+                       UNROLL, ASM)
+        u *= weight[None, :]
+        if EXACT:
+            term = tl.load(ovalues_ptr + rows[None, :] * K + (r - M)[:, None], mask=is_outlier[:, None] & ok[None, :],
+                           other=0.0).to(tl.float32)
+        else:
+            orow_ptrs = tl.where(is_outlier, spo_ptr + channel * (8 * OBP), spo_ptr)
+            oscales = tl.load(spo_scales_ptr + channel, mask=is_outlier, other=0.0)
+            oweight = tl.load(onorms_ptr + rows, mask=ok, other=0.0).to(tl.float32) * oscale
+            term = _sign_sums(osigns_ptr, orow_ptrs, D * 8 * OBP, oscales, is_outlier, rows, ok, OBYTES, OBP, BLOCK_N,
+                              LIMBS, UNROLL, ASM)
+            term *= oweight[None, :]
+        y = tl.where(is_outlier[:, None], term - u, u)
+        q_rows = tl.arange(0, M_PAD)
+        w = tl.load(q_ptr + (bh * M + q_rows[:, None]) * D + channel[None, :],
+                    mask=(q_rows[:, None] < M) & is_outlier[None, :], other=0.0).to(tl.float32)
+        w = tl.where(q_rows[:, None] == r[None, :], 1.0, w)
+        scores = dot3(w, y)
+    return scores
+
+
+@triton.jit
+def _plane_bits(codes, planes, masks, SHIFT: tl.constexpr, ASM: tl.constexpr):
+    """``codes | ((planes >> SHIFT) & masks)`` (a left shift for a negative ``SHIFT``) of int16 ``[BLOCK_N, C]``. On
+    a GPU (``ASM``) two numbers a register: a shift of the whole register and one ``lop3``; what the shift moves
+    from one half into the other lands above bit 8, outside every mask, so each half is its own number."""
+    if ASM and SHIFT >= 0:
+        return tl.inline_asm_elementwise(f"{{ .reg .b32 t; shr.b32 t, $2, {SHIFT}; lop3.b32 $0, t, $3, $1, 0xEA; }}",
+                                         "=r,r,r,r", [codes, planes, masks], dtype=tl.int16, is_pure=True, pack=2)
+    elif ASM:
+        return tl.inline_asm_elementwise(f"{{ .reg .b32 t; shl.b32 t, $2, {-SHIFT}; lop3.b32 $0, t, $3, $1, 0xEA; }}",
+                                         "=r,r,r,r", [codes, planes, masks], dtype=tl.int16, is_pure=True, pack=2)
+    else:
+        if SHIFT >= 0:
+            moved = planes >> SHIFT
+        else:
+            moved = planes << -SHIFT
+        return codes | (moved & masks)
+
+
+@triton.jit
+def _value_product(weights, values, CODES: tl.constexpr, PRECISE: tl.constexpr):
+    """``weights @ values``; ``CODES``: the values are integers, exact in fp16."""
+    if PRECISE and CODES:
+        return dot_exact_rhs(weights, values)
+    elif PRECISE:
+        return dot3(weights, values)
+    else:
+        return tl.dot(weights.to(tl.float16), values.to(tl.float16))
+
+
+@triton.jit
+def _tile_values(p, packed_ptr, scales_ptr, mins_ptr, token_scales, token_minimums, rows, ok, D: tl.constexpr,
+                 DB_PAD: tl.constexpr, BITS: tl.constexpr, VGROUP: tl.constexpr, BLOCK_N: tl.constexpr,
+                 PRECISE: tl.constexpr, ASM: tl.constexpr):
+    """``p @ values`` of the tile as four float32 ``[M_PAD, 2 DB_PAD]`` products, one per pair of bit positions: in
+    product ``a`` column ``h DB_PAD + j`` is output column ``8 j + 2 a + h``; and ``p * minimum`` ``[M_PAD, BLOCK_N]``
+    where the minimum is one per token (``token_scales``, ``token_minimums``; else zeros: the products hold the
+    minimums, and ``scales_ptr``, ``mins_ptr`` give them per group).
+
+    Each product's operand is the packed bytes shifted, unpacked in the layout it is read in; two bit positions per
+    product make 2 DB_PAD columns, enough for every warp to take its own. With one scale per token, ``p @ v =
+    (p * scale) @ codes + p . minimum`` with the integer codes exact in fp16: ``0x6400 | c`` is the fp16 number
+    ``1024 + c``, less 1024 exactly ``c``, and no conversion instruction; grouped scales dequantize the codes in
+    fp32. The ``h = 1`` columns take their codes doubled (bit ``2 a + h`` of plane ``b`` lands at bit ``b + h``), so
+    one shift a product serves both halves; ``_halve_odd_columns`` undoes it for one scale per token, halved scales
+    for grouped ones."""
+    cols = tl.arange(0, 2 * DB_PAD)
+    j = cols % DB_PAD
+    h = (cols // DB_PAD)[None, :]
+    inside = ok[:, None] & (j[None, :] < D // 8)
+    masks = tl.broadcast_to((1 << h).to(tl.int16), (BLOCK_N, 2 * DB_PAD))
+    if VGROUP == D:
+        codes0 = tl.full((BLOCK_N, 2 * DB_PAD), 0x6400, dtype=tl.int16)
+    else:
+        codes0 = tl.zeros((BLOCK_N, 2 * DB_PAD), dtype=tl.int16)
+    codes1 = codes0
+    codes2 = codes0
+    codes3 = codes0
+    for plane in tl.static_range(BITS):
+        planes = tl.load(packed_ptr + rows[:, None] * (BITS * D // 8) + plane * (D // 8) + j[None, :], mask=inside,
+                         other=0).to(tl.int16)
+        codes0 = _plane_bits(codes0, planes, masks << plane, 0 - plane, ASM)
+        codes1 = _plane_bits(codes1, planes, masks << plane, 2 - plane, ASM)
+        codes2 = _plane_bits(codes2, planes, masks << plane, 4 - plane, ASM)
+        codes3 = _plane_bits(codes3, planes, masks << plane, 6 - plane, ASM)
+    if VGROUP == D:
+        weights = p * token_scales[None, :]
+        return (_value_product(weights, codes0.to(tl.float16, bitcast=True) - 1024.0, True, PRECISE),
+                _value_product(weights, codes1.to(tl.float16, bitcast=True) - 1024.0, True, PRECISE),
+                _value_product(weights, codes2.to(tl.float16, bitcast=True) - 1024.0, True, PRECISE),
+                _value_product(weights, codes3.to(tl.float16, bitcast=True) - 1024.0, True, PRECISE),
+                p * token_minimums[None, :])
+    else:
+        groups = rows[:, None] * (D // VGROUP) + j[None, :] // (VGROUP // 8)
+        # halved scales for the doubled codes of the h = 1 columns (exact: a power of two)
+        scales = tl.load(scales_ptr + groups, mask=inside, other=0.0).to(tl.float32) * tl.where(h == 0, 1.0, 0.5)
+        minimums = tl.load(mins_ptr + groups, mask=inside, other=0.0).to(tl.float32)
+        return (_value_product(p, codes0.to(tl.float32) * scales + minimums, False, PRECISE),
+                _value_product(p, codes1.to(tl.float32) * scales + minimums, False, PRECISE),
+                _value_product(p, codes2.to(tl.float32) * scales + minimums, False, PRECISE),
+                _value_product(p, codes3.to(tl.float32) * scales + minimums, False, PRECISE), tl.zeros_like(p))
+
+
+@triton.jit
+def _halve_odd_columns(pair, DB_PAD: tl.constexpr):
+    """A pair product with its ``h = 1`` columns halved (their codes came doubled, ``_tile_values``)."""
+    return pair * tl.where(tl.arange(0, 2 * DB_PAD) < DB_PAD, 1.0, 0.5)[None, :]
+
+
+@triton.jit
+def _halves(x, DB_PAD: tl.constexpr):
+    """``[M, 2 DB_PAD]`` -> ``[M, DB_PAD, 2]``: column ``h DB_PAD + j`` to ``[j, h]``."""
+    return tl.permute(tl.reshape(x, (x.shape[0], 2, DB_PAD)), (0, 2, 1))
+
+
+@triton.jit
+def _value_columns(pair0, pair1, pair2, pair3, DB_PAD: tl.constexpr):
+    """The four pair products (``_tile_values``) as one ``[M, 8 DB_PAD]``, column ``8 j + 2 a + h``."""
+    both = tl.join(tl.join(_halves(pair0, DB_PAD), _halves(pair2, DB_PAD)),
+                   tl.join(_halves(pair1, DB_PAD), _halves(pair3, DB_PAD)))  # [M, j, h, a // 2, a % 2]
+    return tl.reshape(tl.permute(both, (0, 1, 3, 4, 2)), (pair0.shape[0], 8 * DB_PAD))
+
+
+@triton.jit
+def _exact_tokens(q, k_ptr, v_ptr, bh, n, qk_scale, m_i, l_i, acc, D: tl.constexpr, D_PAD: tl.constexpr,
+                  BLOCK_N: tl.constexpr):
+    offs_d = tl.arange(0, D_PAD)
+    for start in range(0, n, BLOCK_N):
+        tokens = start + tl.arange(0, BLOCK_N)
+        ok = tokens < n
+        inside = ok[:, None] & (offs_d[None, :] < D)
+        offsets = (bh * n + tokens[:, None]) * D + offs_d[None, :]
+        k = tl.load(k_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
+        v = tl.load(v_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
+        scores = tl.where(ok[None, :], dot3(q, tl.trans(k)) * qk_scale, float("-inf"))
+        m_i, alpha, p = _softmax_step(scores, m_i)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + dot3(p, v)
+    return m_i, l_i, acc
+
+
+@triton.jit
+def _softmax_step(scores, m_i):
+    """New running max, the old terms' rescale factor and the tile's weights (``scores`` in log2 units)."""
+    m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing seen yet
+    return m_new, tl.exp2(m_i - m_safe), tl.exp2(scores - m_safe[:, None])
+
+
+@triton.jit
+def _store_partial(part_m_ptr, part_l_ptr, part_acc_ptr, part, m_i, l_i, acc, M: tl.constexpr, D: tl.constexpr):
+    rows = tl.arange(0, acc.shape[0])
+    offs_d = tl.arange(0, acc.shape[1])
+    tl.store(part_m_ptr + part * M + rows, m_i, mask=rows < M)
+    tl.store(part_l_ptr + part * M + rows, l_i, mask=rows < M)
+    tl.store(part_acc_ptr + (part * M + rows[:, None]) * D + offs_d[None, :], acc,
+             mask=(rows[:, None] < M) & (offs_d[None, :] < D))
+
+
+@triton.jit
+def decode_split_kernel(q_ptr, tables_ptr, table_scales_ptr, sp_ptr, sp_scales_ptr, spo_ptr, spo_scales_ptr,
+                        mean_ptr, signs_ptr, norms_ptr, idx_ptr, osigns_ptr, onorms_ptr, ovalues_ptr, vpacked_ptr,
+                        vscales_ptr, vmins_ptr,
+                        sink_k_ptr, sink_v_ptr, buf_k_ptr, buf_v_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, n_tokens,
+                        n_groups, tokens_per_split, n_sink, n_buffer, scale, oscale, qk_scale, M: tl.constexpr,
+                        M_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, DB_PAD: tl.constexpr,
+                        BYTES: tl.constexpr, BP: tl.constexpr, OBYTES: tl.constexpr, OBP: tl.constexpr,
+                        K: tl.constexpr, R_PAD: tl.constexpr, EXACT: tl.constexpr, GROUP: tl.constexpr,
+                        STEP: tl.constexpr,
+                        BLOCK_N: tl.constexpr, CENTERED: tl.constexpr, BITS: tl.constexpr, VGROUP: tl.constexpr,
+                        BLOCK_EXACT: tl.constexpr, PRECISE: tl.constexpr, LIMBS: tl.constexpr,
+                        UNROLL: tl.constexpr, ASM: tl.constexpr, PREFETCH: tl.constexpr):
+    """Program ``(bh, split)``: splits ``0 .. S-1`` take compressed tokens, split ``S`` the exact ones. Writes the
+    split's max and sum (log2 units) ``[BH, S + 1, M]`` and unnormalised output ``[BH, S + 1, M, D]``.
+    ``tables``, ``table_scales``: ``kernels.decode_project``'s limbs of the queries' projections; ``sp``,
+    ``sp_scales`` (``spo``, ``spo_scales``): those of the (outlier) sketch's rows, ``sketch_tables``."""
+    bh, split = tl.program_id(0), tl.program_id(1)
+    n_splits = tl.num_programs(1)
+    part = bh * n_splits + split
+    m_i = tl.full((M_PAD,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((M_PAD,), dtype=tl.float32)
+    if split < n_splits - 1:
+        acc0 = tl.zeros((M_PAD, 2 * DB_PAD), dtype=tl.float32)
+        acc1 = tl.zeros((M_PAD, 2 * DB_PAD), dtype=tl.float32)
+        acc2 = tl.zeros((M_PAD, 2 * DB_PAD), dtype=tl.float32)
+        acc3 = tl.zeros((M_PAD, 2 * DB_PAD), dtype=tl.float32)
+        # Sums over tokens stay per column until the end: summed each tile they would cross warps (a barrier each).
+        weight_sums = tl.zeros((M_PAD, BLOCK_N), dtype=tl.float32)
+        minimum_sums = tl.zeros((M_PAD, BLOCK_N), dtype=tl.float32)
+        bias = tl.zeros((M_PAD,), dtype=tl.float32)
+        if CENTERED:
+            bias = query_mean(load_queries(q_ptr, bh, M, M_PAD, D, D_PAD), mean_ptr, bh, D, D_PAD) * qk_scale
+        first = split * tokens_per_split
+        last = tl.minimum(first + tokens_per_split, n_tokens)
+        # With PREFETCH the next tile's norms, scales and minimums load while this tile is computed: the pipeliner
+        # leaves these small loads in the loop, where each would wait for memory once a tile.
+        rows, ok = _tile_rows(bh, first, last, n_tokens, STEP, BLOCK_N)
+        norms, token_scales, token_minimums = _token_numbers(norms_ptr, vscales_ptr, vmins_ptr, rows, ok, VGROUP, D)
+        for start in range(first, last, STEP):
+            rows, ok = _tile_rows(bh, start, last, n_tokens, STEP, BLOCK_N)
+            if PREFETCH:
+                next_rows, next_ok = _tile_rows(bh, start + STEP, last, n_tokens, STEP, BLOCK_N)
+                next_norms, next_scales, next_minimums = _token_numbers(norms_ptr, vscales_ptr, vmins_ptr, next_rows,
+                                                                        next_ok, VGROUP, D)
+            else:
+                norms, token_scales, token_minimums = _token_numbers(norms_ptr, vscales_ptr, vmins_ptr, rows, ok,
+                                                                     VGROUP, D)
+            scores = _tile_scores(tables_ptr, table_scales_ptr, q_ptr, bh, start, n_groups, rows, ok, norms,
+                                  signs_ptr, idx_ptr, osigns_ptr, onorms_ptr, ovalues_ptr, sp_ptr, sp_scales_ptr,
+                                  spo_ptr, spo_scales_ptr, scale, oscale, M, M_PAD, D, BYTES, BP, OBYTES, OBP, K,
+                                  R_PAD, EXACT, GROUP, STEP, BLOCK_N, LIMBS, UNROLL, ASM)
+            scores = tl.where(ok[None, :], scores * qk_scale + bias[:, None], float("-inf"))
+            m_i, alpha, p = _softmax_step(scores, m_i)
+            weight_sums = weight_sums * alpha[:, None] + p
+            pair0, pair1, pair2, pair3, minimum_terms = _tile_values(p, vpacked_ptr, vscales_ptr, vmins_ptr,
+                                                                   token_scales, token_minimums, rows, ok, D, DB_PAD,
+                                                                   BITS, VGROUP, BLOCK_N, PRECISE, ASM)
+            acc0 = acc0 * alpha[:, None] + pair0
+            acc1 = acc1 * alpha[:, None] + pair1
+            acc2 = acc2 * alpha[:, None] + pair2
+            acc3 = acc3 * alpha[:, None] + pair3
+            if VGROUP == D:
+                minimum_sums = minimum_sums * alpha[:, None] + minimum_terms
+            if PREFETCH:
+                norms, token_scales, token_minimums = next_norms, next_scales, next_minimums
+        l_i = tl.sum(weight_sums, axis=1)
+        if VGROUP == D:
+            acc0 = _halve_odd_columns(acc0, DB_PAD)
+            acc1 = _halve_odd_columns(acc1, DB_PAD)
+            acc2 = _halve_odd_columns(acc2, DB_PAD)
+            acc3 = _halve_odd_columns(acc3, DB_PAD)
+        out = _value_columns(acc0, acc1, acc2, acc3, DB_PAD) + tl.sum(minimum_sums, axis=1)[:, None]
+        _store_partial(part_m_ptr, part_l_ptr, part_acc_ptr, part, m_i, l_i, out, M, D)
+    else:
+        q = load_queries(q_ptr, bh, M, M_PAD, D, D_PAD)
+        acc = tl.zeros((M_PAD, D_PAD), dtype=tl.float32)
+        m_i, l_i, acc = _exact_tokens(q, sink_k_ptr, sink_v_ptr, bh, n_sink, qk_scale, m_i, l_i, acc, D, D_PAD,
+                                      BLOCK_EXACT)
+        m_i, l_i, acc = _exact_tokens(q, buf_k_ptr, buf_v_ptr, bh, n_buffer, qk_scale, m_i, l_i, acc, D, D_PAD,
+                                      BLOCK_EXACT)
+        _store_partial(part_m_ptr, part_l_ptr, part_acc_ptr, part, m_i, l_i, acc, M, D)
+
+
+def launch_config(queries: int, head_dim: int, sketch_dim: int, outlier_sketch_dim: int, n_outliers: int,
+                  group_size: int, centered: bool, value_bits: int, value_group_size: int,
+                  exact_outliers: bool = False, precise: bool = False, asm: bool = True) -> dict:
+    """The constexprs (and warps) for these shapes; also what ``kernels-compile`` checks. ``precise``: fp32 queries,
+    whose products take three int8 limbs of the projections (~2^-24) and fp16 high and low parts of the weights
+    (~2^-22); fp16 and bf16 queries take two limbs (~2^-16) and one fp16 product (~2^-11). ``asm``: sign bits
+    unpacked in PTX, four bytes at a time (False under Triton's interpreter)."""
+    step = group_size if n_outliers else BLOCK_TOKENS
+    if (head_dim >= 256 or sketch_dim >= 512) and step % 16 == 0:
+        step = 16  # tiles of half a group: wide rows leave no registers for 32 tokens
+    sketched = n_outliers and not exact_outliers
+    obytes = outlier_sketch_dim // 8 if sketched else 2
+    return dict(M=queries, M_PAD=pow2(queries, 16), D=head_dim, D_PAD=pow2(head_dim, 16),
+                DB_PAD=pow2(head_dim // 8, 16), BYTES=sketch_dim // 8, BP=padded_bytes(sketch_dim), OBYTES=obytes,
+                OBP=padded_bytes(8 * obytes), K=n_outliers, R_PAD=pow2(queries + n_outliers, 16),
+                EXACT=bool(n_outliers and exact_outliers), GROUP=group_size, STEP=step, BLOCK_N=pow2(step, 16),
+                CENTERED=centered, BITS=value_bits, VGROUP=value_group_size, BLOCK_EXACT=BLOCK_EXACT, PRECISE=precise,
+                LIMBS=limb_count(precise), ASM=asm,
+                # How many of the eight bit positions are unrolled: all, up to sketch 256 and head dim 128 (fastest);
+                # the table loads of the unrolled positions are hoisted and held, so wider sketches unroll as many as
+                # make 128 table columns (more of them spill, and so does a loop of single positions at sketch 512).
+                UNROLL=8 if sketch_dim <= 256 and head_dim <= 128 else max(1, 1024 // sketch_dim),
+                # Three pipeline stages and the per-token numbers a tile ahead where they fit in registers: three
+                # stages spill at head dim 256 and at sketch 512, the prefetch at head dim 256 with sketch 1024.
+                num_stages=3 if sketch_dim <= 256 and head_dim <= 128 else 2,
+                PREFETCH=head_dim * sketch_dim < 256 * 1024,
+                # Two warps a program where they fit in registers: on the H100 at 31602b4, 27-33% faster than four at
+                # 32k and 128k tokens, batch 1 and 8, bf16 (fewer instructions a tile, four programs a multiprocessor
+                # in place of two). fp32 queries (two products per value pair, three limbs) spill with two on Triton
+                # 3.9, and at head dim 256 with four.
+                num_warps=(8 if head_dim >= 256 else 4) if precise else 2 if sketch_dim <= 256 and head_dim <= 128
+                else 4, maxnreg=255)
+
+
+_RESIDENT = {}
+
+
+def resident(config: dict, dtype: torch.dtype, device: torch.device, compile_kernel) -> int:
+    """Programs of the decode kernel one multiprocessor holds at once at ``config`` for queries of ``dtype`` (which
+    set the other inputs' types): read from the kernel ``compile_kernel()`` returns, once, then remembered."""
+    key = (device, dtype, tuple(config.items()))
+    if key not in _RESIDENT:
+        _RESIDENT[key] = resident_programs(compile_kernel())
+    return _RESIDENT[key]
+
+
+def split_size(n_tokens: int, heads: int, step: int, programs_per_sm: int, device: torch.device,
+               min_tokens: int = MIN_TOKENS) -> int:
+    """Tokens per program, a multiple of ``step``: the (batch, KV head) pairs split so that all programs run in one
+    wave of ``programs_per_sm`` on every multiprocessor, down to ``min_tokens`` a program."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
+    splits = max(1, programs_per_sm * sms // heads)
+    tokens = max(triton.cdiv(n_tokens, splits), min_tokens)
+    return triton.cdiv(tokens, step) * step
+
+
+def decode_attention(query: torch.Tensor, keys, values, value_bits: int, matrix: torch.Tensor,
+                     outlier_matrix: torch.Tensor | None, group_size: int, key_mean: torch.Tensor | None,
+                     exact_keys, exact_values, scaling: float, tuning: dict | None = None) -> torch.Tensor:
+    """Attention of one decode token. ``query`` ``[b, hq, 1, d]``; ``keys`` = (signs, norms, outlier_idx,
+    outlier_signs, outlier_norms, outlier_values) (exact outliers: no ``outlier_matrix``) and ``values`` = (packed,
+    scales, minimums) as ``QJLLayer`` stores them (``[b, h, n, ...]``); ``exact_keys``/``exact_values`` = (sink,
+    buffer) ``[b, h, *, d]``. Returns ``[b, 1, hq, d]`` in the query's dtype. ``tuning`` overrides launch choices
+    (``num_warps``, ``num_stages``, ``maxnreg``, ``UNROLL``, ``PREFETCH``, ``ASM``, ``programs_per_sm``,
+    ``min_tokens``) for benchmarks."""
+    signs, norms, idx, osigns, onorms, ovalues = keys
+    b, hq, _, d = query.shape
+    h, n = signs.shape[1], signs.shape[2]
+    group = hq // h
+    k = 0 if idx is None else idx.shape[-1]
+    tuning = dict(tuning or {})
+    config = launch_config(group, d, matrix.shape[0], outlier_matrix.shape[0] if outlier_matrix is not None else 16,
+                           k, group_size, key_mean is not None, value_bits, d // values[1].shape[-1],
+                           ovalues is not None, query.dtype == torch.float32, asm=not interpreting())
+    config.update({name: tuning.pop(name) for name in ("num_warps", "num_stages", "maxnreg", "UNROLL", "PREFETCH",
+                                                           "ASM") if name in tuning})
+    q = query.reshape(b * h, group, d).contiguous()
+    _, sp, sp_scales = sketch_tables(matrix)
+    _, spo, spo_scales = sketch_tables(outlier_matrix) if outlier_matrix is not None else (None, sp, sp_scales)
+    if n:  # read by splits only
+        tables, table_scales = project_queries(q, matrix, config["PRECISE"])
+    else:
+        tables, table_scales = q.new_empty(0, dtype=torch.int8), q.new_empty(0, dtype=torch.float32)
+    sink_k, buf_k = (t.contiguous() for t in exact_keys)
+    sink_v, buf_v = (t.contiguous() for t in exact_values)
+    packed, scales, minimums = (t.contiguous() for t in values)
+
+    def present(t):  # what a constexpr compiles away still needs a pointer
+        return signs if t is None else t.contiguous()
+
+    mean = key_mean.float().contiguous() if key_mean is not None else q
+    oscale = (torch.pi / 2) ** 0.5 / outlier_matrix.shape[0] if outlier_matrix is not None else 0.0
+
+    def arguments(parts, per_split):
+        return (q, tables, table_scales, sp, sp_scales, spo, spo_scales, mean, signs.contiguous(), norms.contiguous(),
+                present(idx), present(osigns), present(onorms), present(ovalues), packed, scales, minimums, sink_k,
+                sink_v, buf_k, buf_v, *parts, n, idx.shape[2] if k else 0, per_split, sink_k.shape[2],
+                buf_k.shape[2], (torch.pi / 2) ** 0.5 / matrix.shape[0], oscale, scaling * LOG2E)
+
+    if "programs_per_sm" in tuning or interpreting():
+        programs_per_sm = tuning.pop("programs_per_sm", INTERPRETER_PROGRAMS_PER_SM)
+    else:
+        programs_per_sm = resident(config, query.dtype, query.device, lambda: decode_split_kernel.warmup(
+            *arguments([q.new_empty(1, dtype=torch.float32)] * 3, config["STEP"]), grid=(1,), **config))
+    per_split = split_size(n, b * h, config["STEP"], programs_per_sm, query.device, **tuning)
+    splits = triton.cdiv(n, per_split) if n else 0
+    part_m = q.new_empty(b * h, splits + 1, group, dtype=torch.float32)
+    part_l = torch.empty_like(part_m)
+    part_acc = q.new_empty(b * h, splits + 1, group, d, dtype=torch.float32)
+    decode_split_kernel[(b * h, splits + 1)](*arguments((part_m, part_l, part_acc), per_split), **config)
+    out = combine_splits(part_m, part_l, part_acc, query.dtype)  # [b h, group, d]
+    return out.reshape(b, 1, hq, d)

@@ -1,0 +1,133 @@
+"""The decode queries' sketch projections in the fused decode kernel's bit order, as int8 limbs.
+
+``kernels.decode_attention`` takes the products of sign bit ``i`` of every packed byte ``j`` (sketch row ``8 j + i``)
+one bit position at a time on int8 tensor cores, so it reads ``S q`` with its columns permuted to ``i * BP + j``
+(``BP`` the bytes a key takes, padded to a power of two) and split into int8 limbs: a row ``x`` with
+``s = max |x| / 127`` is ``s (L_0 + L_1 / 254 + L_2 / 254^2 ...)``, each limb in ``[-127, 127]`` refining the
+remainder of the ones before (two limbs: ``max |x| 2^-16``, finer than one fp16 product; three: ``2^-24``, for fp32
+queries). The products of limbs and signs are exact in int32. One program per (batch, KV head) does this once per
+decode step, for the ``M`` queries of that KV head.
+
+Reference: ``q @ S.T`` (``qjl.sketch.QJLSketch``), permuted and split as ``sketch_tables`` permutes and splits ``S``.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import dot3, pow2
+
+PROJECT_COLUMNS = 64  # projection columns per step
+# Each limb after the first is the remainder (within +-1/2) of those before, times this.
+LIMB_BASE = tl.constexpr(254.0)
+
+
+def limb_count(precise: bool) -> int:
+    return 3 if precise else 2
+
+
+def padded_bytes(sketch_dim: int) -> int:
+    """``BP``: the bytes of a key's signs padded to a power of two, at least the 32 of an int8 product's depth."""
+    return pow2(sketch_dim // 8, 32)
+
+
+@triton.jit
+def _project_block(q_ptr, s_ptr, bh, offs_c, M: tl.constexpr, M_PAD: tl.constexpr, D: tl.constexpr,
+                   WIDTH: tl.constexpr, BLOCK_C: tl.constexpr):
+    rows = tl.arange(0, M_PAD)
+    proj = tl.zeros((M_PAD, BLOCK_C), dtype=tl.float32)
+    for d_start in range(0, D, 16):
+        offs_d = d_start + tl.arange(0, 16)
+        q = tl.load(q_ptr + (bh * M + rows[:, None]) * D + offs_d[None, :],
+                    mask=(rows[:, None] < M) & (offs_d[None, :] < D), other=0.0).to(tl.float32)
+        s = tl.load(s_ptr + offs_d[:, None] * WIDTH + offs_c[None, :], mask=offs_d[:, None] < D, other=0.0)
+        proj += dot3(q, s)
+    return proj
+
+
+@triton.jit
+def project_kernel(q_ptr, s_ptr, tables_ptr, scales_ptr, M: tl.constexpr, M_PAD: tl.constexpr, D: tl.constexpr,
+                   WIDTH: tl.constexpr, BLOCK_C: tl.constexpr, LIMBS: tl.constexpr):
+    """Program ``bh``: ``q @ S_perm`` ``[M_PAD, WIDTH]`` for the queries of one KV head as int8 limbs
+    ``tables[bh, l, m, c]`` and row scales ``scales[bh, m]`` (rows from ``M`` on are zeros). ``s_ptr``: ``S`` in bit
+    order, float32 ``[D, WIDTH]`` (``sketch_tables``). Two passes: the row maxima, then the limbs (recomputing the
+    projection is cheaper than holding it)."""
+    bh = tl.program_id(0)
+    rows = tl.arange(0, M_PAD)
+    largest = tl.zeros((M_PAD,), dtype=tl.float32)
+    for c_start in range(0, WIDTH, BLOCK_C):
+        offs_c = c_start + tl.arange(0, BLOCK_C)
+        proj = _project_block(q_ptr, s_ptr, bh, offs_c, M, M_PAD, D, WIDTH, BLOCK_C)
+        largest = tl.maximum(largest, tl.max(tl.abs(proj), axis=1))
+    scale = tl.where(largest > 0, largest / 127.0, 1.0)
+    tl.store(scales_ptr + bh * M_PAD + rows, scale)
+    for c_start in range(0, WIDTH, BLOCK_C):
+        offs_c = c_start + tl.arange(0, BLOCK_C)
+        rest = _project_block(q_ptr, s_ptr, bh, offs_c, M, M_PAD, D, WIDTH, BLOCK_C) / scale[:, None]
+        out = tables_ptr + (bh * LIMBS * M_PAD + rows[:, None]) * WIDTH + offs_c[None, :]
+        for limb in tl.static_range(LIMBS):
+            whole = tl.floor(rest + 0.5)
+            tl.store(out + limb * M_PAD * WIDTH, whole.to(tl.int8))
+            rest = (rest - whole) * LIMB_BASE
+
+
+def launch_config(queries: int, head_dim: int, sketch_dim: int, precise: bool = False) -> dict:
+    """The constexprs (and warps) for these shapes; also what ``kernels-compile`` checks."""
+    width = 8 * padded_bytes(sketch_dim)
+    return dict(M=queries, M_PAD=pow2(queries, 16), D=head_dim, WIDTH=width, BLOCK_C=min(PROJECT_COLUMNS, width),
+                LIMBS=limb_count(precise), num_warps=4)
+
+
+def int8_limbs(x: torch.Tensor, limbs: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of ``x`` ``[..., W]`` (float32) as ``limbs`` int8 limbs ``[limbs, ..., W]`` and float32 scales ``[...]``,
+    as ``project_kernel`` splits the projections."""
+    largest = x.abs().amax(dim=-1)
+    scale = torch.where(largest > 0, largest / 127.0, torch.ones_like(largest))
+    rest = x / scale[..., None]
+    parts = []
+    for _ in range(limbs):
+        whole = torch.floor(rest + 0.5)
+        parts.append(whole.to(torch.int8))
+        rest = (rest - whole) * LIMB_BASE.value
+    return torch.stack(parts), scale
+
+
+def from_limbs(limbs: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The float32 rows that ``int8_limbs`` split."""
+    weights = LIMB_BASE.value ** -torch.arange(limbs.shape[0], dtype=torch.float64, device=limbs.device)
+    total = (limbs.double() * weights.reshape(-1, *[1] * (limbs.dim() - 1))).sum(0)
+    return (total * scale[..., None].double()).float()
+
+
+def sketch_tables(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The sketch ``[m, d]`` as the kernels read it: ``T[c, i * BP + j] = S[8 j + i, c]`` (``BP`` the byte count
+    padded to a power of two, zero where ``8 j + i >= m``): float32 ``[d, 8 BP]``, and its rows (one per channel) as
+    three int8 limbs ``[3, d, 8 BP]`` with scales ``[d]``. Made once per matrix and kept on it (sketches are never
+    written)."""
+    cached = getattr(matrix, "_kernel_limb_tables", None)
+    if cached is None or cached[0] != matrix._version:
+        m, d = matrix.shape
+        bp = padded_bytes(m)
+        padded = matrix.new_zeros(8 * bp, d, dtype=torch.float32)
+        padded[:m] = matrix.float()
+        # row 8 j + i -> column i * bp + j
+        table = padded.reshape(bp, 8, d).permute(2, 1, 0).reshape(d, 8 * bp).contiguous()
+        limbs, scales = int8_limbs(table, limb_count(precise=True))
+        cached = (matrix._version, table, limbs.contiguous(), scales.contiguous())
+        matrix._kernel_limb_tables = cached
+    return cached[1], cached[2], cached[3]
+
+
+def project_queries(q: torch.Tensor, matrix: torch.Tensor, precise: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``q`` ``[BH, M, d]`` (the queries of each KV head), sketch ``matrix`` ``[m, d]``: ``q @ S.T`` with its columns
+    in bit order (zeros past ``m``, zero rows past ``M``) as int8 limbs ``[BH, LIMBS, M_PAD, 8 BP]`` and float32 row
+    scales ``[BH, M_PAD]``; three limbs if ``precise`` (fp32 queries), else two."""
+    bh, queries, d = q.shape
+    if matrix.shape[1] != d:
+        raise ValueError(f"sketch matrix {tuple(matrix.shape)} does not match head dim {d}")
+    config = launch_config(queries, d, matrix.shape[0], precise)
+    table, _, _ = sketch_tables(matrix)
+    tables = q.new_empty(bh, config["LIMBS"], config["M_PAD"], config["WIDTH"], dtype=torch.int8)
+    scales = q.new_empty(bh, config["M_PAD"], dtype=torch.float32)
+    project_kernel[(bh,)](q.contiguous(), table, tables, scales, **config)
+    return tables, scales
