@@ -110,8 +110,9 @@ def sketch_tables(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tor
     """The sketch ``[m, d]`` as the kernels read it: ``T[c, i * BP + j] = S[8 j + i, c]`` (``BP`` the byte count
     padded to a power of two, zero where ``8 j + i >= m``): float32 ``[d, 8 BP]``, and its rows (one per channel) as
     three int8 limbs ``[3, d, 8 BP]`` with scales ``[d]`` and the rows' sums as the first ``n`` limbs hold them,
-    ``[3, d]`` (``n - 1`` first). Made once per matrix and kept on it (sketches are never written)."""
-    cached = getattr(matrix, "_kernel_limb_tables", None)
+    ``[3, d]`` (``n - 1`` first). Made once per matrix and kept on it (sketches are never written), under a name of
+    its own: earlier kernels put beside this one (``scripts/decode_baseline.sh``) keep theirs, of another layout."""
+    cached = getattr(matrix, "_kernel_sketch_rows", None)
     if cached is None or cached[0] != matrix._version:
         m, d = matrix.shape
         bp = padded_bytes(m)
@@ -123,7 +124,7 @@ def sketch_tables(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tor
         weights = LIMB_BASE.value ** -torch.arange(limbs.shape[0], dtype=torch.float64, device=limbs.device)
         sums = ((limbs.double().sum(-1) * weights[:, None]).cumsum(0) * scales.double()).float()
         cached = (matrix._version, table, limbs.contiguous(), scales.contiguous(), sums.contiguous())
-        matrix._kernel_limb_tables = cached
+        matrix._kernel_sketch_rows = cached
     return cached[1:]
 
 
