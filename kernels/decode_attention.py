@@ -72,12 +72,15 @@ def _limb_product(acc, limb_rows, inside, bits, i, offs_j, BP: tl.constexpr):
 
 @triton.jit
 def _sign_sums(signs_ptr, row_ptrs, limb_stride, row_scales, row_sums, inside, rows, ok, BYTES: tl.constexpr,
-               BP: tl.constexpr, BLOCK_N: tl.constexpr, LIMBS: tl.constexpr, UNROLL: tl.constexpr, ASM: tl.constexpr):
+               BP: tl.constexpr, BLOCK_N: tl.constexpr, LIMBS: tl.constexpr, UNROLL: tl.constexpr, ASM: tl.constexpr,
+               INT_SUM: tl.constexpr):
     """``sum_s T[r, s] sign_t[s]`` ``[R, BLOCK_N]`` for the tile's tokens (global rows ``rows``), with ``T`` in bit
     order as int8 limbs (``kernels.decode_project``): limb ``l`` of row ``r`` is ``8 BP`` int8 from pointer
     ``row_ptrs[r] + l limb_stride[r]``, its scale ``row_scales[r]``, the sum of the row as the limbs hold it
     ``row_sums[r]``; zero where not ``inside[r]``. The products take the bits, ``b``: ``T . sign = 2 T . b - sum_s
-    T[r, s]``. Each limb sums apart, so the products make ``LIMBS`` chains, not one."""
+    T[r, s]``. Each limb sums apart, so the products make ``LIMBS`` chains, not one; ``INT_SUM``: two limbs are then
+    summed in int32 and converted once (not with sketched outliers: there Triton 3.9 spills 8 bytes at two
+    launches)."""
     offs_j = tl.arange(0, BP)
     packed = tl.load(signs_ptr + rows[None, :] * BYTES + offs_j[:, None], mask=ok[None, :] & (offs_j[:, None] < BYTES),
                      other=0)  # uint8 [BP, BLOCK_N]
@@ -90,7 +93,7 @@ def _sign_sums(signs_ptr, row_ptrs, limb_stride, row_scales, row_sums, inside, r
         acc1 = _limb_product(acc1, row_ptrs + limb_stride, inside, bits, i, offs_j, BP)
         if LIMBS == 3:
             acc2 = _limb_product(acc2, row_ptrs + 2 * limb_stride, inside, bits, i, offs_j, BP)
-    if LIMBS == 2:  # summed in int32: |acc0| 254 + |acc1| < 2^31, and exact in fp32 below 2^24 (sketches to 512)
+    if LIMBS == 2 and INT_SUM:  # |acc0| 254 + |acc1| < 2^31, and exact in fp32 below 2^24 (sketches to 512)
         total = (acc0 * LIMB_BASE + acc1).to(tl.float32)
         doubled_scales = row_scales * (2.0 / LIMB_BASE)
     else:
@@ -145,7 +148,7 @@ def _tile_scores(tables_ptr, table_scales_ptr, table_sums_ptr, q_ptr, bh, kv, st
     table_sums = tl.load(table_sums_ptr + bh * M_PAD + r, mask=r < M, other=0.0)
     if K == 0:
         scores = _sign_sums(signs_ptr, table, M_PAD * 8 * BP, table_scales, table_sums, r < M, rows, ok, BYTES, BP,
-                            BLOCK_N, LIMBS, UNROLL, ASM) * weight[None, :]
+                            BLOCK_N, LIMBS, UNROLL, ASM, True) * weight[None, :]
     else:
         is_outlier = (r >= M) & (r < M + K)
         group_idx = idx_ptr + (kv * n_groups + start // GROUP) * K
@@ -159,7 +162,7 @@ def _tile_scores(tables_ptr, table_scales_ptr, table_sums_ptr, q_ptr, bh, kv, st
         sketch_sums = sp_sums_ptr + (LIMBS - 1) * D + channel
         row_sums = tl.where(is_outlier, tl.load(sketch_sums, mask=is_outlier, other=0.0), table_sums)
         u = _sign_sums(signs_ptr, row_ptrs, limb_stride, row_scales, row_sums, r < M + K, rows, ok, BYTES, BP, BLOCK_N,
-                       LIMBS, UNROLL, ASM)
+                       LIMBS, UNROLL, ASM, EXACT)
         u *= weight[None, :]
         if EXACT:
             term = tl.load(ovalues_ptr + rows[None, :] * K + (r - M)[:, None], mask=is_outlier[:, None] & ok[None, :],
@@ -170,7 +173,7 @@ def _tile_scores(tables_ptr, table_scales_ptr, table_sums_ptr, q_ptr, bh, kv, st
             osums = tl.load(spo_sums_ptr + (LIMBS - 1) * D + channel, mask=is_outlier, other=0.0)
             oweight = tl.load(onorms_ptr + rows, mask=ok, other=0.0).to(tl.float32) * oscale
             term = _sign_sums(osigns_ptr, orow_ptrs, D * 8 * OBP, oscales, osums, is_outlier, rows, ok, OBYTES, OBP,
-                              BLOCK_N, LIMBS, UNROLL, ASM)
+                              BLOCK_N, LIMBS, UNROLL, ASM, False)
             term *= oweight[None, :]
         y = tl.where(is_outlier[:, None], term - u, u)
         q_rows = tl.arange(0, Q_PAD)
