@@ -241,11 +241,11 @@ def _values(codes, scales, minimums, CODES: tl.constexpr):
 def _tile_values(p, accs, packed_ptr, scales_ptr, mins_ptr, token_scales, rows, ok, D: tl.constexpr,
                  DB_PAD: tl.constexpr, BITS: tl.constexpr, VGROUP: tl.constexpr, BLOCK_N: tl.constexpr,
                  PAIRS: tl.constexpr, PRECISE: tl.constexpr, ASM: tl.constexpr):
-    """The eight float32 ``[Q_PAD, DB_PAD]`` accumulators ``accs`` plus ``p @ values`` of the
-    tile, one per bit position: in product ``i`` column ``j`` is output column ``8 j + i``, from bit ``i`` of byte
-    ``j`` of each plane. With one minimum per token (``VGROUP == D``) the products leave it out, ``p @ v = (p *
-    scale) @ codes + p . minimum`` (the caller sums ``p . minimum``), the codes exact in fp16; grouped scales
-    dequantize the codes in fp32.
+    """The eight float32 ``[Q_PAD, DB_PAD]`` accumulators ``accs`` plus ``p @ values`` of the tile, one per bit
+    position: in product ``i`` column ``j`` is output column ``8 j + i``, from bit ``i`` of byte ``j`` of each
+    plane. With one minimum per token (``VGROUP == D``) the products leave it out, ``p @ v = (p * scale) @ codes +
+    p . minimum`` (the caller sums ``p . minimum``), the codes exact in fp16; grouped scales dequantize the codes in
+    fp32.
 
     ``PAIRS`` (two planes, one scale per token): product ``i`` takes its codes doubled ``i`` times, bits ``i`` and
     ``i + 1`` of one of two interleavings of the planes (plane 0's even bits with plane 1's odd ones a bit up, or the
@@ -309,6 +309,7 @@ def _tile_values(p, accs, packed_ptr, scales_ptr, mins_ptr, token_scales, rows, 
 
 @triton.jit
 def _rescaled(accs, alpha):
+    """The eight accumulators times ``alpha``."""
     a0, a1, a2, a3, a4, a5, a6, a7 = accs
     return a0 * alpha, a1 * alpha, a2 * alpha, a3 * alpha, a4 * alpha, a5 * alpha, a6 * alpha, a7 * alpha
 
@@ -319,7 +320,7 @@ def _value_columns(accs, PAIRS: tl.constexpr, CODES: tl.constexpr):
     ``CODES``, each times ``2^24`` (the codes were ``code * 2^-24``, ``_values``), and with ``PAIRS`` accumulator
     ``i`` halved ``i`` times (exact: powers of two)."""
     a0, a1, a2, a3, a4, a5, a6, a7 = accs
-    unit: tl.constexpr = 16777216.0 if CODES else 1.0
+    unit: tl.constexpr = 2.0 ** 24 if CODES else 1.0
     half: tl.constexpr = 0.5 if PAIRS else 1.0
     a0, a1, a2, a3 = a0 * unit, a1 * (unit * half), a2 * (unit * half ** 2), a3 * (unit * half ** 3)
     a4, a5, a6, a7 = a4 * (unit * half ** 4), a5 * (unit * half ** 5), a6 * (unit * half ** 6), a7 * (unit * half ** 7)
