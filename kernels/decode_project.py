@@ -121,9 +121,8 @@ def sketch_tables(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tor
         # row 8 j + i -> column i * bp + j
         table = padded.reshape(bp, 8, d).permute(2, 1, 0).reshape(d, 8 * bp).contiguous()
         limbs, scales = int8_limbs(table, limb_count(precise=True))
-        weights = LIMB_BASE.value ** -torch.arange(limbs.shape[0], dtype=torch.float64, device=limbs.device)
-        sums = ((limbs.double().sum(-1) * weights[:, None]).cumsum(0) * scales.double()).float()
-        cached = (matrix._version, table, limbs.contiguous(), scales.contiguous(), sums.contiguous())
+        sums = torch.stack([from_limbs(limbs[:n], scales).double().sum(-1) for n in range(1, len(limbs) + 1)])
+        cached = (matrix._version, table, limbs.contiguous(), scales.contiguous(), sums.float())
         matrix._kernel_sketch_rows = cached
     return cached[1:]
 
