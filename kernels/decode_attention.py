@@ -164,9 +164,9 @@ def _tile_scores(tables_ptr, table_scales_ptr, table_sums_ptr, q_ptr, bh, kv, st
         u = _sign_sums(signs_ptr, row_ptrs, limb_stride, row_scales, row_sums, r < M + K, rows, ok, BYTES, BP, BLOCK_N,
                        LIMBS, UNROLL, ASM, EXACT)
         u *= weight[None, :]
-        if EXACT:
+        if EXACT:  # the stored fp16 outlier values, zero on the query rows
             term = tl.load(ovalues_ptr + rows[None, :] * K + (r - M)[:, None], mask=is_outlier[:, None] & ok[None, :],
-                           other=0.0).to(tl.float32)
+                           other=0.0)
         else:
             orow_ptrs = tl.where(is_outlier, spo_ptr + channel * (8 * OBP), spo_ptr)
             oscales = tl.load(spo_scales_ptr + channel, mask=is_outlier, other=0.0)
@@ -175,15 +175,16 @@ def _tile_scores(tables_ptr, table_scales_ptr, table_sums_ptr, q_ptr, bh, kv, st
             term = _sign_sums(osigns_ptr, orow_ptrs, D * 8 * OBP, oscales, osums, is_outlier, rows, ok, OBYTES, OBP,
                               BLOCK_N, LIMBS, UNROLL, ASM, False)
             term *= oweight[None, :]
-        y = tl.where(is_outlier[:, None], term - u, u)
         q_rows = tl.arange(0, Q_PAD)
         w = tl.load(q_ptr + (bh * M + q_rows[:, None]) * D + channel[None, :],
                     mask=(q_rows[:, None] < M) & is_outlier[None, :], other=0.0).to(tl.float32)
         w = tl.where(q_rows[:, None] == r[None, :], 1.0, w)
-        if EXACT and not PRECISE:  # bf16 and fp16 queries are fp16 numbers: two products
-            scores = dot_exact_lhs(w, y)
+        if EXACT and not PRECISE:
+            # bf16 and fp16 queries are fp16 numbers: two products for Y, and one, exact, for the fp16 outlier terms
+            # as loaded (through Y they took 46 more registers, Triton 3.6)
+            scores = tl.dot(w.to(tl.float16), term, dot_exact_lhs(w, tl.where(is_outlier[:, None], -u, u)))
         else:  # fp32 queries; and sketched outliers, which spill 8 bytes at two warps with two (Triton 3.9)
-            scores = dot3(w, y)
+            scores = dot3(w, tl.where(is_outlier[:, None], term.to(tl.float32) - u, u))
     return scores
 
 
