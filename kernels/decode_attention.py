@@ -140,7 +140,8 @@ def _tile_scores(tables_ptr, table_scales_ptr, table_sums_ptr, q_ptr, bh, kv, st
     One product serves the queries and the group's outlier channels: rows ``r < M`` of the table are the queries'
     projections, rows ``M + k`` the sketch's column ``idx_k`` (``S[:, idx_k]``, bit order), so ``u = T . sign``
     holds ``S q . sign`` then ``S[:, idx_k] . sign``; then ``Y`` replaces the outlier rows by each channel's
-    correction and outlier term, and ``W @ Y`` with ``W = [I | q[idx]]`` sums them per query."""
+    correction and outlier term, and ``W @ Y`` with ``W = [I | q[idx]]`` sums them per query. (Exact outlier terms
+    with bf16 or fp16 queries: ``W @ T`` apart, ``T`` the stored fp16 values, an exact fp16 product.)"""
     weight = norms * scale
     r = tl.arange(0, R_PAD)
     table = tables_ptr + (bh * LIMBS * M_PAD + r) * (8 * BP)  # rows r < M
