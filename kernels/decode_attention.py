@@ -159,9 +159,7 @@ def _tile_scores(tables_ptr, table_scales_ptr, table_sums_ptr, q_ptr, bh, kv, st
         row_ptrs = tl.multiple_of(tl.where(is_outlier, sp_ptr + channel * (8 * BP), table), 16)
         limb_stride = tl.where(is_outlier, D * 8 * BP, M_PAD * 8 * BP)
         row_scales = tl.where(is_outlier, tl.load(sp_scales_ptr + channel, mask=is_outlier, other=0.0), table_scales)
-        # the sketch's rows have three limbs, and a sum for each count of them
-        sketch_sums = sp_sums_ptr + (LIMBS - 1) * D + channel
-        row_sums = tl.where(is_outlier, tl.load(sketch_sums, mask=is_outlier, other=0.0), table_sums)
+        row_sums = tl.where(is_outlier, tl.load(sp_sums_ptr + channel, mask=is_outlier, other=0.0), table_sums)
         u = _sign_sums(signs_ptr, row_ptrs, limb_stride, row_scales, row_sums, r < M + K, rows, ok, BYTES, BP, BLOCK_N,
                        LIMBS, UNROLL, ASM, EXACT)
         u *= weight[None, :]
@@ -171,7 +169,7 @@ def _tile_scores(tables_ptr, table_scales_ptr, table_sums_ptr, q_ptr, bh, kv, st
         else:
             orow_ptrs = tl.where(is_outlier, spo_ptr + channel * (8 * OBP), spo_ptr)
             oscales = tl.load(spo_scales_ptr + channel, mask=is_outlier, other=0.0)
-            osums = tl.load(spo_sums_ptr + (LIMBS - 1) * D + channel, mask=is_outlier, other=0.0)
+            osums = tl.load(spo_sums_ptr + channel, mask=is_outlier, other=0.0)
             oweight = tl.load(onorms_ptr + rows, mask=ok, other=0.0).to(tl.float32) * oscale
             term = _sign_sums(osigns_ptr, orow_ptrs, D * 8 * OBP, oscales, osums, is_outlier, rows, ok, OBYTES, OBP,
                               BLOCK_N, LIMBS, UNROLL, ASM, False)
@@ -388,7 +386,7 @@ def decode_split_kernel(q_ptr, tables_ptr, table_scales_ptr, table_sums_ptr, sp_
     split's max and sum (log2 units) ``[BH, S + 1, M]`` and unnormalised output ``[BH, S + 1, M, D]``.
     ``tables``, ``table_scales``, ``table_sums``: ``kernels.decode_project``'s limbs of the queries' projections,
     their rows' scales and sums; ``sp``, ``sp_scales``, ``sp_sums`` (``spo_*``): those of the (outlier) sketch's
-    rows, ``sketch_tables``."""
+    rows, ``sketch_tables`` (the sums of the first ``LIMBS`` limbs)."""
     bh, split = tl.program_id(0), tl.program_id(1)
     kv = bh // CHUNKS
     n_splits = tl.num_programs(1)
@@ -555,8 +553,12 @@ def decode_attention(query: torch.Tensor, keys, values, value_bits: int, matrix:
                                                            "ASM") if name in tuning})
     programs, m = b * h * config["CHUNKS"], config["M"]
     q = query.reshape(programs, m, d).contiguous()
-    sketch_rows = sketch_tables(matrix)[1:]
-    outlier_rows = sketch_tables(outlier_matrix)[1:] if outlier_matrix is not None else sketch_rows
+    def rows_of(sketch):  # limbs, scales, and the rows' sums of the limbs this launch takes
+        _, limbs, limb_scales, sums = sketch_tables(sketch)
+        return limbs, limb_scales, sums[config["LIMBS"] - 1]
+
+    sketch_rows = rows_of(matrix)
+    outlier_rows = rows_of(outlier_matrix) if outlier_matrix is not None else sketch_rows
     if n:  # read by splits only
         query_rows = project_queries(q, matrix, config["PRECISE"])
     else:

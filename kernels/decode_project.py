@@ -51,9 +51,8 @@ def project_kernel(q_ptr, s_ptr, tables_ptr, scales_ptr, sums_ptr, M: tl.constex
                    D: tl.constexpr, WIDTH: tl.constexpr, BLOCK_C: tl.constexpr, LIMBS: tl.constexpr):
     """Program ``bh``: ``q @ S_perm`` ``[M_PAD, WIDTH]`` for the queries of one KV head as int8 limbs
     ``tables[bh, l, m, c]``, row scales ``scales[bh, m]`` and the rows' sums as the limbs hold them ``sums[bh, m]``
-    (rows from ``M`` on are zeros). ``s_ptr``: ``S`` in bit
-    order, float32 ``[D, WIDTH]`` (``sketch_tables``). Two passes: the row maxima, then the limbs (recomputing the
-    projection is cheaper than holding it)."""
+    (rows from ``M`` on are zeros). ``s_ptr``: ``S`` in bit order, float32 ``[D, WIDTH]`` (``sketch_tables``). Two
+    passes: the row maxima, then the limbs (recomputing the projection is cheaper than holding it)."""
     bh = tl.program_id(0)
     rows = tl.arange(0, M_PAD)
     largest = tl.zeros((M_PAD,), dtype=tl.float32)
