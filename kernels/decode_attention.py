@@ -12,10 +12,11 @@ the products' operand layout (no reshape):
   on int8 tensor cores, exact in int32, and the packed bytes are the sign operand's registers as they are, four
   bytes a register: a bit position's bits, ``b`` (0 or 1), cost a shift and a mask a register, and each row's sum
   from ``kernels.decode_project`` makes them signs, ``P_i . sign_i = 2 P_i . b_i - sum P_i``;
-- outlier channels (one set per token group, so a tile is one group): the inlier sketch saw ``k`` without them,
-  ``S (q * mask) . sign = S q . sign - sum_k q[i_k] u_k`` with ``u_k = S[:, i_k] . sign`` from ``S``'s columns in
-  the same bit order, taken in the same product as ``S q . sign`` (more rows of one operand); exact outliers add
-  ``q[i_k] v_k``, sketched ones ``q[i_k] (S_o[:, i_k] . sign_o)``;
+- outlier channels (one set per token group, so a tile is one group): exact ones add ``q[i_k] r_k``, ``r_k`` the
+  stored residuals (``qjl.keys``), which already take the inlier sketch's share of channel ``i_k`` off, so the sign
+  products are the queries' alone; sketched ones: the inlier sketch saw ``k`` without them, ``S (q * mask) . sign =
+  S q . sign - sum_k q[i_k] u_k`` with ``u_k = S[:, i_k] . sign`` from ``S``'s columns in the same bit order, taken
+  in the same product as ``S q . sign`` (more rows of one operand), and they add ``q[i_k] (S_o[:, i_k] . sign_o)``;
 - values: ``code * scale + minimum``; the output columns ``8 j + i`` come from bit ``i`` of byte ``j``, so eight
   products, one per bit position, each of the planes shifted and masked by constants: the compiler then unpacks them
   in the operand's layout, from the pipeline's shared-memory copy of the planes (two planes: one ``lop3`` a product,
@@ -128,20 +129,20 @@ def _token_numbers(norms_ptr, scales_ptr, mins_ptr, rows, ok, VGROUP: tl.constex
 
 @triton.jit
 def _tile_scores(tables_ptr, table_scales_ptr, table_sums_ptr, q_ptr, bh, kv, start, n_groups, rows, ok, norms,
-                 signs_ptr, idx_ptr, osigns_ptr, onorms_ptr, ovalues_ptr, sp_ptr, sp_scales_ptr, sp_sums_ptr, spo_ptr,
-                 spo_scales_ptr, spo_sums_ptr, scale, oscale, M: tl.constexpr, M_PAD: tl.constexpr, Q_PAD: tl.constexpr,
-                 D: tl.constexpr, BYTES: tl.constexpr, BP: tl.constexpr, OBYTES: tl.constexpr, OBP: tl.constexpr,
-                 K: tl.constexpr, R_PAD: tl.constexpr, EXACT: tl.constexpr, GROUP: tl.constexpr, STEP: tl.constexpr,
-                 BLOCK_N: tl.constexpr, LIMBS: tl.constexpr, PRECISE: tl.constexpr, UNROLL: tl.constexpr,
-                 ASM: tl.constexpr):
+                 signs_ptr, idx_ptr, osigns_ptr, onorms_ptr, oresiduals_ptr, sp_ptr, sp_scales_ptr, sp_sums_ptr,
+                 spo_ptr, spo_scales_ptr, spo_sums_ptr, scale, oscale, M: tl.constexpr, M_PAD: tl.constexpr,
+                 Q_PAD: tl.constexpr, D: tl.constexpr, BYTES: tl.constexpr, BP: tl.constexpr, OBYTES: tl.constexpr,
+                 OBP: tl.constexpr, K: tl.constexpr, R_PAD: tl.constexpr, EXACT: tl.constexpr, GROUP: tl.constexpr,
+                 STEP: tl.constexpr, BLOCK_N: tl.constexpr, LIMBS: tl.constexpr, PRECISE: tl.constexpr,
+                 UNROLL: tl.constexpr, ASM: tl.constexpr):
     """Estimated scores ``[Q_PAD, BLOCK_N]`` of the tile from token ``start`` (within one outlier group of ``GROUP``
     tokens; global rows ``rows``, real where ``ok``) whose key norms are ``norms``.
 
-    One product serves the queries and the group's outlier channels: rows ``r < M`` of the table are the queries'
-    projections, rows ``M + k`` the sketch's column ``idx_k`` (``S[:, idx_k]``, bit order), so ``u = T . sign``
-    holds ``S q . sign`` then ``S[:, idx_k] . sign``; then ``Y`` replaces the outlier rows by each channel's
-    correction and outlier term, and ``W @ Y`` with ``W = [I | q[idx]]`` sums them per query. (Exact outlier terms
-    with bf16 or fp16 queries: ``W @ T`` apart, ``T`` the stored fp16 values, an exact fp16 product.)"""
+    Rows ``r < M`` of the sign product ``u = T . sign`` are the queries' (``S q . sign``); with sketched outliers,
+    rows ``M + k`` are the sketch's column ``idx_k`` (``S[:, idx_k]``, bit order) in the same product, and ``Y``
+    replaces them by each channel's correction and outlier term; ``W @ Y`` with ``W = [I | q[idx]]`` sums them per
+    query. Exact outliers: ``Y``'s outlier rows are the stored residuals, zero in ``u`` (with bf16 or fp16 queries
+    ``W @ R`` apart, ``R`` the residuals as stored, an exact fp16 product)."""
     weight = norms * scale
     r = tl.arange(0, R_PAD)
     table = tables_ptr + (bh * LIMBS * M_PAD + r) * (8 * BP)  # rows r < M
@@ -154,19 +155,21 @@ def _tile_scores(tables_ptr, table_scales_ptr, table_sums_ptr, q_ptr, bh, kv, st
         is_outlier = (r >= M) & (r < M + K)
         group_idx = idx_ptr + (kv * n_groups + start // GROUP) * K
         channel = tl.load(group_idx + (r - M), mask=is_outlier, other=0).to(tl.int32)
-        # The select between two bases loses their alignment; without it each row is read a byte at a time and
-        # reaches the product through shared memory, a barrier per bit position.
-        row_ptrs = tl.multiple_of(tl.where(is_outlier, sp_ptr + channel * (8 * BP), table), 16)
-        limb_stride = tl.where(is_outlier, D * 8 * BP, M_PAD * 8 * BP)
-        row_scales = tl.where(is_outlier, tl.load(sp_scales_ptr + channel, mask=is_outlier, other=0.0), table_scales)
-        row_sums = tl.where(is_outlier, tl.load(sp_sums_ptr + channel, mask=is_outlier, other=0.0), table_sums)
-        u = _sign_sums(signs_ptr, row_ptrs, limb_stride, row_scales, row_sums, r < M + K, rows, ok, BYTES, BP, BLOCK_N,
-                       LIMBS, UNROLL, ASM, EXACT)
-        u *= weight[None, :]
-        if EXACT:  # the stored fp16 outlier values, zero on the query rows
-            term = tl.load(ovalues_ptr + rows[None, :] * K + (r - M)[:, None], mask=is_outlier[:, None] & ok[None, :],
-                           other=0.0)
+        if EXACT:  # the queries' rows alone: the residuals already hold the outlier rows' share
+            u = _sign_sums(signs_ptr, table, M_PAD * 8 * BP, table_scales, table_sums, r < M, rows, ok, BYTES, BP,
+                           BLOCK_N, LIMBS, UNROLL, ASM, True)
+            term = tl.load(oresiduals_ptr + rows[None, :] * K + (r - M)[:, None],
+                           mask=is_outlier[:, None] & ok[None, :], other=0.0)  # fp16 as stored, zero on query rows
         else:
+            # The select between two bases loses their alignment; without it each row is read a byte at a time and
+            # reaches the product through shared memory, a barrier per bit position.
+            row_ptrs = tl.multiple_of(tl.where(is_outlier, sp_ptr + channel * (8 * BP), table), 16)
+            limb_stride = tl.where(is_outlier, D * 8 * BP, M_PAD * 8 * BP)
+            row_scales = tl.where(is_outlier, tl.load(sp_scales_ptr + channel, mask=is_outlier, other=0.0),
+                                  table_scales)
+            row_sums = tl.where(is_outlier, tl.load(sp_sums_ptr + channel, mask=is_outlier, other=0.0), table_sums)
+            u = _sign_sums(signs_ptr, row_ptrs, limb_stride, row_scales, row_sums, r < M + K, rows, ok, BYTES, BP,
+                           BLOCK_N, LIMBS, UNROLL, ASM, False)
             orow_ptrs = tl.where(is_outlier, spo_ptr + channel * (8 * OBP), spo_ptr)
             oscales = tl.load(spo_scales_ptr + channel, mask=is_outlier, other=0.0)
             osums = tl.load(spo_sums_ptr + channel, mask=is_outlier, other=0.0)
@@ -174,14 +177,15 @@ def _tile_scores(tables_ptr, table_scales_ptr, table_sums_ptr, q_ptr, bh, kv, st
             term = _sign_sums(osigns_ptr, orow_ptrs, D * 8 * OBP, oscales, osums, is_outlier, rows, ok, OBYTES, OBP,
                               BLOCK_N, LIMBS, UNROLL, ASM, False)
             term *= oweight[None, :]
+        u *= weight[None, :]
         q_rows = tl.arange(0, Q_PAD)
         w = tl.load(q_ptr + (bh * M + q_rows[:, None]) * D + channel[None, :],
                     mask=(q_rows[:, None] < M) & is_outlier[None, :], other=0.0).to(tl.float32)
         w = tl.where(q_rows[:, None] == r[None, :], 1.0, w)
         if EXACT and not PRECISE:
-            # bf16 and fp16 queries are fp16 numbers: two products for Y, and one, exact, for the fp16 outlier terms
-            # as loaded (through Y they took 46 more registers, Triton 3.6)
-            scores = tl.dot(w.to(tl.float16), term, dot_exact_lhs(w, tl.where(is_outlier[:, None], -u, u)))
+            # bf16 and fp16 queries are fp16 numbers: two products for the queries' rows, and one, exact, for the
+            # fp16 residuals as loaded
+            scores = tl.dot(w.to(tl.float16), term, dot_exact_lhs(w, u))
         else:  # fp32 queries; and sketched outliers, which spill 8 bytes at two warps with two (Triton 3.9)
             scores = dot3(w, tl.where(is_outlier[:, None], term.to(tl.float32) - u, u))
     return scores
@@ -368,7 +372,7 @@ def _store_partial(part_m_ptr, part_l_ptr, part_acc_ptr, part, m_i, l_i, acc, M:
 @triton.jit
 def decode_split_kernel(q_ptr, tables_ptr, table_scales_ptr, table_sums_ptr, sp_ptr, sp_scales_ptr, sp_sums_ptr,
                         spo_ptr, spo_scales_ptr, spo_sums_ptr,
-                        mean_ptr, signs_ptr, norms_ptr, idx_ptr, osigns_ptr, onorms_ptr, ovalues_ptr, vpacked_ptr,
+                        mean_ptr, signs_ptr, norms_ptr, idx_ptr, osigns_ptr, onorms_ptr, oresiduals_ptr, vpacked_ptr,
                         vscales_ptr, vmins_ptr,
                         sink_k_ptr, sink_v_ptr, buf_k_ptr, buf_v_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, n_tokens,
                         n_groups, tokens_per_split, n_sink, n_buffer, scale, oscale, qk_scale, M: tl.constexpr,
@@ -419,7 +423,7 @@ def decode_split_kernel(q_ptr, tables_ptr, table_scales_ptr, table_sums_ptr, sp_
                 norms, token_scales, token_minimums = _token_numbers(norms_ptr, vscales_ptr, vmins_ptr, rows, ok,
                                                                      VGROUP, D)
             scores = _tile_scores(tables_ptr, table_scales_ptr, table_sums_ptr, q_ptr, bh, kv, start, n_groups, rows,
-                                  ok, norms, signs_ptr, idx_ptr, osigns_ptr, onorms_ptr, ovalues_ptr, sp_ptr,
+                                  ok, norms, signs_ptr, idx_ptr, osigns_ptr, onorms_ptr, oresiduals_ptr, sp_ptr,
                                   sp_scales_ptr, sp_sums_ptr, spo_ptr, spo_scales_ptr, spo_sums_ptr, scale, oscale, M,
                                   M_PAD, Q_PAD, D, BYTES, BP, OBYTES, OBP, K, R_PAD, EXACT, GROUP, STEP, BLOCK_N, LIMBS,
                                   PRECISE, UNROLL, ASM)
@@ -535,12 +539,12 @@ def decode_attention(query: torch.Tensor, keys, values, value_bits: int, matrix:
                      outlier_matrix: torch.Tensor | None, group_size: int, key_mean: torch.Tensor | None,
                      exact_keys, exact_values, scaling: float, tuning: dict | None = None) -> torch.Tensor:
     """Attention of one decode token. ``query`` ``[b, hq, 1, d]``; ``keys`` = (signs, norms, outlier_idx,
-    outlier_signs, outlier_norms, outlier_values) (exact outliers: no ``outlier_matrix``) and ``values`` = (packed,
+    outlier_signs, outlier_norms, outlier_residuals) (exact outliers: no ``outlier_matrix``) and ``values`` = (packed,
     scales, minimums) as ``QJLLayer`` stores them (``[b, h, n, ...]``); ``exact_keys``/``exact_values`` = (sink,
     buffer) ``[b, h, *, d]``. Returns ``[b, 1, hq, d]`` in the query's dtype. ``tuning`` overrides launch choices
     (``num_warps``, ``num_stages``, ``maxnreg``, ``UNROLL``, ``PREFETCH``, ``ASM``, ``programs_per_sm``,
     ``min_tokens``) for benchmarks."""
-    signs, norms, idx, osigns, onorms, ovalues = keys
+    signs, norms, idx, osigns, onorms, oresiduals = keys
     b, hq, _, d = query.shape
     h, n = signs.shape[1], signs.shape[2]
     group = hq // h
@@ -548,7 +552,7 @@ def decode_attention(query: torch.Tensor, keys, values, value_bits: int, matrix:
     tuning = dict(tuning or {})
     config = launch_config(group, d, matrix.shape[0], outlier_matrix.shape[0] if outlier_matrix is not None else 16,
                            k, group_size, key_mean is not None, value_bits, d // values[1].shape[-1],
-                           ovalues is not None, query.dtype == torch.float32, asm=not interpreting())
+                           oresiduals is not None, query.dtype == torch.float32, asm=not interpreting())
     config.update({name: tuning.pop(name) for name in ("num_warps", "num_stages", "maxnreg", "UNROLL", "PREFETCH",
                                                            "ASM") if name in tuning})
     programs, m = b * h * config["CHUNKS"], config["M"]
@@ -575,7 +579,7 @@ def decode_attention(query: torch.Tensor, keys, values, value_bits: int, matrix:
 
     def arguments(parts, per_split):
         return (q, *query_rows, *sketch_rows, *outlier_rows, mean, signs.contiguous(), norms.contiguous(),
-                present(idx), present(osigns), present(onorms), present(ovalues), packed, scales, minimums, sink_k,
+                present(idx), present(osigns), present(onorms), present(oresiduals), packed, scales, minimums, sink_k,
                 sink_v, buf_k, buf_v, *parts, n, idx.shape[2] if k else 0, per_split, sink_k.shape[2],
                 buf_k.shape[2], (torch.pi / 2) ** 0.5 / matrix.shape[0], oscale, scaling * LOG2E)
 

@@ -1,5 +1,8 @@
 """Key quantization in one pass: split the outlier channels, project by the sketch(es), take signs, pack 8 a byte,
-write the norms; with exact outliers (no outlier sketch) the outlier channels are written as fp16 numbers instead.
+write the norms; with exact outliers (no outlier sketch) the outlier channels are written instead as fp16 residuals,
+``k[c] - w (S^T sign(S k_in))[c]`` (``qjl.keys``' docstring), from the signs just written, read back: one small
+product a sketch slice with the group's columns of ``S`` where the block's tokens share their outlier channels, else
+(a block that straddles groups, after a crop or with groups of fewer than 32 tokens) the whole ``S^T sign``.
 Reference: ``qjl.keys.quantize_keys``. Keys are read in the model's dtype, in place in the cache's buffer (any stride
 between heads), and centred as they load (``k.to(fp32) - mean``, the reference's arithmetic), so no centred fp32
 copy of them is ever written.
@@ -13,10 +16,13 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import dot3, head_rows, pack_rows, pow2
+from .common import dot3, dot_exact_lhs, head_rows, pack_rows, pow2, unpack_rows
 
 BLOCK_TOKENS = 32
 BLOCK_SKETCH = 64
+# Sketch rows a step of the residuals (exact outliers) take: with 64, as the projection, the kernel took 176 to 215
+# registers in place of 148 (Triton 3.6, sm_90), two programs a multiprocessor in place of three; with 32, 163-166.
+BLOCK_RESIDUALS = tl.constexpr(32)
 
 
 @triton.jit
@@ -81,25 +87,80 @@ def _project_pack(keys_ptr, mean_ptr, words, s_ptr, signs_ptr, tokens, rows, ok,
 
 
 @triton.jit
-def _store_exact_outliers(keys_ptr, mean_ptr, idx_ptr, ovalues_ptr, tokens, rows, ok, D: tl.constexpr,
-                          K: tl.constexpr, K_PAD: tl.constexpr):
-    """The centred ``keys[token, idx[row, k]]`` as fp16 at ``ovalues[row, k]``."""
+def _stored_signs(signs_ptr, rows, ok, start, SKETCH: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
+    """The tokens' signs of sketch rows ``start .. start + BLOCK_M`` as stored, float32 +-1 ``[BLOCK_N, BLOCK_M]``
+    (-1 past the sketch, where the callers' rows of ``S`` are 0)."""
+    offs_b = start // 8 + tl.arange(0, BLOCK_M // 8)
+    packed = tl.load(signs_ptr + rows[:, None] * (SKETCH // 8) + offs_b[None, :],
+                     mask=ok[:, None] & (offs_b[None, :] < SKETCH // 8), other=0)
+    return (unpack_rows(packed, BLOCK_N, BLOCK_M // 8) * 2 - 1).to(tl.float32)
+
+
+@triton.jit
+def _estimates_shared(s_ptr, signs_ptr, shared_channels, rows, ok, D: tl.constexpr, SKETCH: tl.constexpr,
+                      K: tl.constexpr, K_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
+    """``(S^T sign)[shared_channels]`` float32 ``[BLOCK_N, K_PAD]`` for tokens that share their outlier channels
+    (``[K_PAD]``): one small product a sketch slice, with those columns of ``S``."""
+    estimates = tl.zeros((BLOCK_N, K_PAD), dtype=tl.float32)
+    for start in range(0, SKETCH, BLOCK_M):
+        offs_m = start + tl.arange(0, BLOCK_M)
+        s_columns = tl.load(s_ptr + offs_m[:, None] * D + shared_channels[None, :],
+                            mask=(offs_m[:, None] < SKETCH) & (tl.arange(0, K_PAD)[None, :] < K), other=0.0)
+        estimates += dot_exact_lhs(_stored_signs(signs_ptr, rows, ok, start, SKETCH, BLOCK_N, BLOCK_M), s_columns)
+    return estimates
+
+
+@triton.jit
+def _estimates_per_token(s_ptr, signs_ptr, channels, rows, ok, D: tl.constexpr, SKETCH: tl.constexpr,
+                         K_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
+    """``(S^T sign)[channels]`` float32 ``[BLOCK_N, K_PAD]`` for any channels per token, from the signs as stored:
+    ``S^T sign`` a 32-channel slice of the head dim at a time, each token's channels picked from it."""
+    estimates = tl.zeros((BLOCK_N, K_PAD), dtype=tl.float32)
+    for d_start in range(0, D, 32):
+        offs_d = d_start + tl.arange(0, 32)
+        sums = tl.zeros((BLOCK_N, 32), dtype=tl.float32)
+        for start in range(0, SKETCH, BLOCK_M):
+            offs_m = start + tl.arange(0, BLOCK_M)
+            s = tl.load(s_ptr + offs_m[:, None] * D + offs_d[None, :],
+                        mask=(offs_m[:, None] < SKETCH) & (offs_d[None, :] < D), other=0.0)
+            sums += dot_exact_lhs(_stored_signs(signs_ptr, rows, ok, start, SKETCH, BLOCK_N, BLOCK_M), s)
+        local = channels - d_start
+        in_slice = (local >= 0) & (local < 32)
+        estimates += tl.where(in_slice, tl.gather(sums, tl.where(in_slice, local, 0), axis=1), 0.0)
+    return estimates
+
+
+@triton.jit
+def _store_outlier_residuals(keys_ptr, mean_ptr, idx_ptr, s_ptr, signs_ptr, oresiduals_ptr, weights, tokens, rows, ok,
+                             first_row, D: tl.constexpr, SKETCH: tl.constexpr, K: tl.constexpr, K_PAD: tl.constexpr,
+                             BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
+    """``k[c] - weights * (S^T sign)[c]`` as fp16 at ``oresiduals[row, k]`` for the centred keys' channels ``c =
+    idx[row, k]`` (``qjl.keys.outlier_residuals``), from the signs as stored. ``S^T sign`` at the channels of the
+    block's first token (row ``first_row``) where every token has them (one group), else a whole slice of the head
+    dim at a time for each token."""
     offs_k = tl.arange(0, K_PAD)
     inside = ok[:, None] & (offs_k[None, :] < K)
     channels = tl.load(idx_ptr + rows[:, None] * K + offs_k[None, :], mask=inside, other=0).to(tl.int32)
+    shared_channels = tl.load(idx_ptr + first_row * K + offs_k, mask=offs_k < K, other=0).to(tl.int32)
+    if tl.max(tl.where(inside & (channels != shared_channels[None, :]), 1, 0)) == 0:
+        estimates = _estimates_shared(s_ptr, signs_ptr, shared_channels, rows, ok, D, SKETCH, K, K_PAD, BLOCK_N,
+                                      BLOCK_M)
+    else:
+        estimates = _estimates_per_token(s_ptr, signs_ptr, channels, rows, ok, D, SKETCH, K_PAD, BLOCK_N, BLOCK_M)
     x = tl.load(keys_ptr + tokens[:, None] * D + channels, mask=inside, other=0.0).to(tl.float32)
     x = x - tl.load(mean_ptr + channels, mask=inside, other=0.0)
-    tl.store(ovalues_ptr + rows[:, None] * K + offs_k[None, :], x.to(tl.float16), mask=inside)
+    tl.store(oresiduals_ptr + rows[:, None] * K + offs_k[None, :], (x - estimates * weights[:, None]).to(tl.float16),
+             mask=inside)
 
 
 @triton.jit
 def quantize_keys_kernel(keys_ptr, mean_ptr, idx_ptr, s_ptr, so_ptr, signs_ptr, norms_ptr, osigns_ptr, onorms_ptr,
-                         ovalues_ptr, n_tokens, keys_head_stride, D: tl.constexpr, SKETCH: tl.constexpr,
+                         oresiduals_ptr, n_tokens, keys_head_stride, scale, D: tl.constexpr, SKETCH: tl.constexpr,
                          OSKETCH: tl.constexpr, K: tl.constexpr, K_PAD: tl.constexpr, EXACT: tl.constexpr,
                          WORDS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
     """One block of tokens of one (batch, head): keys ``[BH, n, D]`` (heads ``keys_head_stride`` apart), mean
-    ``[BH, D]``, idx ``[BH, n, K]`` (K = 0: no outliers); ``EXACT``: outlier values ``[BH, n, K]`` instead of outlier
-    signs and norms."""
+    ``[BH, D]``, idx ``[BH, n, K]`` (K = 0: no outliers); ``EXACT``: outlier residuals ``[BH, n, K]`` instead of
+    outlier signs and norms; ``scale``: the sketch's, ``sqrt(pi / 2) / SKETCH``."""
     bh, block = tl.program_id(0), tl.program_id(1)
     tokens = block * BLOCK_N + tl.arange(0, BLOCK_N)
     ok = tokens < n_tokens
@@ -107,9 +168,7 @@ def quantize_keys_kernel(keys_ptr, mean_ptr, idx_ptr, s_ptr, so_ptr, signs_ptr, 
     keys_ptr += bh.to(tl.int64) * keys_head_stride  # past 2^31 numbers at batch 16, 8 heads, 128k tokens
     mean_ptr += bh * D
     words = _outlier_words(idx_ptr, rows, ok, K, WORDS, BLOCK_N)
-    if EXACT:
-        _store_exact_outliers(keys_ptr, mean_ptr, idx_ptr, ovalues_ptr, tokens, rows, ok, D, K, K_PAD)
-    elif K > 0:
+    if K > 0 and not EXACT:
         onorms = _norm(keys_ptr, mean_ptr, words, tokens, ok, D, K, True, WORDS, BLOCK_N)
         tl.store(onorms_ptr + rows, onorms.to(tl.float16), mask=ok)
         _project_pack(keys_ptr, mean_ptr, words, so_ptr, osigns_ptr, tokens, rows, ok, OSKETCH, D, K, True, WORDS,
@@ -118,6 +177,11 @@ def quantize_keys_kernel(keys_ptr, mean_ptr, idx_ptr, s_ptr, so_ptr, signs_ptr, 
     tl.store(norms_ptr + rows, norms.to(tl.float16), mask=ok)
     _project_pack(keys_ptr, mean_ptr, words, s_ptr, signs_ptr, tokens, rows, ok, SKETCH, D, K, False, WORDS, BLOCK_N,
                   BLOCK_M)
+    if EXACT:
+        tl.debug_barrier()  # the signs are read back by other threads of this program
+        _store_outlier_residuals(keys_ptr, mean_ptr, idx_ptr, s_ptr, signs_ptr, oresiduals_ptr,
+                                 norms.to(tl.float16).to(tl.float32) * scale, tokens, rows, ok,
+                                 bh * n_tokens + block * BLOCK_N, D, SKETCH, K, K_PAD, BLOCK_N, BLOCK_RESIDUALS)
 
 
 def launch_config(head_dim: int, sketch_dim: int, outlier_sketch_dim: int, n_outliers: int,
@@ -125,7 +189,7 @@ def launch_config(head_dim: int, sketch_dim: int, outlier_sketch_dim: int, n_out
     """The constexprs the launcher compiles for these shapes (also what ``kernels-compile`` checks)."""
     sketched = n_outliers and not exact_outliers
     return dict(D=head_dim, SKETCH=sketch_dim, OSKETCH=outlier_sketch_dim if sketched else 8, K=n_outliers,
-                K_PAD=pow2(n_outliers), EXACT=bool(n_outliers and exact_outliers), BLOCK_N=BLOCK_TOKENS,
+                K_PAD=pow2(n_outliers, 16), EXACT=bool(n_outliers and exact_outliers), BLOCK_N=BLOCK_TOKENS,
                 BLOCK_M=BLOCK_SKETCH, WORDS=pow2(triton.cdiv(head_dim, 32)), num_warps=4, num_stages=1,
                 maxnreg=255)  # Triton 3.6's ptxas otherwise caps registers at 128 or 168 and spills
 
@@ -134,7 +198,7 @@ def quantize_keys(keys: torch.Tensor, matrix: torch.Tensor, outlier_matrix: torc
                   idx_per_token: torch.Tensor | None = None, mean: torch.Tensor | None = None):
     """``keys`` ``[b, h, n, d]`` less ``mean`` ``[b, h, 1, d]`` (None: 0), sketch ``matrix`` ``[m, d]`` float32; with
     outliers, ``idx_per_token`` uint8 ``[b, h, n, k]`` and ``outlier_matrix`` ``[mo, d]`` (None: exact outliers).
-    Returns signs, norms, outlier signs, outlier norms and outlier values (None where unused), laid out as
+    Returns signs, norms, outlier signs, outlier norms and outlier residuals (None where unused), laid out as
     ``qjl.keys.QuantizedKeyBlock``."""
     b, h, n, d = keys.shape
     keys = head_rows(keys)
@@ -146,9 +210,9 @@ def quantize_keys(keys: torch.Tensor, matrix: torch.Tensor, outlier_matrix: torc
     outlier_dim = outlier_matrix.shape[0] if k and not exact else 8
     signs = keys.new_empty(b, h, n, sketch_dim // 8, dtype=torch.uint8)
     norms = keys.new_empty(b, h, n, dtype=torch.float16)
-    osigns = onorms = ovalues = None
+    osigns = onorms = oresiduals = None
     if exact:
-        ovalues = keys.new_empty(b, h, n, k, dtype=torch.float16)
+        oresiduals = keys.new_empty(b, h, n, k, dtype=torch.float16)
     elif k:
         osigns = keys.new_empty(b, h, n, outlier_dim // 8, dtype=torch.uint8)
         onorms = torch.empty_like(norms)
@@ -159,6 +223,7 @@ def quantize_keys(keys: torch.Tensor, matrix: torch.Tensor, outlier_matrix: torc
                                    matrix.contiguous(),
                                    matrix if outlier_matrix is None else outlier_matrix.contiguous(), signs, norms,
                                    unused if osigns is None else osigns, unused if onorms is None else onorms,
-                                   unused if ovalues is None else ovalues, n, keys.stride(0),
+                                   unused if oresiduals is None else oresiduals, n, keys.stride(0),
+                                   (torch.pi / 2) ** 0.5 / sketch_dim,
                                    **launch_config(d, sketch_dim, outlier_dim, k, exact))
-    return signs, norms, osigns, onorms, ovalues
+    return signs, norms, osigns, onorms, oresiduals

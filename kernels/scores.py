@@ -6,8 +6,8 @@ by the sketch once into a scratch row of its own, then per tile of tokens takes 
 one ``BLOCK_SKETCH`` slice of the sketch at a time (reloading the projection slice, unpacking that slice's sign bits),
 so registers and shared memory do not grow with the sketch or head dim. With outliers a tile is one token group:
 the group's ``K`` outlier channels move from the inlier projection to the outlier one,
-``S (q * mask) = S q - S[:, idx] q[idx]``; with exact outliers (``EXACT``, no outlier sketch) the outlier part is
-``q[idx] . outlier_values``, one more small tensor-core product per tile.
+``S (q * mask) = S q - S[:, idx] q[idx]``; with exact outliers (``EXACT``, no outlier sketch) the whole ``S q``
+scores the signs and the outlier part is ``q[idx] . outlier_residuals`` (``qjl.keys``' docstring).
 """
 
 import torch
@@ -73,22 +73,22 @@ def sign_dot(proj, signs_ptr, rows, ok, start, SKETCH: tl.constexpr, BLOCK_N: tl
 
 
 @triton.jit
-def exact_outlier_scores(q_out, ovalues_ptr, rows, ok, K: tl.constexpr, K_PAD: tl.constexpr):
-    """``q[idx] . outlier_values`` for the tile's tokens, ``[M_PAD, BLOCK_N]``, from the group's outlier channels
+def exact_outlier_scores(q_out, oresiduals_ptr, rows, ok, K: tl.constexpr, K_PAD: tl.constexpr):
+    """``q[idx] . outlier_residuals`` for the tile's tokens, ``[M_PAD, BLOCK_N]``, from the group's outlier channels
     of the queries ``q_out`` ``[M_PAD, K_PAD]``: ``K`` rank-one updates in fp32 (a product padded to the 16 x 16
     tensor-core minimum would be mostly padding for the few outlier channels)."""
     offs_k = tl.arange(0, K_PAD)
     out = tl.zeros((q_out.shape[0], rows.shape[0]), dtype=tl.float32)
     for k in tl.static_range(K):
         q_k = tl.sum(tl.where(offs_k[None, :] == k, q_out, 0.0), axis=1)
-        v_k = tl.load(ovalues_ptr + rows * K + k, mask=ok, other=0.0).to(tl.float32)
+        v_k = tl.load(oresiduals_ptr + rows * K + k, mask=ok, other=0.0).to(tl.float32)
         out += q_k[:, None] * v_k[None, :]
     return out
 
 
 @triton.jit
 def tile_scores(proj_ptr, q_ptr, bh, start, n_tokens, signs_ptr, norms_ptr, idx_ptr, osigns_ptr, onorms_ptr,
-                ovalues_ptr, s_ptr, so_ptr, scale, oscale, n_groups, M: tl.constexpr, M_PAD: tl.constexpr,
+                oresiduals_ptr, s_ptr, so_ptr, scale, oscale, n_groups, M: tl.constexpr, M_PAD: tl.constexpr,
                 D: tl.constexpr, SKETCH: tl.constexpr, OSKETCH: tl.constexpr, K: tl.constexpr, K_PAD: tl.constexpr,
                 EXACT: tl.constexpr, STEP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr):
     """Estimated scores of the ``STEP`` tokens from ``start`` (one group with outliers): ``[M_PAD, BLOCK_N]``,
@@ -107,13 +107,13 @@ def tile_scores(proj_ptr, q_ptr, bh, start, n_tokens, signs_ptr, norms_ptr, idx_
         offs_s = s_start + tl.arange(0, BLOCK_S)
         proj = tl.load(proj_ptr + q_rows[:, None] * SKETCH + offs_s[None, :],
                        mask=(q_rows[:, None] < M) & (offs_s[None, :] < SKETCH), other=0.0)
-        if K > 0:
+        if K > 0 and not EXACT:
             proj -= gathered_projection(q_out, s_ptr, idx, offs_s, SKETCH, D, K, K_PAD)
         scores += sign_dot(proj, signs_ptr, rows, ok, s_start, SKETCH, BLOCK_N, BLOCK_S)
     norms = tl.load(norms_ptr + rows, mask=ok, other=0.0).to(tl.float32)
     scores *= (norms * scale)[None, :]
     if EXACT:
-        scores += exact_outlier_scores(q_out, ovalues_ptr, rows, ok, K, K_PAD)
+        scores += exact_outlier_scores(q_out, oresiduals_ptr, rows, ok, K, K_PAD)
     elif K > 0:
         oscores = tl.zeros((M_PAD, BLOCK_N), dtype=tl.float32)
         for s_start in range(0, OSKETCH, BLOCK_S):
@@ -133,7 +133,7 @@ def query_mean(q, mean_ptr, bh, D: tl.constexpr, D_PAD: tl.constexpr):
 
 
 @triton.jit
-def scores_kernel(q_ptr, s_ptr, so_ptr, mean_ptr, signs_ptr, norms_ptr, idx_ptr, osigns_ptr, onorms_ptr, ovalues_ptr,
+def scores_kernel(q_ptr, s_ptr, so_ptr, mean_ptr, signs_ptr, norms_ptr, idx_ptr, osigns_ptr, onorms_ptr, oresiduals_ptr,
                   proj_ptr, out_ptr, n_tokens, n_groups, tokens_per_program, scale, oscale, M: tl.constexpr,
                   M_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, SKETCH: tl.constexpr,
                   OSKETCH: tl.constexpr, K: tl.constexpr, K_PAD: tl.constexpr, EXACT: tl.constexpr,
@@ -151,7 +151,7 @@ def scores_kernel(q_ptr, s_ptr, so_ptr, mean_ptr, signs_ptr, norms_ptr, idx_ptr,
     last = tl.minimum(first + tokens_per_program, n_tokens)
     for start in range(first, last, STEP):
         scores, tokens, ok = tile_scores(proj_ptr, q_ptr, bh, start, n_tokens, signs_ptr, norms_ptr, idx_ptr,
-                                         osigns_ptr, onorms_ptr, ovalues_ptr, s_ptr, so_ptr, scale, oscale, n_groups,
+                                         osigns_ptr, onorms_ptr, oresiduals_ptr, s_ptr, so_ptr, scale, oscale, n_groups,
                                          M, M_PAD, D, SKETCH, OSKETCH, K, K_PAD, EXACT, STEP, BLOCK_N, BLOCK_S)
         tl.store(out_ptr + (bh * M + q_rows[:, None]) * n_tokens + tokens[None, :], scores + bias[:, None],
                  mask=(q_rows[:, None] < M) & ok[None, :])
@@ -178,15 +178,15 @@ def split_tokens(n_tokens: int, programs_per_split: int, step: int, device: torc
 
 
 def outlier_arguments(keys, matrix: torch.Tensor, outlier_matrix: torch.Tensor | None):
-    """(idx, outlier signs, outlier norms, outlier values, outlier matrix, outlier scale) as the kernels take them:
+    """(idx, outlier signs, outlier norms, outlier residuals, outlier matrix, outlier scale) as the kernels take them:
     contiguous, with the signs (or sketch matrix) standing in for what the constexprs compile away (never read)."""
-    signs, _, idx, osigns, onorms, ovalues = keys
+    signs, _, idx, osigns, onorms, oresiduals = keys
 
     def present(t):
         return signs if t is None else t.contiguous()
 
     if outlier_matrix is None:
-        return present(idx), signs, signs, present(ovalues), matrix, 0.0
+        return present(idx), signs, signs, present(oresiduals), matrix, 0.0
     oscale = (torch.pi / 2) ** 0.5 / outlier_matrix.shape[0]
     return present(idx), present(osigns), present(onorms), signs, outlier_matrix.contiguous(), oscale
 
@@ -194,9 +194,9 @@ def outlier_arguments(keys, matrix: torch.Tensor, outlier_matrix: torch.Tensor |
 def compressed_scores(query: torch.Tensor, keys, matrix: torch.Tensor, outlier_matrix: torch.Tensor | None,
                       group_size: int, key_mean: torch.Tensor | None = None) -> torch.Tensor:
     """``query`` float32 ``[b, h, m, d]`` against ``keys`` = (signs, norms, outlier_idx, outlier_signs,
-    outlier_norms, outlier_values) laid out as ``qjl.keys.QuantizedKeyBlock`` (exact outliers: outlier values and
+    outlier_norms, outlier_residuals) laid out as ``qjl.keys.QuantizedKeyBlock`` (exact outliers: outlier residuals and
     no ``outlier_matrix``); ``key_mean`` ``[b, h, 1, d]`` adds ``q . mean``. Returns float32 ``[b, h, m, n]``."""
-    signs, norms, idx, _, _, ovalues = keys
+    signs, norms, idx, _, _, oresiduals = keys
     b, h, m, d = query.shape
     n = signs.shape[2]
     k = 0 if idx is None else idx.shape[-1]
@@ -204,14 +204,14 @@ def compressed_scores(query: torch.Tensor, keys, matrix: torch.Tensor, outlier_m
     if not n:
         return out
     config = launch_config(m, d, matrix.shape[0], outlier_matrix.shape[0] if outlier_matrix is not None else 16, k,
-                           group_size, key_mean is not None, ovalues is not None)
+                           group_size, key_mean is not None, oresiduals is not None)
     per_program = split_tokens(n, b * h, config["STEP"], query.device)
     q = query.float().contiguous()
-    idx, osigns, onorms, ovalues, so, oscale = outlier_arguments(keys, matrix, outlier_matrix)
+    idx, osigns, onorms, oresiduals, so, oscale = outlier_arguments(keys, matrix, outlier_matrix)
     mean = key_mean.float().contiguous() if key_mean is not None else q
     grid = (b * h, triton.cdiv(n, per_program))
     scratch = q.new_empty(grid[0] * grid[1], m, matrix.shape[0])  # each program's query projection
     scores_kernel[grid](q, matrix.contiguous(), so, mean, signs.contiguous(), norms.contiguous(), idx, osigns,
-                        onorms, ovalues, scratch, out, n, idx.shape[2] if k else 0, per_program,
+                        onorms, oresiduals, scratch, out, n, idx.shape[2] if k else 0, per_program,
                         (torch.pi / 2) ** 0.5 / matrix.shape[0], oscale, **config)
     return out

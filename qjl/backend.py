@@ -52,10 +52,10 @@ def quantize_keys(keys, sketch, outlier_sketch=None, idx_per_token=None, mean=No
         return torch_quantize_keys(keys, sketch, outlier_sketch, idx_per_token, mean)
     from kernels.quantize_keys import quantize_keys as kernel
 
-    signs, norms, osigns, onorms, ovalues = kernel(keys, sketch.matrix,
+    signs, norms, osigns, onorms, oresiduals = kernel(keys, sketch.matrix,
                                                    outlier_sketch.matrix if outlier_sketch else None, idx_per_token,
                                                    mean)
-    return QuantizedKeyBlock(signs, norms, None, osigns, onorms, ovalues)
+    return QuantizedKeyBlock(signs, norms, None, osigns, onorms, oresiduals)
 
 
 def quantize_values(values, bits: int, group_size: int) -> QuantizedValues:

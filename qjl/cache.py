@@ -15,9 +15,9 @@ from .values import QuantizedValues, dequantize_values
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
 # Per-token state tensors (tokens on dim 2); `outlier_idx` is per group and `key_mean` per head.
-TOKEN_TENSORS = ("signs", "norms", "outlier_signs", "outlier_norms", "outlier_values", "value_packed", "value_scales",
-                 "value_minimums")
-KEY_TENSORS = ("signs", "norms", "outlier_idx", "outlier_signs", "outlier_norms", "outlier_values")
+TOKEN_TENSORS = ("signs", "norms", "outlier_signs", "outlier_norms", "outlier_residuals", "value_packed",
+                 "value_scales", "value_minimums")
+KEY_TENSORS = ("signs", "norms", "outlier_idx", "outlier_signs", "outlier_norms", "outlier_residuals")
 
 
 class QJLLayer(CompressedLayer):

@@ -2,10 +2,16 @@
 
 Tokens come in groups of ``group_size``; per group and KV head the ``n_outliers`` channels of largest norm are the
 outliers. A key ``k`` is split into ``k_in`` (outlier channels zeroed) and ``k_out`` (the rest zeroed), each stored
-as sign bits of its own sketch plus its norm (or, with ``exact_outliers``, ``k_out``'s channels as fp16 numbers).
-A query is split the same way for each group, so the score is
-``est(q_in, k_in) + est(q_out, k_out)``. The inlier sketch of ``q_in`` never needs recomputing per group:
+as sign bits of its own sketch plus its norm (or, with ``exact_outliers``, ``k_out``'s channels as fp16 numbers,
+less what the inlier sketch estimates for them: below). A query is split the same way for each group, so the score
+is ``est(q_in, k_in) + est(q_out, k_out)``. The inlier sketch of ``q_in`` never needs recomputing per group:
 ``S (q * mask) = S q - S[:, idx] q[idx]``, and only the ``n_outliers`` columns ``idx`` change.
+
+Exact outliers are stored as residuals, ``r_c = k[c] - est(e_c, k_in)`` for each outlier channel ``c``, where
+``est(e_c, k_in) = w (S^T sign(S k_in))[c]`` (``w`` the stored norm times the sketch's scale) is what the inlier
+sketch estimates for channel ``c`` of ``k_in`` (truly zero). Then ``est(q_in, k_in) + q_out . k_out = est(q, k_in)
++ sum_c q[c] r_c``: the same score, with the whole query through the inlier sketch and no per-group correction at
+decode time (only at quantization, where the key is at hand). The residuals take the values' fp16 bits.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ class QuantizedKeyBlock(NamedTuple):
     outlier_idx: torch.Tensor | None  # uint8 [b, h, groups, n_outliers]
     outlier_signs: torch.Tensor | None  # uint8 [b, h, n, mo // 8]
     outlier_norms: torch.Tensor | None  # float16 [b, h, n]
-    outlier_values: torch.Tensor | None = None  # float16 [b, h, n, n_outliers], exact outliers instead of a sketch
+    outlier_residuals: torch.Tensor | None = None  # float16 [b, h, n, n_outliers], exact outliers instead of a sketch
 
 
 def outlier_channels(keys: torch.Tensor, group_size: int, n_outliers: int,
@@ -58,7 +64,7 @@ def quantize_keys(keys: torch.Tensor, sketch: QJLSketch, outlier_sketch: QJLSket
                   idx_per_token: torch.Tensor | None = None, mean: torch.Tensor | None = None) -> QuantizedKeyBlock:
     """Quantizes ``keys - mean`` (``keys`` ``[b, h, n, d]``, ``mean`` ``[b, h, 1, d]``, subtracted in fp32); with
     outliers, ``idx_per_token`` ``[b, h, n, n_outliers]`` says which channels of each token go to ``outlier_sketch``
-    (or, without an outlier sketch, are kept as fp16 numbers)."""
+    (or, without an outlier sketch, are kept as fp16 residuals: module docstring)."""
     if mean is not None:
         keys = keys - mean.float()
     if idx_per_token is None:
@@ -69,10 +75,18 @@ def quantize_keys(keys: torch.Tensor, sketch: QJLSketch, outlier_sketch: QJLSket
     inliers, outliers = keys.masked_fill(mask, 0), keys.masked_fill(~mask, 0)
     signs, norms = sketch.quantize(inliers)
     if outlier_sketch is None:
-        exact = torch.gather(keys, -1, idx_per_token.long()).half()
-        return QuantizedKeyBlock(signs, norms, None, None, None, exact)
+        return QuantizedKeyBlock(signs, norms, None, None, None,
+                                 outlier_residuals(keys, signs, norms, sketch, idx_per_token))
     outlier_signs, outlier_norms = outlier_sketch.quantize(outliers)
     return QuantizedKeyBlock(signs, norms, None, outlier_signs, outlier_norms)
+
+
+def outlier_residuals(keys: torch.Tensor, signs: torch.Tensor, norms: torch.Tensor, sketch: QJLSketch,
+                      idx_per_token: torch.Tensor) -> torch.Tensor:
+    """float16 ``[b, h, n, n_outliers]``: ``k[c] - w (S^T sign(S k_in))[c]`` at each token's outlier channels ``c``
+    (module docstring), from the float32 ``keys`` and the inliers' ``signs`` and (fp16) ``norms``."""
+    estimates = (unpack_signs(signs) @ sketch.matrix) * (norms.float() * sketch.scale).unsqueeze(-1)  # [b, h, n, d]
+    return (keys - estimates).gather(-1, idx_per_token.long()).half()
 
 
 def score_keys(query: torch.Tensor, block: QuantizedKeyBlock, sketch: QJLSketch,
@@ -94,17 +108,17 @@ def score_keys(query: torch.Tensor, block: QuantizedKeyBlock, sketch: QJLSketch,
     idx = block.outlier_idx.long()  # [b, h, groups, k]
     query_outliers = torch.gather(query.unsqueeze(2).expand(b, h, groups, m, d), -1,
                                   idx.unsqueeze(-2).expand(b, h, groups, m, idx.shape[-1]))  # [b, h, g, m, k]
+    if block.outlier_residuals is not None:  # the whole query through the inlier sketch, plus q[idx] . residuals
+        exact = query_outliers @ grouped(block.outlier_residuals.float()).transpose(-1, -2)  # [b, h, g, m, group]
+        return (sketch.score_projected(projected, block)
+                + exact.permute(0, 1, 3, 2, 4).reshape(b, h, m, groups * group_size)[..., :n])
     inlier_projection = projected.unsqueeze(2) - query_outliers @ sketch.matrix.T[idx]  # [b, h, g, m, sketch_dim]
-    outlier_projection = None if outlier_sketch is None else query_outliers @ outlier_sketch.matrix.T[idx]
+    outlier_projection = query_outliers @ outlier_sketch.matrix.T[idx]
 
     def estimate(proj, signs, norms, scale):
         s = unpack_signs(grouped(signs))  # [b, h, g, group_size, dim]
         est = proj @ s.transpose(-1, -2) * (grouped(norms.float().unsqueeze(-1)).squeeze(-1) * scale).unsqueeze(-2)
         return est.permute(0, 1, 3, 2, 4).reshape(b, h, m, groups * group_size)[..., :n]
 
-    inlier_scores = estimate(inlier_projection, block.signs, block.norms, sketch.scale)
-    if block.outlier_values is not None:
-        exact = query_outliers @ grouped(block.outlier_values.float()).transpose(-1, -2)  # [b, h, g, m, group_size]
-        return inlier_scores + exact.permute(0, 1, 3, 2, 4).reshape(b, h, m, groups * group_size)[..., :n]
-    return inlier_scores + estimate(outlier_projection, block.outlier_signs, block.outlier_norms,
-                                    outlier_sketch.scale)
+    return (estimate(inlier_projection, block.signs, block.norms, sketch.scale)
+            + estimate(outlier_projection, block.outlier_signs, block.outlier_norms, outlier_sketch.scale))

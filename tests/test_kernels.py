@@ -85,12 +85,26 @@ def assert_signs_match(ref_signs, signs, max_fraction):
     (64, 120, 64, 4, "fp32"), (128, 256, 128, 8, "bf16"), (64, 128, 64, 0, "fp16"), (64, 120, None, 4, "bf16"),
     (128, 248, None, 5, "fp16")])
 def test_quantize_keys_matches_reference(d, sketch_dim, outlier_dim, k, dtype):
-    """``outlier_dim`` None: exact outliers (fp16 outlier values, no outlier sketch)."""
+    """``outlier_dim`` None: exact outliers (fp16 outlier residuals, no outlier sketch)."""
     keys, _, idx = keys_with_outliers(2, 3, 45, d, DTYPES[dtype], k)
     sketch, outlier_sketch = sketches(d, sketch_dim, outlier_dim or 8)
     outlier_sketch = outlier_sketch if k and outlier_dim else None
     ref = ref_keys.quantize_keys(keys, sketch, outlier_sketch, idx)
-    assert_keys_match(ref, quantize_keys(keys, sketch.matrix, outlier_sketch.matrix if outlier_sketch else None, idx))
+    assert_keys_match(ref, quantize_keys(keys, sketch.matrix, outlier_sketch.matrix if outlier_sketch else None, idx),
+                      keys.float(), sketch, idx)
+
+
+@pytest.mark.parametrize("group_size,first_group_fill", [(16, 0), (32, 5)])
+def test_quantize_keys_residuals_of_blocks_that_straddle_groups(group_size, first_group_fill):
+    """The kernel takes 32-token blocks: groups of 16, or groups shifted by a crop (the first group already holding
+    5 tokens), put two sets of outlier channels in a block, whose residuals are then made per token."""
+    keys = torch.randn(2, 3, 45, 64, generator=torch.Generator().manual_seed(12)).to(DEVICE)
+    keys[..., 3] *= 8
+    idx = ref_keys.per_token(ref_keys.outlier_channels(keys, group_size, 4), 45, group_size, first_group_fill)
+    assert (idx[:, :, 0] != idx[:, :, 31]).any()
+    sketch, _ = sketches(64, 120, 8)
+    ref = ref_keys.quantize_keys(keys, sketch, None, idx)
+    assert_keys_match(ref, quantize_keys(keys, sketch.matrix, None, idx), keys, sketch, idx)
 
 
 @pytest.mark.parametrize("exact", [False, True])
@@ -108,11 +122,13 @@ def test_quantize_keys_centres_keys_read_in_place(exact):
     ref = ref_keys.quantize_keys(keys, sketch, outlier_sketch, idx, mean)
     assert not keys.is_contiguous()
     assert_keys_match(ref, quantize_keys(keys, sketch.matrix, outlier_sketch.matrix if outlier_sketch else None, idx,
-                                         mean))
+                                         mean), keys - mean.float(), sketch, idx)
 
 
-def assert_keys_match(ref, out):
-    signs, norms, osigns, onorms, ovalues = out
+def assert_keys_match(ref, out, centred_keys, sketch, idx):
+    """``out`` (the kernel's) against the reference block ``ref``; the residuals against the reference's formula on
+    the kernel's own signs and norms (a sign taken the other way on a GPU moves a residual by a sketch entry)."""
+    signs, norms, osigns, onorms, oresiduals = out
     tolerance = 0.0 if DEVICE.type == "cpu" else 1e-3
     assert_signs_match(ref.signs, signs, tolerance)
     torch.testing.assert_close(norms, ref.norms, rtol=1e-3, atol=1e-3)
@@ -121,9 +137,13 @@ def assert_keys_match(ref, out):
         torch.testing.assert_close(onorms, ref.outlier_norms, rtol=1e-3, atol=1e-3)
     else:
         assert osigns is None and onorms is None
-    assert (ovalues is None) == (ref.outlier_values is None)
-    if ovalues is not None:
-        assert ovalues.dtype == torch.float16 and torch.equal(ovalues, ref.outlier_values)
+    assert (oresiduals is None) == (ref.outlier_residuals is None)
+    if oresiduals is not None:
+        expected = ref_keys.outlier_residuals(centred_keys, signs, norms, sketch, idx)
+        assert oresiduals.dtype == torch.float16 and oresiduals.shape == expected.shape
+        # S^T sign summed in another order: at most one fp16 step (2^-10 of the number) apart, most of them none
+        torch.testing.assert_close(oresiduals, expected, rtol=2 ** -10, atol=2 ** -24)
+        assert (oresiduals == expected).float().mean() > 0.9
 
 
 @pytest.mark.parametrize("bits,d,group,dtype", [(2, 64, 32, "fp32"), (3, 128, 128, "bf16"), (4, 64, 16, "fp16"),
@@ -160,7 +180,7 @@ def test_scores_match_reference(d, queries, k, centered, exact):
     sketch, outlier_sketch = sketches(d, 2 * d - 8, d)
     outlier_sketch = outlier_sketch if k and not exact else None
     block = ref_keys.quantize_keys(keys, sketch, outlier_sketch, idx)._replace(outlier_idx=group_idx)
-    assert (block.outlier_values is not None) == exact
+    assert (block.outlier_residuals is not None) == exact
     query = torch.randn(2, 2, queries, d, generator=torch.Generator().manual_seed(7)).to(DEVICE)
     mean = keys.mean(-2, keepdim=True) if centered else None
     ref = ref_keys.score_keys(query, block, sketch, outlier_sketch, group_size)

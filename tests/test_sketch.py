@@ -112,7 +112,7 @@ def test_exact_outliers_are_scored_without_error():
     idx = outlier_channels(keys, group_size=32, n_outliers=4)
     sketch = QJLSketch(64, 64, seed=1)
     block = quantize_keys(keys, sketch, None, per_token(idx, 32, 32))._replace(outlier_idx=idx)
-    assert block.outlier_signs is None and block.outlier_values.dtype == torch.float16
+    assert block.outlier_signs is None and block.outlier_residuals.dtype == torch.float16
     query = torch.randn(1, 1, 3, 64, generator=gen)
     exact = query @ keys.half().float().transpose(-1, -2)
     assert torch.allclose(score_keys(query, block, sketch, None, group_size=32), exact, atol=1e-3)
