@@ -103,6 +103,32 @@ def test_outlier_split_reconstructs_key_and_score_is_sum_of_parts():
     assert torch.allclose(got, expected, atol=1e-4)
 
 
+def test_exact_outlier_residuals_give_the_split_query_score():
+    """Exact outliers are stored as residuals and the whole query goes through the inlier sketch: the score is still
+    ``est(q_in, k_in) + q_out . k_out``, the query split token by token, up to the residuals' fp16 rounding."""
+    gen = torch.Generator().manual_seed(9)
+    keys = torch.randn(1, 2, 64, 64, generator=gen)
+    keys[..., 7] *= 20
+    idx = outlier_channels(keys, group_size=32, n_outliers=4)
+    idx_tokens = per_token(idx, 64, 32)
+    mask = torch.zeros_like(keys, dtype=torch.bool).scatter_(-1, idx_tokens.long(), True)
+    sketch = QJLSketch(64, 128, seed=1)
+    block = quantize_keys(keys, sketch, None, idx_tokens)._replace(outlier_idx=idx)
+    assert not torch.equal(block.outlier_residuals, torch.gather(keys, -1, idx_tokens.long()).half())
+    query = torch.randn(1, 2, 3, 64, generator=gen)
+    q_tokens = query.unsqueeze(3).expand(1, 2, 3, 64, 64)
+    token_mask = mask.unsqueeze(2)
+    inlier_est = sketch.score_projected(sketch.project(q_tokens.masked_fill(token_mask, 0)).unsqueeze(-2),
+                                        sketch.quantize(keys.masked_fill(mask, 0).unsqueeze(2).unsqueeze(-2)))
+    exact = (q_tokens.masked_fill(~token_mask, 0) * keys.unsqueeze(2)).sum(-1)
+    expected = inlier_est.reshape(1, 2, 3, 64) + exact
+    got = score_keys(query, block, sketch, None, group_size=32)
+    # Half an fp16 step of each residual, times the query's channel; plus fp32 rounding of scores near 100.
+    q_out = torch.gather(q_tokens.abs(), -1, idx_tokens.long().unsqueeze(2).expand(1, 2, 3, 64, 4))
+    bound = (q_out * block.outlier_residuals.float().abs().unsqueeze(2)).sum(-1) * 2**-11 + 1e-4
+    assert ((got - expected).abs() <= bound).all()
+
+
 def test_exact_outliers_are_scored_without_error():
     """With exact outlier channels, the score is the inlier sketch estimate plus the exact outlier product: with the
     inliers zeroed, the estimate is exact."""
