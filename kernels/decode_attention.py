@@ -526,9 +526,11 @@ def launch_config(group: int, head_dim: int, sketch_dim: int, outlier_sketch_dim
                 # 3.9, and at head dim 256 with four.
                 num_warps=(8 if head_dim >= 256 else 4) if precise else 2 if two_warps else 4,
                 # Five programs of two warps a multiprocessor need at most 200 registers (65536 / (5 x 64), in steps
-                # of 8): exact outliers at head dim 128 (the benchmark's launch) compile within that without spills,
-                # where ptxas would take 202 (Triton 3.6, sm_90), four programs; other launches spill at 200.
-                maxnreg=200 if two_warps and n_outliers and exact_outliers and head_dim == 128 else 255)
+                # of 8): exact outliers at head dim 128 with 1, 2, 4 or 8 queries a program (the benchmark's launch:
+                # 4) compile within that without spills, where ptxas would take 202 (Triton 3.6, sm_90), four
+                # programs; 3, 5 and 7 queries spill 8 bytes at 200, and so do other launches.
+                maxnreg=200 if two_warps and n_outliers and exact_outliers and head_dim == 128
+                and queries == pow2(queries) else 255)
 
 
 # The driver's count for each launch (``resident``), kept for the process; scripts/decode_occupancy.py prints it.
