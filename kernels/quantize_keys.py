@@ -21,7 +21,8 @@ from .common import dot3, dot_exact_lhs, head_rows, pack_rows, pow2, unpack_rows
 BLOCK_TOKENS = 32
 BLOCK_SKETCH = 64
 # Sketch rows a step of the residuals (exact outliers) take: with 64, as the projection, the kernel took 176 to 215
-# registers in place of 148 (Triton 3.6, sm_90), two programs a multiprocessor in place of three; with 32, 163-166.
+# registers in place of 148 (Triton 3.6, sm_90), two programs a multiprocessor in place of three; with 32, 163-168
+# (Triton 3.6 and 3.9), three.
 BLOCK_RESIDUALS = tl.constexpr(32)
 
 
@@ -188,6 +189,7 @@ def launch_config(head_dim: int, sketch_dim: int, outlier_sketch_dim: int, n_out
                   exact_outliers: bool = False) -> dict:
     """The constexprs the launcher compiles for these shapes (also what ``kernels-compile`` checks)."""
     sketched = n_outliers and not exact_outliers
+    # K_PAD: at least 16, the columns of the residuals' product (_estimates_shared)
     return dict(D=head_dim, SKETCH=sketch_dim, OSKETCH=outlier_sketch_dim if sketched else 8, K=n_outliers,
                 K_PAD=pow2(n_outliers, 16), EXACT=bool(n_outliers and exact_outliers), BLOCK_N=BLOCK_TOKENS,
                 BLOCK_M=BLOCK_SKETCH, WORDS=pow2(triton.cdiv(head_dim, 32)), num_warps=4, num_stages=1,

@@ -72,7 +72,7 @@ def test_sass_of_the_decode_main_loop(tmp_path):
     subprocess.run([sys.executable, "scripts/sass_decode.py", "--shapes", "smollm2/3bit/exact/sketch128", "--json",
                     str(out)], cwd=ROOT, env=compiler_env(), check=True)
     (row,) = [r for r in json.loads(out.read_text()) if r["kernel"] == "current"]
-    assert row["mma"] >= 8 and row["instructions"] > 10 * row["mma"] and 0 < row["registers"] <= 255
+    assert row["mma"] >= 8 and row["instructions"] > 5 * row["mma"] and 0 < row["registers"] <= 255
     assert row["copies_in_flight"] > 0
     # the eight accumulators' rescale, at least two registers each
-    assert row["instructions"] - 16 >= row["common_path"] > 10 * row["mma"]
+    assert row["instructions"] - 16 >= row["common_path"] > 5 * row["mma"]
