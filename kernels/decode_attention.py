@@ -23,9 +23,10 @@ the products' operand layout (no reshape):
   from two interleavings of the planes); with one group per token row ``p @ v = (p * scale) @ codes + p . minimum``
   with the integer codes exact in fp16, else the dequantized values in fp32.
 
-The softmax and the value products take the queries padded to a power of two (``Q_PAD``, tensor cores pad a small
-product themselves), not to 16: Triton spreads the warps of a product that feeds another over its columns only when
-it has fewer rows than columns (else each warp would make all of a 16-row product).
+The softmax and the value products take a program's ``M`` queries, a power of two (the launcher adds zero queries;
+tensor cores pad a small product themselves), not padded to 16: Triton spreads the warps of a product that feeds
+another over its columns only when it has fewer rows than columns (else each warp would make all of a 16-row
+product).
 
 Reference: ``qjl.layer.CompressedLayer.attend`` with ``QJLLayer``'s scores and values, for one query token.
 """
@@ -144,11 +145,11 @@ def _token_numbers(norms_ptr, scales_ptr, mins_ptr, rows, ok, VGROUP: tl.constex
 def _tile_scores(tables_ptr, table_scales_ptr, table_sums_ptr, q_ptr, bh, kv, start, n_groups, rows, ok, norms,
                  signs_ptr, idx_ptr, osigns_ptr, onorms_ptr, oresiduals_ptr, sp_ptr, sp_scales_ptr, sp_sums_ptr,
                  spo_ptr, spo_scales_ptr, spo_sums_ptr, scale, oscale, M: tl.constexpr, M_PAD: tl.constexpr,
-                 Q_PAD: tl.constexpr, D: tl.constexpr, BYTES: tl.constexpr, BP: tl.constexpr, OBYTES: tl.constexpr,
+                 D: tl.constexpr, BYTES: tl.constexpr, BP: tl.constexpr, OBYTES: tl.constexpr,
                  OBP: tl.constexpr, K: tl.constexpr, R_PAD: tl.constexpr, EXACT: tl.constexpr, GROUP: tl.constexpr,
                  STEP: tl.constexpr, BLOCK_N: tl.constexpr, LIMBS: tl.constexpr, PRECISE: tl.constexpr,
                  UNROLL: tl.constexpr, ASM: tl.constexpr):
-    """Estimated scores ``[Q_PAD, BLOCK_N]`` of the tile from token ``start`` (within one outlier group of ``GROUP``
+    """Estimated scores ``[M, BLOCK_N]`` of the tile from token ``start`` (within one outlier group of ``GROUP``
     tokens; global rows ``rows``, real where ``ok``) whose key norms are ``norms``.
 
     Rows ``r < M`` of the sign product ``u = T . sign`` are the queries' (``S q . sign``); with sketched outliers,
@@ -191,7 +192,7 @@ def _tile_scores(tables_ptr, table_scales_ptr, table_sums_ptr, q_ptr, bh, kv, st
                               BLOCK_N, LIMBS, UNROLL, ASM, False)
             term *= oweight[None, :]
         u *= weight[None, :]
-        q_rows = tl.arange(0, Q_PAD)
+        q_rows = tl.arange(0, M)
         w = tl.load(q_ptr + (bh * M + q_rows[:, None]) * D + channel[None, :],
                     mask=(q_rows[:, None] < M) & is_outlier[None, :], other=0.0).to(tl.float32)
         w = tl.where(q_rows[:, None] == r[None, :], 1.0, w)
@@ -200,7 +201,7 @@ def _tile_scores(tables_ptr, table_scales_ptr, table_sums_ptr, q_ptr, bh, kv, st
             # queries' rows of u as they are, so W's identity is taken off again (the loaded q[idx] alone took 3-5
             # more instructions a tile, Triton 3.6 and 3.9)
             scores = tl.dot(tl.where(q_rows[:, None] == r[None, :], 0.0, w).to(tl.float16), term,
-                            _first_rows(u, Q_PAD))
+                            _first_rows(u, M))
         else:  # fp32 queries; and sketched outliers, which spill 8 bytes at two warps with two (Triton 3.9)
             scores = dot3(w, tl.where(is_outlier[:, None], term.to(tl.float32) - u, u))
     return scores
@@ -260,7 +261,7 @@ def _values(codes, scales, minimums, CODES: tl.constexpr):
 def _tile_values(p, accs, packed_ptr, scales_ptr, mins_ptr, token_scales, rows, ok, D: tl.constexpr,
                  DB_PAD: tl.constexpr, BITS: tl.constexpr, VGROUP: tl.constexpr, BLOCK_N: tl.constexpr,
                  PAIRS: tl.constexpr, PRECISE: tl.constexpr, ASM: tl.constexpr):
-    """The eight float32 ``[Q_PAD, DB_PAD]`` accumulators ``accs`` plus ``p @ values`` of the tile, one per bit
+    """The eight float32 ``[M, DB_PAD]`` accumulators ``accs`` plus ``p @ values`` of the tile, one per bit
     position: in product ``i`` column ``j`` is output column ``8 j + i``, from bit ``i`` of byte ``j`` of each
     plane. With one minimum per token (``VGROUP == D``) the products leave it out, ``p @ v = (p * scale) @ codes +
     p . minimum`` (the caller sums ``p . minimum``), the codes exact in fp16; grouped scales dequantize the codes in
@@ -391,7 +392,7 @@ def decode_split_kernel(q_ptr, tables_ptr, table_scales_ptr, table_sums_ptr, sp_
                         vscales_ptr, vmins_ptr,
                         sink_k_ptr, sink_v_ptr, buf_k_ptr, buf_v_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, n_tokens,
                         n_groups, tokens_per_split, n_sink, n_buffer, scale, oscale, qk_scale, M: tl.constexpr,
-                        M_PAD: tl.constexpr, Q_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
+                        M_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
                         DB_PAD: tl.constexpr,
                         BYTES: tl.constexpr, BP: tl.constexpr, OBYTES: tl.constexpr, OBP: tl.constexpr,
                         K: tl.constexpr, R_PAD: tl.constexpr, EXACT: tl.constexpr, GROUP: tl.constexpr,
@@ -400,9 +401,10 @@ def decode_split_kernel(q_ptr, tables_ptr, table_scales_ptr, table_sums_ptr, sp_
                         BLOCK_EXACT: tl.constexpr, PRECISE: tl.constexpr, LIMBS: tl.constexpr,
                         UNROLL: tl.constexpr, ASM: tl.constexpr, PREFETCH: tl.constexpr, CHUNKS: tl.constexpr,
                         PAIRS: tl.constexpr):
-    """Program ``(bh, split)``: ``bh`` stands for ``M`` queries, chunk ``bh % CHUNKS`` of the group of (batch row
-    and) KV head ``bh // CHUNKS``. Splits ``0 .. S-1`` take compressed tokens, split ``S`` the exact ones. Writes the
-    split's max and sum (log2 units) ``[BH, S + 1, M]`` and unnormalised output ``[BH, S + 1, M, D]``.
+    """Program ``(bh, split)``: ``bh`` stands for ``M`` queries (a power of two, the last ones zero where the launcher
+    padded), chunk ``bh % CHUNKS`` of the group of (batch row and) KV head ``bh // CHUNKS``. Splits ``0 .. S-1`` take
+    compressed tokens, split ``S`` the exact ones. Writes the split's max and sum (log2 units) ``[BH, S + 1, M]`` and
+    unnormalised output ``[BH, S + 1, M, D]``.
     ``tables``, ``table_scales``, ``table_sums``: ``kernels.decode_project``'s limbs of the queries' projections,
     their rows' scales and sums; ``sp``, ``sp_scales``, ``sp_sums`` (``spo_*``): those of the (outlier) sketch's
     rows, ``sketch_tables`` (the sums of the first ``LIMBS`` limbs)."""
@@ -411,15 +413,15 @@ def decode_split_kernel(q_ptr, tables_ptr, table_scales_ptr, table_sums_ptr, sp_
     n_splits = tl.num_programs(1)
     part = bh * n_splits + split
     if split < n_splits - 1:
-        m_i = tl.full((Q_PAD,), float("-inf"), dtype=tl.float32)
-        zeros = tl.zeros((Q_PAD, DB_PAD), dtype=tl.float32)
+        m_i = tl.full((M,), float("-inf"), dtype=tl.float32)
+        zeros = tl.zeros((M, DB_PAD), dtype=tl.float32)
         accs = (zeros, zeros, zeros, zeros, zeros, zeros, zeros, zeros)
         # Sums over tokens stay per column until the end: summed each tile they would cross warps (a barrier each).
-        weight_sums = tl.zeros((Q_PAD, BLOCK_N), dtype=tl.float32)
-        minimum_sums = tl.zeros((Q_PAD, BLOCK_N), dtype=tl.float32)
-        bias = tl.zeros((Q_PAD,), dtype=tl.float32)
+        weight_sums = tl.zeros((M, BLOCK_N), dtype=tl.float32)
+        minimum_sums = tl.zeros((M, BLOCK_N), dtype=tl.float32)
+        bias = tl.zeros((M,), dtype=tl.float32)
         if CENTERED:
-            bias = query_mean(load_queries(q_ptr, bh, M, Q_PAD, D, D_PAD), mean_ptr, kv, D, D_PAD) * qk_scale
+            bias = query_mean(load_queries(q_ptr, bh, M, M, D, D_PAD), mean_ptr, kv, D, D_PAD) * qk_scale
         first = split * tokens_per_split
         last = tl.minimum(first + tokens_per_split, n_tokens)
         # With PREFETCH the next tile's norms, scales and minimums load while this tile is computed: the pipeliner
@@ -440,7 +442,7 @@ def decode_split_kernel(q_ptr, tables_ptr, table_scales_ptr, table_sums_ptr, sp_
             scores = _tile_scores(tables_ptr, table_scales_ptr, table_sums_ptr, q_ptr, bh, kv, start, n_groups, rows,
                                   ok, norms, signs_ptr, idx_ptr, osigns_ptr, onorms_ptr, oresiduals_ptr, sp_ptr,
                                   sp_scales_ptr, sp_sums_ptr, spo_ptr, spo_scales_ptr, spo_sums_ptr, scale, oscale, M,
-                                  M_PAD, Q_PAD, D, BYTES, BP, OBYTES, OBP, K, R_PAD, EXACT, GROUP, STEP, BLOCK_N, LIMBS,
+                                  M_PAD, D, BYTES, BP, OBYTES, OBP, K, R_PAD, EXACT, GROUP, STEP, BLOCK_N, LIMBS,
                                   PRECISE, UNROLL, ASM)
             scores = tl.where(ok[None, :], scores * qk_scale + bias[:, None], float("-inf"))
             m_tile = tl.max(scores, axis=1)
@@ -466,7 +468,7 @@ def decode_split_kernel(q_ptr, tables_ptr, table_scales_ptr, table_sums_ptr, sp_
         out = _value_columns(accs, PAIRS, VGROUP == D) + tl.sum(minimum_sums, axis=1)[:, None]
         _store_partial(part_m_ptr, part_l_ptr, part_acc_ptr, part, m_i, l_i, out, M, D)
     else:
-        # The exact tokens keep the queries padded to 16 rows: with Q_PAD rows their loop took 20% more
+        # The exact tokens keep the queries padded to 16 rows: with M rows their loop took 20% more
         # instructions (Triton 3.6, sm_90). A name both branches set must keep one shape, hence exact_.
         q = load_queries(q_ptr, bh, M, M_PAD, D, D_PAD)
         exact_m = tl.full((M_PAD,), float("-inf"), dtype=tl.float32)
@@ -501,12 +503,15 @@ def launch_config(group: int, head_dim: int, sketch_dim: int, outlier_sketch_dim
     obytes = outlier_sketch_dim // 8 if sketched else 2
     db_pad = pow2(head_dim // 8, 16)
     chunks = query_chunks(group, db_pad)
-    queries = group // chunks
-    return dict(CHUNKS=chunks, M=queries, M_PAD=pow2(queries, 16), Q_PAD=pow2(queries), D=head_dim,
+    # The launcher pads a program's queries with zero queries to a power of two: the products pad them anyway, and
+    # masking a partial count took registers (3 queries at head dim 64: 218 registers and 470 instructions a tile,
+    # 4: 201 and 444, Triton 3.6).
+    queries = pow2(group // chunks)
+    return dict(CHUNKS=chunks, M=queries, M_PAD=pow2(queries, 16), D=head_dim,
                 D_PAD=pow2(head_dim, 16), DB_PAD=db_pad, BYTES=sketch_dim // 8,
                 BP=padded_bytes(sketch_dim), OBYTES=obytes, OBP=padded_bytes(8 * obytes), K=n_outliers,
-                # the sign product's rows: the queries and outlier channels, or (none) the scores' own Q_PAD rows
-                R_PAD=pow2(queries + n_outliers, 16) if n_outliers else pow2(queries),
+                # the sign product's rows: the queries and outlier channels, or (none) the scores' own M rows
+                R_PAD=pow2(queries + n_outliers, 16) if n_outliers else queries,
                 EXACT=bool(n_outliers and exact_outliers),
                 GROUP=group_size, STEP=step, BLOCK_N=pow2(step, 16),
                 CENTERED=centered, BITS=value_bits, VGROUP=value_group_size,
@@ -527,11 +532,9 @@ def launch_config(group: int, head_dim: int, sketch_dim: int, outlier_sketch_dim
                 # 3.9, and at head dim 256 with four.
                 num_warps=(8 if head_dim >= 256 else 4) if precise else 2 if two_warps else 4,
                 # Five programs of two warps a multiprocessor need at most 200 registers (65536 / (5 x 64), in steps
-                # of 8): exact outliers at head dim 128 with 1, 2, 4 or 8 queries a program (the benchmark's launch:
-                # 4) compile within that without spills, where ptxas would take 202 (Triton 3.6, sm_90), four
-                # programs; 3, 5 and 7 queries spill 8 bytes at 200, and so do other launches.
-                maxnreg=200 if two_warps and n_outliers and exact_outliers and head_dim == 128
-                and queries == pow2(queries) else 255)
+                # of 8): exact outliers at head dims 64 and 128 compile within that without spills, where ptxas would
+                # take 201-202 (4 queries, Triton 3.6, sm_90), four programs; other launches spill at 200.
+                maxnreg=200 if two_warps and n_outliers and exact_outliers and head_dim in (64, 128) else 255)
 
 
 # The driver's count for each launch (``resident``), kept for the process; scripts/decode_occupancy.py prints it.
@@ -576,8 +579,8 @@ def decode_attention(query: torch.Tensor, keys, values, value_bits: int, matrix:
                            oresiduals is not None, query.dtype == torch.float32, asm=not interpreting())
     config.update({name: tuning.pop(name) for name in ("num_warps", "num_stages", "maxnreg", "UNROLL", "PREFETCH",
                                                            "ASM") if name in tuning})
-    programs, m = b * h * config["CHUNKS"], config["M"]
-    q = query.reshape(programs, m, d).contiguous()
+    programs, m = b * h * config["CHUNKS"], group // config["CHUNKS"]
+    q = torch.nn.functional.pad(query.reshape(programs, m, d), (0, 0, 0, config["M"] - m)).contiguous()
     def rows_of(sketch):  # limbs, scales, and the rows' sums of the limbs this launch takes
         _, limbs, limb_scales, sums = sketch_tables(sketch)
         return limbs, limb_scales, sums[config["LIMBS"] - 1]
@@ -611,9 +614,9 @@ def decode_attention(query: torch.Tensor, keys, values, value_bits: int, matrix:
             *arguments([q.new_empty(1, dtype=torch.float32)] * 3, config["STEP"]), grid=(1,), **config))
     per_split = split_size(n, programs, config["STEP"], programs_per_sm, query.device, **tuning)
     splits = triton.cdiv(n, per_split) if n else 0
-    part_m = q.new_empty(programs, splits + 1, m, dtype=torch.float32)
+    part_m = q.new_empty(programs, splits + 1, config["M"], dtype=torch.float32)
     part_l = torch.empty_like(part_m)
-    part_acc = q.new_empty(programs, splits + 1, m, d, dtype=torch.float32)
+    part_acc = q.new_empty(programs, splits + 1, config["M"], d, dtype=torch.float32)
     decode_split_kernel[(programs, splits + 1)](*arguments((part_m, part_l, part_acc), per_split), **config)
-    out = combine_splits(part_m, part_l, part_acc, query.dtype)  # [b h chunks, m, d]
-    return out.reshape(b, 1, hq, d)
+    out = combine_splits(part_m, part_l, part_acc, query.dtype)  # [b h chunks, M, d], the zero queries' rows last
+    return out[:, :m].reshape(b, 1, hq, d)

@@ -92,13 +92,15 @@ def launch_configs(shapes) -> list[tuple[str, str, dict]]:
                 ("combine_splits", (d,)),
             ]
             for precise in (False, True):  # bf16 or fp16 models, and fp32 ones (more limbs, high and low parts)
-                wanted += [("decode_project", (group, d, sketch, precise)),
-                           ("decode_split", (group, d, sketch, outlier, k, c.group_size, c.center_keys, c.value_bits,
-                                             c.value_group_size, exact, precise))]
+                decode = (group, d, sketch, outlier, k, c.group_size, c.center_keys, c.value_bits, c.value_group_size,
+                          exact, precise)
+                # a decode program's queries, as the launcher pads them, are what it projects and combines
+                queries = KERNELS["decode_split"][1](*decode)["M"]
+                wanted += [("decode_project", (queries, d, sketch, precise)), ("decode_split", decode)]
             for kernel, args in wanted:
                 config = KERNELS[kernel][1](*args)
                 if kernel == "combine_splits":
-                    config = dict(config, M=group)
+                    config = dict(config, M=queries)
                 key = (kernel, tuple(sorted(config.items())))
                 if key not in seen:
                     seen.add(key)

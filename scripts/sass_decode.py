@@ -105,10 +105,9 @@ def copies_in_flight(body: list[str]) -> int | None:
     return min(waits) if waits else None
 
 
-def count(module, config: dict, arch: int, top: int = 0) -> dict:
-    """Registers and main-loop counts of ``module``'s decode kernel at the launch of ``config``'s shapes, and the
-    ``top`` source lines behind most of the loop's instructions."""
-    group = config["M"] * config.get("CHUNKS", 1)
+def count(module, config: dict, group: int, arch: int, top: int = 0) -> dict:
+    """Registers and main-loop counts of ``module``'s decode kernel at the launch of ``config``'s shapes (``group``
+    queries a KV head), and the ``top`` source lines behind most of the loop's instructions."""
     own = module.launch_config(group, config["D"], config["BYTES"] * 8, config["OBYTES"] * 8, config["K"],
                                config["GROUP"], config["CENTERED"], config["BITS"], config["VGROUP"],
                                config["EXACT"], config["PRECISE"])
@@ -136,6 +135,7 @@ def main():
                         "loop's instructions")
     args = parser.parse_args()
     configs = {label: config for kernel, label, config in launch_configs(SHAPES) if kernel == "decode_split"}
+    groups = {name: group for name, _, group, _ in SHAPES}
     unknown = sorted(set(args.shapes) - set(configs))
     if unknown:
         raise SystemExit(f"unknown shapes {unknown}; known: {sorted(configs)}")
@@ -148,7 +148,7 @@ def main():
     for label in args.shapes:
         for name, module in modules.items():
             row = dict(kernel=name, shapes=label, arch=args.arch, triton=triton.__version__,
-                       **count(module, configs[label], args.arch, args.lines))
+                       **count(module, configs[label], groups[label.split("/")[0]], args.arch, args.lines))
             rows.append(row)
             print(f"{name:8s} {label:32s} sm_{args.arch} triton {row['triton']}: {row['registers']} registers, "
                   f"main loop {row['instructions']} instructions ({row['common_path']} in a tile where no max grows), "
