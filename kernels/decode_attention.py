@@ -193,8 +193,8 @@ def _tile_scores(tables_ptr, table_scales_ptr, table_sums_ptr, q_ptr, bh, kv, st
             term *= oweight[None, :]
         u *= weight[None, :]
         q_rows = tl.arange(0, M)
-        w = tl.load(q_ptr + (bh * M + q_rows[:, None]) * D + channel[None, :],
-                    mask=(q_rows[:, None] < M) & is_outlier[None, :], other=0.0).to(tl.float32)
+        w = tl.load(q_ptr + (bh * M + q_rows[:, None]) * D + channel[None, :], mask=is_outlier[None, :],
+                    other=0.0).to(tl.float32)
         w = tl.where(q_rows[:, None] == r[None, :], 1.0, w)
         if EXACT and not PRECISE:
             # bf16 and fp16 queries are fp16 numbers: one exact product for the fp16 residuals as loaded, onto the
@@ -580,7 +580,9 @@ def decode_attention(query: torch.Tensor, keys, values, value_bits: int, matrix:
     config.update({name: tuning.pop(name) for name in ("num_warps", "num_stages", "maxnreg", "UNROLL", "PREFETCH",
                                                            "ASM") if name in tuning})
     programs, m = b * h * config["CHUNKS"], group // config["CHUNKS"]
-    q = torch.nn.functional.pad(query.reshape(programs, m, d), (0, 0, 0, config["M"] - m)).contiguous()
+    q = query.reshape(programs, m, d)
+    # zero queries up to a power of two (launch_config), a copy only where some are missing
+    q = torch.nn.functional.pad(q, (0, 0, 0, config["M"] - m)) if config["M"] > m else q.contiguous()
     def rows_of(sketch):  # limbs, scales, and the rows' sums of the limbs this launch takes
         _, limbs, limb_scales, sums = sketch_tables(sketch)
         return limbs, limb_scales, sums[config["LIMBS"] - 1]

@@ -53,8 +53,8 @@ def quantize_keys(keys, sketch, outlier_sketch=None, idx_per_token=None, mean=No
     from kernels.quantize_keys import quantize_keys as kernel
 
     signs, norms, osigns, onorms, oresiduals = kernel(keys, sketch.matrix,
-                                                   outlier_sketch.matrix if outlier_sketch else None, idx_per_token,
-                                                   mean)
+                                                      outlier_sketch.matrix if outlier_sketch else None,
+                                                      idx_per_token, mean)
     return QuantizedKeyBlock(signs, norms, None, osigns, onorms, oresiduals)
 
 

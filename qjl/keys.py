@@ -105,20 +105,22 @@ def score_keys(query: torch.Tensor, block: QuantizedKeyBlock, sketch: QJLSketch,
             t = torch.nn.functional.pad(t, (0, 0) * (t.dim() - 3) + (0, pad))
         return t.reshape(b, h, groups, group_size, *t.shape[3:])
 
+    def ungrouped(t):  # [b, h, groups, m, group_size] -> [b, h, m, n]
+        return t.permute(0, 1, 3, 2, 4).reshape(b, h, m, groups * group_size)[..., :n]
+
     idx = block.outlier_idx.long()  # [b, h, groups, k]
     query_outliers = torch.gather(query.unsqueeze(2).expand(b, h, groups, m, d), -1,
                                   idx.unsqueeze(-2).expand(b, h, groups, m, idx.shape[-1]))  # [b, h, g, m, k]
     if block.outlier_residuals is not None:  # the whole query through the inlier sketch, plus q[idx] . residuals
-        exact = query_outliers @ grouped(block.outlier_residuals.float()).transpose(-1, -2)  # [b, h, g, m, group]
-        return (sketch.score_projected(projected, block)
-                + exact.permute(0, 1, 3, 2, 4).reshape(b, h, m, groups * group_size)[..., :n])
+        exact = query_outliers @ grouped(block.outlier_residuals.float()).transpose(-1, -2)
+        return sketch.score_projected(projected, block) + ungrouped(exact)
     inlier_projection = projected.unsqueeze(2) - query_outliers @ sketch.matrix.T[idx]  # [b, h, g, m, sketch_dim]
     outlier_projection = query_outliers @ outlier_sketch.matrix.T[idx]
 
     def estimate(proj, signs, norms, scale):
         s = unpack_signs(grouped(signs))  # [b, h, g, group_size, dim]
         est = proj @ s.transpose(-1, -2) * (grouped(norms.float().unsqueeze(-1)).squeeze(-1) * scale).unsqueeze(-2)
-        return est.permute(0, 1, 3, 2, 4).reshape(b, h, m, groups * group_size)[..., :n]
+        return ungrouped(est)
 
     return (estimate(inlier_projection, block.signs, block.norms, sketch.scale)
             + estimate(outlier_projection, block.outlier_signs, block.outlier_norms, outlier_sketch.scale))
