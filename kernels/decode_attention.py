@@ -247,11 +247,16 @@ def _value_product(weights, values, acc, CODES: tl.constexpr, PRECISE: tl.conste
 
 
 @triton.jit
-def _values(codes, scales, minimums, CODES: tl.constexpr):
+def _values(codes, scales, minimums, CODES: tl.constexpr, PRECISE: tl.constexpr):
     """``CODES``: the int16 codes as the fp16 numbers ``code * 2^-24``, with no instruction at all (below 2048, the
     bit pattern ``n`` of an fp16 number, subnormal or with exponent field 1, is ``n * 2^-24``: tensor cores keep
-    subnormal inputs); else the codes dequantized in fp32."""
-    if CODES:
+    subnormal inputs times normal ones); with fp32 queries (``PRECISE``) as the integers themselves, whose products
+    with the weights' low parts (often subnormal) are then products of a normal and a subnormal number (on the H100
+    at cb8154c, subnormal codes left fp32 outputs 2.8e-5 to 5.6e-5 from the reference, and the same products in
+    fp32 arithmetic 4.5e-7 to 7.2e-7); else the codes dequantized in fp32."""
+    if CODES and PRECISE:
+        return codes.to(tl.float16)
+    elif CODES:
         return codes.to(tl.float16, bitcast=True)
     else:
         return codes.to(tl.float32) * scales + minimums
@@ -317,14 +322,14 @@ def _tile_values(p, accs, packed_ptr, scales_ptr, mins_ptr, token_scales, rows, 
         scales = tl.load(scales_ptr + groups, mask=inside, other=0.0).to(tl.float32)
         minimums = tl.load(mins_ptr + groups, mask=inside, other=0.0).to(tl.float32)
     CODES: tl.constexpr = VGROUP == D
-    return (_value_product(w, _values(codes0, scales, minimums, CODES), acc0, CODES, PRECISE),
-            _value_product(w, _values(codes1, scales, minimums, CODES), acc1, CODES, PRECISE),
-            _value_product(w, _values(codes2, scales, minimums, CODES), acc2, CODES, PRECISE),
-            _value_product(w, _values(codes3, scales, minimums, CODES), acc3, CODES, PRECISE),
-            _value_product(w, _values(codes4, scales, minimums, CODES), acc4, CODES, PRECISE),
-            _value_product(w, _values(codes5, scales, minimums, CODES), acc5, CODES, PRECISE),
-            _value_product(w, _values(codes6, scales, minimums, CODES), acc6, CODES, PRECISE),
-            _value_product(w, _values(codes7, scales, minimums, CODES), acc7, CODES, PRECISE))
+    return (_value_product(w, _values(codes0, scales, minimums, CODES, PRECISE), acc0, CODES, PRECISE),
+            _value_product(w, _values(codes1, scales, minimums, CODES, PRECISE), acc1, CODES, PRECISE),
+            _value_product(w, _values(codes2, scales, minimums, CODES, PRECISE), acc2, CODES, PRECISE),
+            _value_product(w, _values(codes3, scales, minimums, CODES, PRECISE), acc3, CODES, PRECISE),
+            _value_product(w, _values(codes4, scales, minimums, CODES, PRECISE), acc4, CODES, PRECISE),
+            _value_product(w, _values(codes5, scales, minimums, CODES, PRECISE), acc5, CODES, PRECISE),
+            _value_product(w, _values(codes6, scales, minimums, CODES, PRECISE), acc6, CODES, PRECISE),
+            _value_product(w, _values(codes7, scales, minimums, CODES, PRECISE), acc7, CODES, PRECISE))
 
 
 @triton.jit
@@ -335,12 +340,12 @@ def _rescaled(accs, alpha):
 
 
 @triton.jit
-def _value_columns(accs, PAIRS: tl.constexpr, CODES: tl.constexpr):
+def _value_columns(accs, PAIRS: tl.constexpr, SUBNORMAL_CODES: tl.constexpr):
     """The eight bit-position accumulators (``_tile_values``) as one ``[M, 8 DB_PAD]``, column ``8 j + i``:
-    ``CODES``, each times ``2^24`` (the codes were ``code * 2^-24``, ``_values``), and with ``PAIRS`` accumulator
-    ``i`` halved ``i`` times (exact: powers of two)."""
+    ``SUBNORMAL_CODES``, each times ``2^24`` (the codes were ``code * 2^-24``, ``_values``), and with ``PAIRS``
+    accumulator ``i`` halved ``i`` times (exact: powers of two)."""
     a0, a1, a2, a3, a4, a5, a6, a7 = accs
-    unit: tl.constexpr = 2.0 ** 24 if CODES else 1.0
+    unit: tl.constexpr = 2.0 ** 24 if SUBNORMAL_CODES else 1.0
     half: tl.constexpr = 0.5 if PAIRS else 1.0
     a0, a1, a2, a3 = a0 * unit, a1 * (unit * half), a2 * (unit * half ** 2), a3 * (unit * half ** 3)
     a4, a5, a6, a7 = a4 * (unit * half ** 4), a5 * (unit * half ** 5), a6 * (unit * half ** 6), a7 * (unit * half ** 7)
@@ -465,7 +470,7 @@ def decode_split_kernel(q_ptr, tables_ptr, table_scales_ptr, table_sums_ptr, sp_
             if PREFETCH:
                 norms, token_scales, token_minimums = next_norms, next_scales, next_minimums
         l_i = tl.sum(weight_sums, axis=1)
-        out = _value_columns(accs, PAIRS, VGROUP == D) + tl.sum(minimum_sums, axis=1)[:, None]
+        out = _value_columns(accs, PAIRS, VGROUP == D and not PRECISE) + tl.sum(minimum_sums, axis=1)[:, None]
         _store_partial(part_m_ptr, part_l_ptr, part_acc_ptr, part, m_i, l_i, out, M, D)
     else:
         # The exact tokens keep the queries padded to 16 rows: with M rows their loop took 20% more
@@ -497,6 +502,7 @@ def launch_config(group: int, head_dim: int, sketch_dim: int, outlier_sketch_dim
     sign bits unpacked in PTX, four bytes at a time (False under Triton's interpreter)."""
     step = group_size if n_outliers else BLOCK_TOKENS
     two_warps = not precise and sketch_dim <= 256 and head_dim <= 128
+    capped = two_warps and n_outliers and exact_outliers and head_dim in (64, 128)
     if (head_dim >= 256 or sketch_dim >= 512) and step % 16 == 0:
         step = 16  # tiles of half a group: wide rows leave no registers for 32 tokens
     sketched = n_outliers and not exact_outliers
@@ -523,18 +529,21 @@ def launch_config(group: int, head_dim: int, sketch_dim: int, outlier_sketch_dim
                 # make 128 table columns (more of them spill, and so does a loop of single positions at sketch 512).
                 UNROLL=8 if sketch_dim <= 256 and head_dim <= 128 else max(1, 1024 // sketch_dim),
                 # Three pipeline stages and the per-token numbers a tile ahead where they fit in registers: three
-                # stages spill at head dim 256 and at sketch 512, the prefetch at head dim 256 with sketch 1024.
-                num_stages=3 if sketch_dim <= 256 and head_dim <= 128 else 2,
+                # stages spill at head dim 256 and at sketch 512, the prefetch at head dim 256 with sketch 1024. Two
+                # where the register cap below makes room for six programs a multiprocessor.
+                num_stages=2 if capped or not (sketch_dim <= 256 and head_dim <= 128) else 3,
                 PREFETCH=head_dim * sketch_dim < 256 * 1024,
                 # Two warps a program where they fit in registers: on the H100 at 31602b4, 27-33% faster than four at
                 # 32k and 128k tokens, batch 1 and 8, bf16 (fewer instructions a tile, four programs a multiprocessor
                 # in place of two). fp32 queries (two products per value pair, three limbs) spill with two on Triton
                 # 3.9, and at head dim 256 with four.
                 num_warps=(8 if head_dim >= 256 else 4) if precise else 2 if two_warps else 4,
-                # Five programs of two warps a multiprocessor need at most 200 registers (65536 / (5 x 64), in steps
-                # of 8): exact outliers at head dims 64 and 128 compile within that without spills, where ptxas would
-                # take 201-202 (4 queries, Triton 3.6, sm_90), four programs; other launches spill at 200.
-                maxnreg=200 if two_warps and n_outliers and exact_outliers and head_dim in (64, 128) else 255)
+                # Six programs of two warps a multiprocessor need at most 168 registers (65536 / (6 x 64), in steps
+                # of 8) and two stages' shared memory: exact outliers at head dims 64 and 128 compile within that
+                # without spills (Triton 3.6 and 3.9, sm_90). On the H100 six took 0.85-0.88x the time of four (a
+                # cap of 200 and three stages, where the driver fit four, not five) at batch 8, 32k and 128k tokens,
+                # 0.91-0.92x at batch 1 and 128k, 1.00-1.05x at batch 1 and 32k (profiling/results/nvidia-h100).
+                maxnreg=168 if capped else 255)
 
 
 # The driver's count for each launch (``resident``), kept for the process; scripts/decode_occupancy.py prints it.

@@ -25,7 +25,7 @@ def main():
         q, k, v = decode_inputs(batch, context, torch.device("cuda"))
         layer = qjl_layer(config, k, v)
         args = decode_arguments(layer, q, HEAD_DIM ** -0.5)
-        for tuning in ({}, dict(maxnreg=255), dict(num_stages=2, maxnreg=168), dict(num_warps=4)):
+        for tuning in ({}, dict(maxnreg=255), dict(num_stages=3, maxnreg=200), dict(num_warps=4)):
             da.RESIDENT_PROGRAMS.clear()
             da.decode_attention(*args, tuning=dict(tuning))
             ms = do_bench_cudagraph(lambda: da.decode_attention(*args, tuning=dict(tuning)))

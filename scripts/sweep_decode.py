@@ -29,17 +29,15 @@ from profiling.cmd_bench_kernels import HEAD_DIM, decode_bytes, decode_inputs, q
 from qjl.backend import decode_arguments  # noqa: E402
 from qjl.config import QJLConfig  # noqa: E402
 
-# Launch choices beside the default (``launch_config``: three stages, two warps, a cap of 200 registers at the
-# benchmark's shapes, per-token numbers a tile ahead, PTX bit unpacking; one wave of the programs that fit), each the
-# default with what it names changed. On the H100 at 20a307d the default was the fastest of 17 at every shape
-# (profiling/results/nvidia-h100/); these are the ones worth re-timing when the kernel changes: the pipeline depth,
-# the prefetch, four warps, no register cap (202 registers, four programs a multiprocessor in place of five), two
-# stages with a cap of 168 registers (six programs, by registers and by shared memory: the kernel takes 198 registers
-# and 43 KB at the benchmark's shapes, 26.6 KB with two stages, and 168 compiles without spills there with Triton
-# 3.6), more programs than fit, and the interpreter's element-wise unpacking in place of the PTX (whose max_diff also
-# checks the PTX on the GPU).
-TUNINGS = [dict(num_stages=2), dict(num_stages=4), dict(PREFETCH=False), dict(num_warps=4), dict(maxnreg=255),
-           dict(num_stages=2, maxnreg=168), dict(programs_per_sm=8), dict(ASM=False)]
+# Launch choices beside the default (``launch_config``: two stages and a cap of 168 registers at the benchmark's
+# shapes, six programs a multiprocessor; two warps, per-token numbers a tile ahead, PTX bit unpacking; one wave of the
+# programs that fit), each the default with what it names changed. On the H100 at cb8154c the default then (three
+# stages, a cap of 200, four programs a multiprocessor by the driver's count) took 1.00-1.17x the time of this one
+# (profiling/results/nvidia-h100/); these are the ones worth re-timing when the kernel changes: that launch, the cap
+# alone, no cap, the prefetch, four warps, more programs than fit, and the interpreter's element-wise unpacking in
+# place of the PTX (whose max_diff also checks the PTX on the GPU).
+TUNINGS = [dict(num_stages=3, maxnreg=200), dict(maxnreg=200), dict(maxnreg=255), dict(num_stages=1),
+           dict(PREFETCH=False), dict(num_warps=4), dict(programs_per_sm=8), dict(ASM=False)]
 BASELINE = "kernels.decode_attention_baseline"
 
 

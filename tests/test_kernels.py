@@ -245,6 +245,21 @@ def test_tensor_cores_keep_fp16_subnormal_codes():
     assert ((out.cpu().double() - expected).abs() <= bound).all()
 
 
+def test_tensor_cores_keep_subnormal_weights_of_subnormal_codes():
+    """With bf16 or fp16 queries a token's value weight (its softmax weight times its value scale) reaches the
+    products in fp16, subnormal below 2^-14, times the subnormal codes: tokens far below the maximum score count
+    only where the tensor cores keep such products (both inputs subnormal, products near 2^-40)."""
+    generator = torch.Generator().manual_seed(12)
+    codes = torch.randint(1, 1024, (16, 16), generator=generator, dtype=torch.int16)
+    weights = (torch.rand(16, 16, generator=generator) * 2.0 ** -14).to(torch.float16)  # subnormal fp16
+    assert (weights.float().abs() < 2.0 ** -14).all() and weights.any()
+    out = torch.empty(16, 16, dtype=torch.float32, device=DEVICE)
+    _codes_product[(1,)](codes.to(DEVICE), weights.to(DEVICE), out)
+    expected = weights.double() @ codes.double() * 2.0 ** -24
+    bound = weights.double().abs() @ codes.double().abs() * 2.0 ** -24 * 2 ** -20
+    assert ((out.cpu().double() - expected).abs() <= bound).all()
+
+
 def filled_layer(config, b, h, d, prompt, steps, dtype, seed=0):
     """A QJLLayer after a prompt and ``steps`` decode tokens (built with the torch reference)."""
     generator = torch.Generator().manual_seed(seed)
