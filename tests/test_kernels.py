@@ -46,6 +46,7 @@ if not interpreter_runs_dynamic_loops():
     pytest.skip(f"Triton {triton.__version__}'s interpreter cannot run kernels with NumPy {numpy.__version__}: "
                 "install numpy<2.3 or a newer Triton", allow_module_level=True)
 
+from kernels.combine_splits import combine_splits  # noqa: E402
 from kernels.common import multiprocessors  # noqa: E402
 from kernels.decode_attention import decode_attention, query_chunks, split_size  # noqa: E402
 from kernels.decode_project import LIMB_BASE, from_limbs, project_queries, sketch_tables  # noqa: E402
@@ -192,7 +193,7 @@ def test_scores_match_reference(d, queries, k, centered, exact):
 
 
 @pytest.mark.parametrize("queries,d,sketch_dim,dtype", [(3, 64, 120, "fp32"), (4, 128, 256, "bf16"),
-                                                     (1, 64, 72, "fp16")])
+                                                     (1, 64, 72, "fp16"), (2, 72, 512, "bf16")])
 def test_query_projection_in_bit_order(queries, d, sketch_dim, dtype):
     """``q @ S.T`` with column ``i * BP + j`` holding sketch row ``8 j + i``, as int8 limbs and a scale per row: three
     limbs for fp32 queries (~2^-24 of the row's largest), two for the others (~2^-16); the sketch's own rows split
@@ -297,6 +298,24 @@ def test_fused_decode_matches_reference_attend(monkeypatch, d, group, dtype, con
     assert out.shape == ref.shape == (b, 1, h * group, d) and out.dtype == query.dtype
     atol = {"fp32": 1e-5, "fp16": 2e-3, "bf16": 1e-2}[dtype]
     torch.testing.assert_close(out, ref, rtol=atol, atol=atol)
+
+
+@pytest.mark.parametrize("splits,d", [(3, 64), (300, 72)])
+def test_combine_splits_merges_partial_softmaxes(splits, d):
+    """Partial maxima (log2 units), sums and outputs of the splits merge into each row's softmax average: 300
+    splits take three blocks of 128, head dim 72 a masked column block, and empty splits (max -inf) count nothing."""
+    generator = torch.Generator().manual_seed(splits)
+    bh, m = 3, 4
+    part_m = torch.randn(bh, splits, m, generator=generator) * 4
+    part_m[:, 1] = float("-inf")  # a split that held no token
+    part_l = torch.rand(bh, splits, m, generator=generator) + 0.5
+    part_l[:, 1] = 0.0
+    part_acc = torch.randn(bh, splits, m, d, generator=generator)
+    part_acc[:, 1] = 0.0
+    out = combine_splits(part_m.to(DEVICE), part_l.to(DEVICE), part_acc.to(DEVICE), torch.float32)
+    weight = torch.exp2(part_m.double() - part_m.double().amax(dim=1, keepdim=True))
+    expected = (weight[..., None] * part_acc.double()).sum(1) / (weight * part_l.double()).sum(1)[..., None]
+    torch.testing.assert_close(out.cpu().double(), expected, rtol=1e-5, atol=1e-6)
 
 
 def test_fused_decode_launch_choices_agree():
