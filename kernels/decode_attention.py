@@ -503,6 +503,7 @@ def launch_config(group: int, head_dim: int, sketch_dim: int, outlier_sketch_dim
     step = group_size if n_outliers else BLOCK_TOKENS
     two_warps = not precise and sketch_dim <= 256 and head_dim <= 128
     capped = two_warps and n_outliers and exact_outliers and head_dim in (64, 128)
+    six_programs = capped and value_group_size == head_dim  # grouped value scales spill 8 bytes at 168
     if (head_dim >= 256 or sketch_dim >= 512) and step % 16 == 0:
         step = 16  # tiles of half a group: wide rows leave no registers for 32 tokens
     sketched = n_outliers and not exact_outliers
@@ -531,7 +532,7 @@ def launch_config(group: int, head_dim: int, sketch_dim: int, outlier_sketch_dim
                 # Three pipeline stages and the per-token numbers a tile ahead where they fit in registers: three
                 # stages spill at head dim 256 and at sketch 512, the prefetch at head dim 256 with sketch 1024. Two
                 # where the register cap below makes room for six programs a multiprocessor.
-                num_stages=2 if capped or not (sketch_dim <= 256 and head_dim <= 128) else 3,
+                num_stages=2 if six_programs or not (sketch_dim <= 256 and head_dim <= 128) else 3,
                 PREFETCH=head_dim * sketch_dim < 256 * 1024,
                 # Two warps a program where they fit in registers: on the H100 at 31602b4, 27-33% faster than four at
                 # 32k and 128k tokens, batch 1 and 8, bf16 (fewer instructions a tile, four programs a multiprocessor
@@ -539,11 +540,13 @@ def launch_config(group: int, head_dim: int, sketch_dim: int, outlier_sketch_dim
                 # 3.9, and at head dim 256 with four.
                 num_warps=(8 if head_dim >= 256 else 4) if precise else 2 if two_warps else 4,
                 # Six programs of two warps a multiprocessor need at most 168 registers (65536 / (6 x 64), in steps
-                # of 8) and two stages' shared memory: exact outliers at head dims 64 and 128 compile within that
-                # without spills (Triton 3.6 and 3.9, sm_90). On the H100 six took 0.85-0.88x the time of four (a
-                # cap of 200 and three stages, where the driver fit four, not five) at batch 8, 32k and 128k tokens,
-                # 0.91-0.92x at batch 1 and 128k, 1.00-1.05x at batch 1 and 32k (profiling/results/nvidia-h100).
-                maxnreg=168 if capped else 255)
+                # of 8) and two stages' shared memory: exact outliers at head dims 64 and 128 with a value scale per
+                # token compile within that without spills (Triton 3.6 and 3.9, sm_90 and sm_80). On the H100 six
+                # took 0.85-0.88x the time of four (a cap of 200 and three stages, where the driver fit four, not
+                # five) at batch 8, 32k and 128k tokens, 0.91-0.92x at batch 1 and 128k, 1.00-1.05x at batch 1 and
+                # 32k (profiling/results/nvidia-h100). Grouped value scales keep that cap of 200 (8 bytes of stack
+                # at 168 with Triton 3.6).
+                maxnreg=168 if six_programs else 200 if capped else 255)
 
 
 # The driver's count for each launch (``resident``), kept for the process; scripts/decode_occupancy.py prints it.
