@@ -1,0 +1,59 @@
+"""The three launches of one fused decode step timed apart, at Llama-3.1-8B attention shapes and the 3bit preset: the
+queries' projection (``kernels.decode_project``), the splits (``kernels.decode_attention``'s split kernel, the
+whole step less the other two) and their merge (``kernels.combine_splits``, on as many splits as the step makes),
+next to bf16 SDPA; CUDA-graph replays. At batch 1 the projection and the merge are a fixed cost that the splits'
+work does not amortise.
+
+    python scripts/decode_launches.py
+"""
+
+import sys
+from pathlib import Path
+
+import torch
+from triton.testing import do_bench_cudagraph
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from kernels import decode_attention as da  # noqa: E402
+from kernels.combine_splits import combine_splits  # noqa: E402
+from kernels.decode_project import project_queries  # noqa: E402
+from profiling.cmd_bench_kernels import HEAD_DIM, KV_HEADS, Q_HEADS, decode_inputs, qjl_layer, sdpa_calls  # noqa: E402
+from qjl.backend import decode_arguments  # noqa: E402
+from qjl.config import QJLConfig  # noqa: E402
+
+
+def main():
+    device = torch.device("cuda")
+    config = QJLConfig.preset("3bit", head_dim=HEAD_DIM)
+    group = Q_HEADS // KV_HEADS
+    for batch, context in ((1, 1024), (1, 32768), (1, 131072), (8, 32768)):
+        q, k, v = decode_inputs(batch, context, device)
+        sdpa = min(do_bench_cudagraph(fn) for fn in sdpa_calls(q, k, v, HEAD_DIM ** -0.5).values())
+        layer = qjl_layer(config, k, v)
+        del k, v
+        args = decode_arguments(layer, q, HEAD_DIM ** -0.5)
+        da.RESIDENT_PROGRAMS.clear()
+        da.decode_attention(*args)
+        # the driver's count, which the launcher just read (none under the interpreter, which takes its own)
+        programs_per_sm = next(iter(da.RESIDENT_PROGRAMS.values()), da.INTERPRETER_PROGRAMS_PER_SM)
+        step = da.launch_config(group, HEAD_DIM, config.sketch_dim, 16, config.n_outliers, config.group_size,
+                                config.center_keys, config.value_bits, config.value_group_size,
+                                config.exact_outliers)["STEP"]
+        programs = batch * KV_HEADS
+        splits = -(-layer.n_compressed // da.split_size(layer.n_compressed, programs, step, programs_per_sm,
+                                                        device)) + 1
+        whole = do_bench_cudagraph(lambda: da.decode_attention(*args))
+        queries = q.reshape(programs, group, HEAD_DIM)
+        project = do_bench_cudagraph(lambda: project_queries(queries, layer.sketch.matrix, False))
+        part_m = torch.zeros(programs, splits, group, device=device)
+        part_l, part_acc = torch.ones_like(part_m), torch.zeros(programs, splits, group, HEAD_DIM, device=device)
+        merge = do_bench_cudagraph(lambda: combine_splits(part_m, part_l, part_acc, torch.bfloat16))
+        print(f"batch {batch} context {context}: step {whole * 1e3:.1f} us (SDPA {sdpa * 1e3:.1f}): projection "
+              f"{project * 1e3:.1f}, splits about {(whole - project - merge) * 1e3:.1f} ({splits - 1} splits a KV "
+              f"head and one of exact tokens, {programs_per_sm} programs a multiprocessor), merge {merge * 1e3:.1f}",
+              flush=True)
+
+
+if __name__ == "__main__":
+    main()
