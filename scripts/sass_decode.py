@@ -43,6 +43,8 @@ DEFAULT_SHAPES = ["llama8b/3bit/exact/sketch256", "llama8b/3bit/sketched/sketch2
 SHARED_OR_SHUFFLE = {"LDS", "STS", "LDSM", "STSM", "SHFL", "BAR"}
 # Kernels up to e843268 read the projections and the sketch's rows as fp16 high and low parts, not int8 limbs.
 FP16_TABLES = dict(tables_ptr="*fp16", sp_hi_ptr="*fp16", sp_lo_ptr="*fp16", spo_hi_ptr="*fp16", spo_lo_ptr="*fp16")
+# Kernels before 289b49f read the exact outlier channels' values, not residuals.
+OUTLIER_VALUES = dict(ovalues_ptr="*fp16")
 
 
 def disassemble(cubin: bytes) -> list[tuple[int, str, str | None]]:
@@ -112,7 +114,8 @@ def count(module, config: dict, group: int, arch: int, top: int = 0) -> dict:
                                config["GROUP"], config["CENTERED"], config["BITS"], config["VGROUP"],
                                config["EXACT"], config["PRECISE"])
     fn = module.decode_split_kernel
-    pointers = {**POINTERS["decode_split"], **(FP16_TABLES if "sp_hi_ptr" in fn.arg_names else {})}
+    pointers = {**POINTERS["decode_split"], **(FP16_TABLES if "sp_hi_ptr" in fn.arg_names else {}),
+                **(OUTLIER_VALUES if "ovalues_ptr" in fn.arg_names else {})}
     cubin = compile_for(fn, pointers, own, arch, LAUNCH_MULTIPLES_OF_16["decode_split"]).asm["cubin"]
     body = loop_body(disassemble(cubin))
     texts = [text for _, text, _ in body]
