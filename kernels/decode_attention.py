@@ -36,7 +36,7 @@ import triton
 import triton.language as tl
 
 from .combine_splits import combine_splits
-from .common import dot3, dot_exact_rhs, interpreting, multiprocessors, pow2, resident_programs
+from .common import dot3, interpreting, multiprocessors, pow2, resident_programs
 from .decode_project import LIMB_BASE, limb_count, padded_bytes, project_queries, sketch_tables
 from .scores import BLOCK_TOKENS, load_queries, query_mean
 
@@ -237,9 +237,12 @@ def _interleaved(plane0, plane1, MASK: tl.constexpr, ASM: tl.constexpr):
 
 @triton.jit
 def _value_product(weights, values, acc, CODES: tl.constexpr, PRECISE: tl.constexpr):
-    """``acc + weights @ values``; ``CODES``: the values are integers, exact in fp16."""
+    """``acc + weights @ values``; ``CODES``: the values are integers, exact in fp16. fp32 queries (``PRECISE``) with
+    codes take fp32 multiplies and sums: on the H100 fp16 products of the weights' high and low parts with the codes
+    left the outputs 2.8e-5 to 5.6e-5 from the reference, fp32 arithmetic 4.5e-7 to 7.2e-7
+    (profiling/results/nvidia-h100/fp32-diagnosis.txt)."""
     if PRECISE and CODES:
-        return acc + dot_exact_rhs(weights, values)
+        return acc + tl.sum(weights[:, :, None] * values[None, :, :], axis=1)
     elif PRECISE:
         return acc + dot3(weights, values)
     else:
@@ -250,12 +253,10 @@ def _value_product(weights, values, acc, CODES: tl.constexpr, PRECISE: tl.conste
 def _values(codes, scales, minimums, CODES: tl.constexpr, PRECISE: tl.constexpr):
     """``CODES``: the int16 codes as the fp16 numbers ``code * 2^-24``, with no instruction at all (below 2048, the
     bit pattern ``n`` of an fp16 number, subnormal or with exponent field 1, is ``n * 2^-24``: tensor cores keep
-    subnormal inputs times normal ones); with fp32 queries (``PRECISE``) as the integers themselves, whose products
-    with the weights' low parts (often subnormal) are then products of a normal and a subnormal number (on the H100
-    at cb8154c, subnormal codes left fp32 outputs 2.8e-5 to 5.6e-5 from the reference, and the same products in
-    fp32 arithmetic 4.5e-7 to 7.2e-7); else the codes dequantized in fp32."""
+    subnormal inputs times normal ones), or for fp32 queries (``PRECISE``, ``_value_product``) as fp32 integers;
+    else the codes dequantized in fp32."""
     if CODES and PRECISE:
-        return codes.to(tl.float16)
+        return codes.to(tl.float32)
     elif CODES:
         return codes.to(tl.float16, bitcast=True)
     else:
@@ -497,8 +498,9 @@ def launch_config(group: int, head_dim: int, sketch_dim: int, outlier_sketch_dim
                   group_size: int, centered: bool, value_bits: int, value_group_size: int,
                   exact_outliers: bool = False, precise: bool = False, asm: bool = True) -> dict:
     """The constexprs (and warps) for ``group`` queries a KV head; also what ``kernels-compile`` checks. ``precise``:
-    fp32 queries, whose products take three int8 limbs of the projections (~2^-24) and fp16 high and low parts of
-    the weights (~2^-22); fp16 and bf16 queries take two limbs (~2^-16) and one fp16 product (~2^-11). ``asm``:
+    fp32 queries, whose products take three int8 limbs of the projections (~2^-24) and fp32 arithmetic or fp16 high
+    and low parts of the weights (~2^-22); fp16 and bf16 queries take two limbs (~2^-16) and one fp16 product
+    (~2^-11). ``asm``:
     sign bits unpacked in PTX, four bytes at a time (False under Triton's interpreter)."""
     step = group_size if n_outliers else BLOCK_TOKENS
     two_warps = not precise and sketch_dim <= 256 and head_dim <= 128

@@ -246,16 +246,26 @@ def test_tensor_cores_keep_fp16_subnormal_codes():
     assert ((out.cpu().double() - expected).abs() <= bound).all()
 
 
-def test_tensor_cores_keep_subnormal_weights_of_subnormal_codes():
+@triton.jit
+def _converted_codes_product(codes_ptr, weights_ptr, out_ptr):
+    offs = tl.arange(0, 16)[:, None] * 16 + tl.arange(0, 16)[None, :]
+    codes = tl.load(codes_ptr + offs).to(tl.float16, bitcast=True)
+    tl.store(out_ptr + offs, tl.dot(tl.load(weights_ptr + offs).to(tl.float16), codes))
+
+
+@pytest.mark.parametrize("weights_from", ["fp16", "fp32"])
+def test_tensor_cores_keep_subnormal_weights_of_subnormal_codes(weights_from):
     """With bf16 or fp16 queries a token's value weight (its softmax weight times its value scale) reaches the
     products in fp16, subnormal below 2^-14, times the subnormal codes: tokens far below the maximum score count
-    only where the tensor cores keep such products (both inputs subnormal, products near 2^-40)."""
+    only where the tensor cores keep such products (both inputs subnormal, products near 2^-40). ``fp32``: the
+    weights converted in the kernel, as the decode kernel converts them."""
     generator = torch.Generator().manual_seed(12)
     codes = torch.randint(1, 1024, (16, 16), generator=generator, dtype=torch.int16)
     weights = (torch.rand(16, 16, generator=generator) * 2.0 ** -14).to(torch.float16)  # subnormal fp16
     assert (weights.float().abs() < 2.0 ** -14).all() and weights.any()
     out = torch.empty(16, 16, dtype=torch.float32, device=DEVICE)
-    _codes_product[(1,)](codes.to(DEVICE), weights.to(DEVICE), out)
+    product = _codes_product if weights_from == "fp16" else _converted_codes_product
+    product[(1,)](codes.to(DEVICE), weights.to(DEVICE, DTYPES[weights_from]), out)
     expected = weights.double() @ codes.double() * 2.0 ** -24
     bound = weights.double().abs() @ codes.double().abs() * 2.0 ** -24 * 2 ** -20
     assert ((out.cpu().double() - expected).abs() <= bound).all()
