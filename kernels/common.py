@@ -84,6 +84,12 @@ def resident_programs(kernel) -> int:
     return max(1, programs.value)
 
 
+def sketch_scale(matrix: torch.Tensor) -> float:
+    """``sqrt(pi / 2) / m`` for a sketch ``matrix`` ``[m, d]``: what turns sign agreements times a key's norm into an
+    inner product estimate (``qjl.sketch.QJLSketch.scale``)."""
+    return math.sqrt(math.pi / 2) / matrix.shape[0]
+
+
 def pow2(n: int, minimum: int = 1) -> int:
     return max(minimum, triton.next_power_of_2(n))
 

@@ -36,7 +36,7 @@ import triton
 import triton.language as tl
 
 from .combine_splits import combine_splits
-from .common import dot3, interpreting, multiprocessors, pow2, resident_programs
+from .common import dot3, interpreting, multiprocessors, pow2, resident_programs, sketch_scale
 from .decode_project import LIMB_BASE, limb_count, padded_bytes, project_queries, sketch_tables
 from .scores import BLOCK_TOKENS, load_queries, query_mean
 
@@ -615,13 +615,13 @@ def decode_attention(query: torch.Tensor, keys, values, value_bits: int, matrix:
         return signs if t is None else t.contiguous()
 
     mean = key_mean.float().contiguous() if key_mean is not None else q
-    oscale = (torch.pi / 2) ** 0.5 / outlier_matrix.shape[0] if outlier_matrix is not None else 0.0
+    oscale = sketch_scale(outlier_matrix) if outlier_matrix is not None else 0.0
 
     def arguments(parts, per_split):
         return (q, *query_rows, *sketch_rows, *outlier_rows, mean, signs.contiguous(), norms.contiguous(),
                 present(idx), present(osigns), present(onorms), present(oresiduals), packed, scales, minimums, sink_k,
                 sink_v, buf_k, buf_v, *parts, n, idx.shape[2] if k else 0, per_split, sink_k.shape[2],
-                buf_k.shape[2], (torch.pi / 2) ** 0.5 / matrix.shape[0], oscale, scaling * LOG2E)
+                buf_k.shape[2], sketch_scale(matrix), oscale, scaling * LOG2E)
 
     if "programs_per_sm" in tuning or interpreting():
         programs_per_sm = tuning.pop("programs_per_sm", INTERPRETER_PROGRAMS_PER_SM)

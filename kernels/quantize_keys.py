@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import dot3, dot_exact_lhs, head_rows, pack_rows, pow2, unpack_rows
+from .common import dot3, dot_exact_lhs, head_rows, pack_rows, pow2, sketch_scale, unpack_rows
 
 BLOCK_TOKENS = 32
 BLOCK_SKETCH = 64
@@ -161,7 +161,7 @@ def quantize_keys_kernel(keys_ptr, mean_ptr, idx_ptr, s_ptr, so_ptr, signs_ptr, 
                          WORDS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
     """One block of tokens of one (batch, head): keys ``[BH, n, D]`` (heads ``keys_head_stride`` apart), mean
     ``[BH, D]``, idx ``[BH, n, K]`` (K = 0: no outliers); ``EXACT``: outlier residuals ``[BH, n, K]`` instead of
-    outlier signs and norms; ``scale``: the sketch's, ``sqrt(pi / 2) / SKETCH``."""
+    outlier signs and norms; ``scale``: the sketch's (``common.sketch_scale``)."""
     bh, block = tl.program_id(0), tl.program_id(1)
     tokens = block * BLOCK_N + tl.arange(0, BLOCK_N)
     ok = tokens < n_tokens
@@ -226,6 +226,6 @@ def quantize_keys(keys: torch.Tensor, matrix: torch.Tensor, outlier_matrix: torc
                                    matrix if outlier_matrix is None else outlier_matrix.contiguous(), signs, norms,
                                    unused if osigns is None else osigns, unused if onorms is None else onorms,
                                    unused if oresiduals is None else oresiduals, n, keys.stride(0),
-                                   (torch.pi / 2) ** 0.5 / sketch_dim,
+                                   sketch_scale(matrix),
                                    **launch_config(d, sketch_dim, outlier_dim, k, exact))
     return signs, norms, osigns, onorms, oresiduals

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import dot3, dot_exact_rhs, multiprocessors, pow2, unpack_rows
+from .common import dot3, dot_exact_rhs, multiprocessors, pow2, sketch_scale, unpack_rows
 
 BLOCK_TOKENS = 32  # tile without outliers; with outliers a tile is one token group
 BLOCK_SKETCH = 64  # sketch slice scored at a time
@@ -187,7 +187,7 @@ def outlier_arguments(keys, matrix: torch.Tensor, outlier_matrix: torch.Tensor |
 
     if outlier_matrix is None:
         return present(idx), signs, signs, present(oresiduals), matrix, 0.0
-    oscale = (torch.pi / 2) ** 0.5 / outlier_matrix.shape[0]
+    oscale = sketch_scale(outlier_matrix)
     return present(idx), present(osigns), present(onorms), signs, outlier_matrix.contiguous(), oscale
 
 
@@ -213,5 +213,5 @@ def compressed_scores(query: torch.Tensor, keys, matrix: torch.Tensor, outlier_m
     scratch = q.new_empty(grid[0] * grid[1], m, matrix.shape[0])  # each program's query projection
     scores_kernel[grid](q, matrix.contiguous(), so, mean, signs.contiguous(), norms.contiguous(), idx, osigns,
                         onorms, oresiduals, scratch, out, n, idx.shape[2] if k else 0, per_program,
-                        (torch.pi / 2) ** 0.5 / matrix.shape[0], oscale, **config)
+                        sketch_scale(matrix), oscale, **config)
     return out
