@@ -503,7 +503,8 @@ def launch_config(group: int, head_dim: int, sketch_dim: int, outlier_sketch_dim
     (~2^-11). ``asm``:
     sign bits unpacked in PTX, four bytes at a time (False under Triton's interpreter)."""
     step = group_size if n_outliers else BLOCK_TOKENS
-    two_warps = not precise and sketch_dim <= 256 and head_dim <= 128
+    narrow = sketch_dim <= 256 and head_dim <= 128  # rows that leave registers for the choices below
+    two_warps = not precise and narrow
     capped = two_warps and n_outliers and exact_outliers and head_dim in (64, 128)
     six_programs = capped and value_group_size == head_dim  # grouped value scales spill 8 bytes at 168
     if (head_dim >= 256 or sketch_dim >= 512) and step % 16 == 0:
@@ -530,11 +531,11 @@ def launch_config(group: int, head_dim: int, sketch_dim: int, outlier_sketch_dim
                 # How many of the eight bit positions are unrolled: all, up to sketch 256 and head dim 128 (fastest);
                 # the table loads of the unrolled positions are hoisted and held, so wider sketches unroll as many as
                 # make 128 table columns (more of them spill, and so does a loop of single positions at sketch 512).
-                UNROLL=8 if sketch_dim <= 256 and head_dim <= 128 else max(1, 1024 // sketch_dim),
+                UNROLL=8 if narrow else max(1, 1024 // sketch_dim),
                 # Three pipeline stages and the per-token numbers a tile ahead where they fit in registers: three
                 # stages spill at head dim 256 and at sketch 512, the prefetch at head dim 256 with sketch 1024. Two
                 # where the register cap below makes room for six programs a multiprocessor.
-                num_stages=2 if six_programs or not (sketch_dim <= 256 and head_dim <= 128) else 3,
+                num_stages=3 if narrow and not six_programs else 2,
                 PREFETCH=head_dim * sketch_dim < 256 * 1024,
                 # Two warps a program where they fit in registers: on the H100 at 31602b4, 27-33% faster than four at
                 # 32k and 128k tokens, batch 1 and 8, bf16 (fewer instructions a tile, four programs a multiprocessor
