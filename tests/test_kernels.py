@@ -227,9 +227,11 @@ def test_query_projection_in_bit_order(queries, d, sketch_dim, dtype):
 
 @triton.jit
 def _codes_product(codes_ptr, weights_ptr, out_ptr):
+    """fp16 weights as loaded, or fp32 ones converted in the kernel as the decode kernel converts them, times the
+    codes as fp16 bit patterns."""
     offs = tl.arange(0, 16)[:, None] * 16 + tl.arange(0, 16)[None, :]
     codes = tl.load(codes_ptr + offs).to(tl.float16, bitcast=True)
-    tl.store(out_ptr + offs, tl.dot(tl.load(weights_ptr + offs), codes))
+    tl.store(out_ptr + offs, tl.dot(tl.load(weights_ptr + offs).to(tl.float16), codes))
 
 
 def test_tensor_cores_keep_fp16_subnormal_codes():
@@ -246,13 +248,6 @@ def test_tensor_cores_keep_fp16_subnormal_codes():
     assert ((out.cpu().double() - expected).abs() <= bound).all()
 
 
-@triton.jit
-def _converted_codes_product(codes_ptr, weights_ptr, out_ptr):
-    offs = tl.arange(0, 16)[:, None] * 16 + tl.arange(0, 16)[None, :]
-    codes = tl.load(codes_ptr + offs).to(tl.float16, bitcast=True)
-    tl.store(out_ptr + offs, tl.dot(tl.load(weights_ptr + offs).to(tl.float16), codes))
-
-
 @pytest.mark.parametrize("weights_from", ["fp16", "fp32"])
 def test_tensor_cores_keep_subnormal_weights_of_subnormal_codes(weights_from):
     """With bf16 or fp16 queries a token's value weight (its softmax weight times its value scale) reaches the
@@ -264,20 +259,20 @@ def test_tensor_cores_keep_subnormal_weights_of_subnormal_codes(weights_from):
     weights = (torch.rand(16, 16, generator=generator) * 2.0 ** -14).to(torch.float16)  # subnormal fp16
     assert (weights.float().abs() < 2.0 ** -14).all() and weights.any()
     out = torch.empty(16, 16, dtype=torch.float32, device=DEVICE)
-    product = _codes_product if weights_from == "fp16" else _converted_codes_product
-    product[(1,)](codes.to(DEVICE), weights.to(DEVICE, DTYPES[weights_from]), out)
+    _codes_product[(1,)](codes.to(DEVICE), weights.to(DEVICE, DTYPES[weights_from]), out)
     expected = weights.double() @ codes.double() * 2.0 ** -24
     bound = weights.double().abs() @ codes.double().abs() * 2.0 ** -24 * 2 ** -20
     assert ((out.cpu().double() - expected).abs() <= bound).all()
 
 
-def filled_layer(config, b, h, d, prompt, steps, dtype, seed=0):
-    """A QJLLayer after a prompt and ``steps`` decode tokens (built with the torch reference)."""
+def filled_layer(config, b, h, d, prompt, steps, dtype, seed=0, value_scale=1.0):
+    """A QJLLayer after a prompt and ``steps`` decode tokens (built with the torch reference), its values
+    ``value_scale`` times standard normal."""
     generator = torch.Generator().manual_seed(seed)
     layer = QJLLayer(config, layer_idx=1)
     for n in [prompt] + [1] * steps:
-        k, v = (torch.randn(b, h, n, d, generator=generator).to(DEVICE, dtype) for _ in range(2))
-        layer.update(k, v)
+        k, v = (torch.randn(b, h, n, d, generator=generator) for _ in range(2))
+        layer.update(k.to(DEVICE, dtype), (v * value_scale).to(DEVICE, dtype))
     return layer
 
 
@@ -332,13 +327,8 @@ def test_fused_decode_keeps_tokens_of_subnormal_weights(monkeypatch):
     """Values near 2^-14 (bf16 queries, the benchmark's path): each token's weight in the fp16 value products, its
     softmax weight times a value scale near 2^-13, is subnormal for most tokens, as are the codes. Losing such
     products would drop most of the output's code part; the test holds it to 2% of the output's size."""
-    config = QJLConfig.preset("3bit", head_dim=128)
-    generator = torch.Generator().manual_seed(4)
-    layer = QJLLayer(config, layer_idx=1)
-    for n in [235, 1, 1]:
-        k = torch.randn(2, 2, n, 128, generator=generator).to(DEVICE, torch.bfloat16)
-        v = (torch.randn(2, 2, n, 128, generator=generator) * 2.0 ** -14).to(DEVICE, torch.bfloat16)
-        layer.update(k, v)
+    layer = filled_layer(QJLConfig.preset("3bit", head_dim=128), 2, 2, 128, prompt=235, steps=2, dtype=torch.bfloat16,
+                         seed=4, value_scale=2.0 ** -14)
     assert (layer.state["value_scales"].float() < 2.0 ** -11).all()
     query = torch.randn(2, 8, 1, 128, generator=torch.Generator().manual_seed(5)).to(DEVICE, torch.bfloat16)
     monkeypatch.setenv("QJL_BACKEND", "torch")
