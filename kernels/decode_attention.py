@@ -582,7 +582,7 @@ def decode_attention(query: torch.Tensor, keys, values, value_bits: int, matrix:
     scales, minimums) as ``QJLLayer`` stores them (``[b, h, n, ...]``); ``exact_keys``/``exact_values`` = (sink,
     buffer) ``[b, h, *, d]``. Returns ``[b, 1, hq, d]`` in the query's dtype. ``tuning`` overrides launch choices
     (``num_warps``, ``num_stages``, ``maxnreg``, ``UNROLL``, ``PREFETCH``, ``ASM``, ``programs_per_sm``,
-    ``min_tokens``) for benchmarks."""
+    ``min_tokens``, ``splits``: compressed splits per (batch, KV head)) for benchmarks."""
     signs, norms, idx, osigns, onorms, oresiduals = keys
     b, hq, _, d = query.shape
     h, n = signs.shape[1], signs.shape[2]
@@ -629,7 +629,10 @@ def decode_attention(query: torch.Tensor, keys, values, value_bits: int, matrix:
     else:
         programs_per_sm = resident(config, query.dtype, query.device, lambda: decode_split_kernel.warmup(
             *arguments([q.new_empty(1, dtype=torch.float32)] * 3, config["STEP"]), grid=(1,), **config))
-    per_split = split_size(n, programs, config["STEP"], programs_per_sm, query.device, **tuning)
+    if "splits" in tuning:
+        per_split = triton.cdiv(triton.cdiv(n, tuning.pop("splits")), config["STEP"]) * config["STEP"]
+    else:
+        per_split = split_size(n, programs, config["STEP"], programs_per_sm, query.device, **tuning)
     splits = triton.cdiv(n, per_split) if n else 0
     part_m = q.new_empty(programs, splits + 1, config["M"], dtype=torch.float32)
     part_l = torch.empty_like(part_m)

@@ -212,12 +212,12 @@ def measure_row(config, batch, context, device, measure, timed: bool, prefill: b
         qp = torch.randn(batch, Q_HEADS, context, HEAD_DIM, device=device, dtype=k.dtype, generator=gen)
         row["prefill_attention_ms"] = measure(
             lambda: F.scaled_dot_product_attention(qp, k, v, is_causal=True, scale=scale, enable_gqa=True))
-        del qp
+        qp = None  # frees the queries (a del would unbind a name the lambda reads)
     for name, nbytes in (("sdpa", row["bytes"]["full"]), ("qjl_fused", row["bytes"]["qjl"])):
         for timing in ("", "_graph"):
             if row.get(f"{name}{timing}_ms"):
                 row[f"{name}{timing}_gbs"] = nbytes / row[f"{name}{timing}_ms"] / 1e6
-    del layer, k, v
+    layer = k = v = None  # frees the cache before empty_cache (a del would unbind names the lambdas read)
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return row

@@ -366,6 +366,25 @@ def test_decode_splits_fill_one_wave():
         assert per_split == 64 or programs > resident * sms - heads, (heads, tokens, programs)  # the wave is full
 
 
+def test_fused_decode_takes_a_split_count(monkeypatch):
+    """``tuning={"splits": s}`` (the sweep's way to time a split count) launches ``s`` splits a KV head, which
+    change nothing in the result."""
+    import kernels.decode_attention as fused
+
+    config = QJLConfig.preset("3bit", head_dim=64)
+    layer = filled_layer(config, 1, 2, 64, prompt=300, steps=1, dtype=torch.float32)
+    query = torch.randn(1, 6, 1, 64, generator=torch.Generator().manual_seed(6)).to(DEVICE)
+    arguments = decode_arguments(layer, query, 0.125)
+    default = decode_attention(*arguments)
+    launched = []
+    monkeypatch.setattr(fused, "combine_splits", lambda part_m, *rest: launched.append(part_m.shape[1])
+                        or combine_splits(part_m, *rest))
+    for splits in (1, 3, 9):  # 288 tokens: 288, 96 and 32 a split, multiples of the tile step
+        torch.testing.assert_close(decode_attention(*arguments, tuning=dict(splits=splits)), default, rtol=1e-5,
+                                   atol=1e-5)
+    assert launched == [2, 4, 10]  # the splits and the exact tokens' part
+
+
 def test_query_chunks_keep_rows_below_the_value_columns():
     """A KV head's queries split into the fewest equal chunks of fewer rows (padded to a power of two) than the value
     products' columns: 16 at head dims 64 and 128, 32 at 256."""
