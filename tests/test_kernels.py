@@ -58,6 +58,7 @@ from qjl import values as ref_values  # noqa: E402
 from qjl.backend import decode_arguments  # noqa: E402
 from qjl.cache import QJLCache, QJLLayer  # noqa: E402
 from qjl.config import QJLConfig  # noqa: E402
+from qjl.runner import cache_kwarg  # noqa: E402
 from qjl.sketch import QJLSketch  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -414,11 +415,12 @@ def test_whole_model_decoding_through_kernels_matches_torch(monkeypatch, tiny_ll
     def decode(backend):
         monkeypatch.setenv("QJL_BACKEND", backend)
         cache = QJLCache(model, config)
+        passed = {cache_kwarg(model): cache}  # forward's past_key_values goes at transformers 5.40
         with torch.no_grad():
-            out = model(ids, past_key_values=cache, use_cache=True)
+            out = model(ids, use_cache=True, **passed)
             logits, token = [], out.logits[:, -1:].argmax(-1)
             for _ in range(4):
-                out = model(token, past_key_values=cache, use_cache=True)
+                out = model(token, use_cache=True, **passed)
                 logits.append(out.logits[:, -1])
                 token = out.logits[:, -1:].argmax(-1)
         return torch.stack(logits, 1), cache
