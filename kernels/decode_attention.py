@@ -630,6 +630,8 @@ def decode_attention(query: torch.Tensor, keys, values, value_bits: int, matrix:
         programs_per_sm = resident(config, query.dtype, query.device, lambda: decode_split_kernel.warmup(
             *arguments([q.new_empty(1, dtype=torch.float32)] * 3, config["STEP"]), grid=(1,), **config))
     if "splits" in tuning:
+        if tuning["splits"] < 1:
+            raise ValueError(f"tuning splits must be at least 1, got {tuning['splits']}")
         per_split = triton.cdiv(triton.cdiv(n, tuning.pop("splits")), config["STEP"]) * config["STEP"]
     else:
         per_split = split_size(n, programs, config["STEP"], programs_per_sm, query.device, **tuning)

@@ -26,7 +26,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kernels.common import multiprocessors  # noqa: E402
 from kernels.decode_attention import RESIDENT_PROGRAMS, decode_attention  # noqa: E402
-from profiling.cmd_bench_kernels import HEAD_DIM, KV_HEADS, decode_bytes, decode_inputs, qjl_layer, sdpa_calls  # noqa: E402
+from profiling.cmd_bench_kernels import (  # noqa: E402
+    HEAD_DIM,
+    KV_HEADS,
+    decode_bytes,
+    decode_inputs,
+    qjl_layer,
+    sdpa_calls,
+)
 from qjl.backend import decode_arguments  # noqa: E402
 from qjl.config import QJLConfig  # noqa: E402
 
@@ -72,10 +79,11 @@ def main():
         fused_args = decode_arguments(layer, q, scale)
         RESIDENT_PROGRAMS.clear()
         reference = decode_attention(*fused_args).float()
-        # one split fewer a KV head than the default where the exact tokens' programs overflow the wave (the driver's
-        # count just read): they then wait for a split to finish, a second wave of one program's time
+        # the split count that keeps each KV head's exact-tokens program in the wave (the driver's count just read):
+        # at batch 8 one fewer than the default, whose exact programs wait for a split to finish; at batch 1 the
+        # default's own once tokens per split round up to whole tiles
         slots = next(iter(RESIDENT_PROGRAMS.values())) * multiprocessors(device)
-        tunings = TUNINGS + [dict(splits=slots // (batch * KV_HEADS) - 1)]
+        tunings = TUNINGS + [dict(splits=max(1, slots // (batch * KV_HEADS) - 1))]
         row["default_ms"] = do_bench_cudagraph(lambda: decode_attention(*fused_args))
         if baseline is not None:
             row["baseline_ms"] = do_bench_cudagraph(lambda: baseline(*fused_args))
