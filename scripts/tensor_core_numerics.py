@@ -13,7 +13,7 @@ hypothesis on top:
 - ``flush-pairs``: products of two fp16 subnormals (both operands under 2^-14) are zero;
 - ``flush-below:T``: products under 2^-T are zero.
 
-Integer products stay exact. Triton on a GPU folds ``acc + tl.dot(a, b)`` into the product's accumulator; the
+Integer products stay exact. Triton on a GPU may fold ``acc + tl.dot(a, b)`` into the product's accumulator; the
 interpreter adds after it, so the truncation here sees fresh partial sums where a GPU may see the running one.
 
 As a pytest plugin (``tests/test_kernels.py`` runs the interpreter off a GPU)::
