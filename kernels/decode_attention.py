@@ -566,11 +566,17 @@ def resident(config: dict, dtype: torch.dtype, device: torch.device, compile_ker
 
 
 def split_size(n_tokens: int, heads: int, step: int, programs_per_sm: int, device: torch.device,
-               min_tokens: int = MIN_TOKENS) -> int:
+               min_tokens: int = MIN_TOKENS, splits: int | None = None) -> int:
     """Tokens per program, a multiple of ``step``: the (batch, KV head) pairs split so that all programs run in one
-    wave of ``programs_per_sm`` on every multiprocessor, down to ``min_tokens`` a program."""
-    splits = max(1, programs_per_sm * multiprocessors(device) // heads)
-    tokens = max(triton.cdiv(n_tokens, splits), min_tokens)
+    wave of ``programs_per_sm`` on every multiprocessor, down to ``min_tokens`` a program; or, where a benchmark
+    gives ``splits``, into that many a pair."""
+    if splits is None:
+        splits = max(1, programs_per_sm * multiprocessors(device) // heads)
+        tokens = max(triton.cdiv(n_tokens, splits), min_tokens)
+    elif splits < 1:
+        raise ValueError(f"tuning splits must be at least 1, got {splits}")
+    else:
+        tokens = triton.cdiv(n_tokens, splits)
     return triton.cdiv(tokens, step) * step
 
 
@@ -629,12 +635,7 @@ def decode_attention(query: torch.Tensor, keys, values, value_bits: int, matrix:
     else:
         programs_per_sm = resident(config, query.dtype, query.device, lambda: decode_split_kernel.warmup(
             *arguments([q.new_empty(1, dtype=torch.float32)] * 3, config["STEP"]), grid=(1,), **config))
-    if "splits" in tuning:
-        if tuning["splits"] < 1:
-            raise ValueError(f"tuning splits must be at least 1, got {tuning['splits']}")
-        per_split = triton.cdiv(triton.cdiv(n, tuning.pop("splits")), config["STEP"]) * config["STEP"]
-    else:
-        per_split = split_size(n, programs, config["STEP"], programs_per_sm, query.device, **tuning)
+    per_split = split_size(n, programs, config["STEP"], programs_per_sm, query.device, **tuning)
     splits = triton.cdiv(n, per_split) if n else 0
     part_m = q.new_empty(programs, splits + 1, config["M"], dtype=torch.float32)
     part_l = torch.empty_like(part_m)
