@@ -3,6 +3,7 @@
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_wait
 
 from .common import pow2
 
@@ -16,9 +17,11 @@ BLOCK_COLUMNS = 32
 
 @triton.jit
 def combine_splits_kernel(part_m_ptr, part_l_ptr, part_acc_ptr, out_ptr, n_splits, M: tl.constexpr,
-                          D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
+                          D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, PDL: tl.constexpr = False):
     """Program ``(bh, row, column block)``: partial max and sum ``[BH, S, M]`` (log2 units), output
-    ``[BH, S, M, D]``."""
+    ``[BH, S, M, D]``. ``PDL``: launched before the kernel that writes them has finished."""
+    if PDL:
+        gdc_wait()
     bh, row, block = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_d = block * BLOCK_D + tl.arange(0, BLOCK_D)
     m_run = tl.full((), float("-inf"), dtype=tl.float32)
@@ -46,11 +49,14 @@ def launch_config(head_dim: int, splits: int = MAX_BLOCK_SPLITS) -> dict:
                 BLOCK_S=min(pow2(splits, 16), MAX_BLOCK_SPLITS))
 
 
-def combine_splits(part_m: torch.Tensor, part_l: torch.Tensor, part_acc: torch.Tensor, dtype: torch.dtype):
-    """``[BH, S, M]`` maxima and sums and ``[BH, S, M, D]`` outputs -> ``[BH, M, D]`` of ``dtype``."""
+def combine_splits(part_m: torch.Tensor, part_l: torch.Tensor, part_acc: torch.Tensor, dtype: torch.dtype,
+                   pdl: bool = False):
+    """``[BH, S, M]`` maxima and sums and ``[BH, S, M, D]`` outputs -> ``[BH, M, D]`` of ``dtype``; ``pdl``: launched
+    programmatically (``kernels.common``), overlapping the end of the kernel that writes them."""
     bh, splits, m, d = part_acc.shape
     out = part_acc.new_empty(bh, m, d, dtype=dtype)
     config = launch_config(d, splits)
+    launch = dict(PDL=True, launch_pdl=True) if pdl else {}
     combine_splits_kernel[(bh, m, triton.cdiv(d, config["BLOCK_D"]))](part_m, part_l, part_acc, out, splits, M=m,
-                                                                        **config)
+                                                                        **config, **launch)
     return out

@@ -65,6 +65,13 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def programmatic_launch(device: torch.device) -> bool:
+    """Whether a decode step's kernels launch while the one before still runs (programmatic dependent launch,
+    ``griddepcontrol``; each waits for it before its first read): on Hopper and later GPUs, not under the
+    interpreter."""
+    return device.type == "cuda" and not interpreting() and torch.cuda.get_device_capability(device)[0] >= 9
+
+
 def multiprocessors(device: torch.device) -> int:
     """The GPU's multiprocessors; eight off a GPU, where the launchers' splits are only exercised."""
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8

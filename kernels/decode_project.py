@@ -15,6 +15,7 @@ Reference: ``q @ S.T`` (``qjl.sketch.QJLSketch``), permuted and split as ``sketc
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents
 
 from .common import dot3, pow2
 
@@ -36,12 +37,16 @@ def padded_bytes(sketch_dim: int) -> int:
 
 @triton.jit
 def project_kernel(q_ptr, s_ptr, tables_ptr, scales_ptr, sums_ptr, M: tl.constexpr, M_PAD: tl.constexpr,
-                   D: tl.constexpr, WIDTH: tl.constexpr, BLOCK_D: tl.constexpr, LIMBS: tl.constexpr):
+                   D: tl.constexpr, WIDTH: tl.constexpr, BLOCK_D: tl.constexpr, LIMBS: tl.constexpr,
+                   PDL: tl.constexpr = False):
     """Program ``bh``: ``q @ S_perm`` ``[M_PAD, WIDTH]`` for the queries of one KV head as int8 limbs
     ``tables[bh, l, m, c]``, row scales ``scales[bh, m]`` and the rows' sums as the limbs hold them ``sums[bh, m]``
     (rows from ``M`` on are zeros). ``s_ptr``: ``S`` in bit order, float32 ``[D, WIDTH]`` (``sketch_tables``). One
     pass over the head dim, the whole projection held: on the H100 (cb8154c) two passes of 64-column blocks, 16
-    channels a step, took 17.5 us, a third of a decode step at batch 1 and 32k tokens (latency, not work)."""
+    channels a step, took 17.5 us, a third of a decode step at batch 1 and 32k tokens (latency, not work). ``PDL``:
+    the decode kernel may start at once (its programs wait for this one's results where they read them)."""
+    if PDL:
+        gdc_launch_dependents()
     bh = tl.program_id(0)
     rows = tl.arange(0, M_PAD)
     columns = tl.arange(0, WIDTH)
@@ -118,12 +123,12 @@ def sketch_tables(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tor
     return cached[1:]
 
 
-def project_queries(q: torch.Tensor, matrix: torch.Tensor,
-                    precise: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def project_queries(q: torch.Tensor, matrix: torch.Tensor, precise: bool,
+                    pdl: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``q`` ``[BH, M, d]`` (the queries of each KV head), sketch ``matrix`` ``[m, d]``: ``q @ S.T`` with its columns
     in bit order (zeros past ``m``, zero rows past ``M``) as int8 limbs ``[BH, LIMBS, M_PAD, 8 BP]``, float32 row
     scales ``[BH, M_PAD]`` and the rows' sums as the limbs hold them ``[BH, M_PAD]``; three limbs if ``precise``
-    (fp32 queries), else two."""
+    (fp32 queries), else two. ``pdl``: the next kernel is launched programmatically (``kernels.common``)."""
     bh, queries, d = q.shape
     if matrix.shape[1] != d:
         raise ValueError(f"sketch matrix {tuple(matrix.shape)} does not match head dim {d}")
@@ -132,5 +137,5 @@ def project_queries(q: torch.Tensor, matrix: torch.Tensor,
     tables = q.new_empty(bh, config["LIMBS"], config["M_PAD"], config["WIDTH"], dtype=torch.int8)
     scales = q.new_empty(bh, config["M_PAD"], dtype=torch.float32)
     sums = torch.empty_like(scales)
-    project_kernel[(bh,)](q.contiguous(), table, tables, scales, sums, **config)
+    project_kernel[(bh,)](q.contiguous(), table, tables, scales, sums, PDL=pdl, **config)
     return tables, scales, sums

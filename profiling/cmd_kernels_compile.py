@@ -150,7 +150,10 @@ def compile_kernel(kernel: str, config: dict, arch: int, multiples_of_16: tuple 
     pointers = POINTERS[kernel]
     if config.get("PRECISE"):  # an fp32 model's queries and exact tokens
         pointers = {**pointers, **{name: "*fp32" for name in FP32_MODEL_POINTERS if name in pointers}}
-    compiled = compile_for(KERNELS[kernel][0], pointers, config, arch, multiples_of_16)
+    fn = KERNELS[kernel][0]
+    if "PDL" in fn.arg_names:  # as launched: programmatic launches from sm_90 on (kernels.common)
+        config = dict(config, PDL=arch >= 90)
+    compiled = compile_for(fn, pointers, config, arch, multiples_of_16)
     usage = resource_usage(compiled.asm["cubin"])
     return dict(registers=usage.get("REG"), shared_bytes=max(compiled.metadata.shared, usage.get("SHARED", 0)),
                 spill_bytes=usage.get("LOCAL", 0) + usage.get("STACK", 0))

@@ -43,11 +43,15 @@ from qjl.config import QJLConfig  # noqa: E402
 # stages, a cap of 200, four programs a multiprocessor by the driver's count) took 1.00-1.17x the time of this one
 # (profiling/results/nvidia-h100/); these are the ones worth re-timing when the kernel changes: that launch, the cap
 # alone, no cap, the prefetch, four warps, more programs than fit, and the interpreter's element-wise unpacking in
-# place of the PTX (whose max_diff also checks the PTX on the GPU); and, per shape, the wave counting the exact
+# place of the PTX (whose max_diff also checks the PTX on the GPU), the step's three kernels launched one after
+# another (not programmatically, kernels.common.programmatic_launch), two tiles a loop step (unrolled by the compiler:
+# 168 registers and the same shared memory, Triton 3.6, sm_90; or written out, one max for both: 40 bytes of stack at
+# 168 registers, none at 200, where five programs fit); and, per shape, the wave counting the exact
 # tokens' programs (one split fewer a KV head, each split longer: at batch 8 and 32k 11 of 3,008 tokens, not 12 of
 # 2,752 with 40 of the 832 programs past the 792 that fit).
 TUNINGS = [dict(num_stages=3, maxnreg=200), dict(maxnreg=200), dict(maxnreg=255), dict(num_stages=1),
-           dict(PREFETCH=False), dict(num_warps=4), dict(programs_per_sm=8), dict(ASM=False)]
+           dict(PREFETCH=False), dict(num_warps=4), dict(programs_per_sm=8), dict(ASM=False), dict(PDL=False),
+           dict(TILE_UNROLL=2), dict(PAIRED_TILES=True), dict(PAIRED_TILES=True, maxnreg=200)]
 BASELINE = "kernels.decode_attention_baseline"
 
 
