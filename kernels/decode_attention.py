@@ -361,7 +361,10 @@ def _value_columns(accs, PAIRS: tl.constexpr, SUBNORMAL_CODES: tl.constexpr):
 def _exact_tokens(q, k_ptr, v_ptr, bh, n, qk_scale, m_i, l_i, acc, D: tl.constexpr, D_PAD: tl.constexpr,
                   BLOCK_N: tl.constexpr):
     offs_d = tl.arange(0, D_PAD)
-    for start in range(0, n, BLOCK_N):
+    # Two stages whatever the launch's: this loop's buffers (keys and values of 32 tokens, bf16) would otherwise set
+    # the kernel's shared memory, 43 KB a program at three stages where the tile loop takes 27 KB (Triton 3.6, sm_90,
+    # Llama-3.1-8B shapes), five programs a multiprocessor in place of six.
+    for start in tl.range(0, n, BLOCK_N, num_stages=2):
         tokens = start + tl.arange(0, BLOCK_N)
         ok = tokens < n
         inside = ok[:, None] & (offs_d[None, :] < D)
@@ -394,38 +397,6 @@ def _store_partial(part_m_ptr, part_l_ptr, part_acc_ptr, part, m_i, l_i, acc, M:
 
 
 @triton.jit
-def _tile_logits(tables_ptr, table_scales_ptr, table_sums_ptr, q_ptr, bh, kv, start, n_groups, rows, ok, norms,
-                 signs_ptr, idx_ptr, osigns_ptr, onorms_ptr, oresiduals_ptr, sp_ptr, sp_scales_ptr, sp_sums_ptr,
-                 spo_ptr, spo_scales_ptr, spo_sums_ptr, scale, oscale, qk_scale, bias, M: tl.constexpr,
-                 M_PAD: tl.constexpr, D: tl.constexpr, BYTES: tl.constexpr, BP: tl.constexpr, OBYTES: tl.constexpr,
-                 OBP: tl.constexpr, K: tl.constexpr, R_PAD: tl.constexpr, EXACT: tl.constexpr, GROUP: tl.constexpr,
-                 STEP: tl.constexpr, BLOCK_N: tl.constexpr, LIMBS: tl.constexpr, PRECISE: tl.constexpr,
-                 UNROLL: tl.constexpr, ASM: tl.constexpr):
-    """The tile's scores in log2 units with the queries' ``bias``, ``-inf`` where there is no token."""
-    scores = _tile_scores(tables_ptr, table_scales_ptr, table_sums_ptr, q_ptr, bh, kv, start, n_groups, rows, ok,
-                          norms, signs_ptr, idx_ptr, osigns_ptr, onorms_ptr, oresiduals_ptr, sp_ptr, sp_scales_ptr,
-                          sp_sums_ptr, spo_ptr, spo_scales_ptr, spo_sums_ptr, scale, oscale, M, M_PAD, D, BYTES, BP,
-                          OBYTES, OBP, K, R_PAD, EXACT, GROUP, STEP, BLOCK_N, LIMBS, PRECISE, UNROLL, ASM)
-    return tl.where(ok[None, :], scores * qk_scale + bias[:, None], float("-inf"))
-
-
-@triton.jit
-def _add_tile(scores, m_i, accs, weight_sums, minimum_sums, vpacked_ptr, vscales_ptr, vmins_ptr, token_scales,
-              token_minimums, rows, ok, D: tl.constexpr, DB_PAD: tl.constexpr, BITS: tl.constexpr,
-              VGROUP: tl.constexpr, BLOCK_N: tl.constexpr, PAIRS: tl.constexpr, PRECISE: tl.constexpr,
-              ASM: tl.constexpr):
-    """The online softmax's terms plus the tile's, at the running max ``m_i``: the value accumulators, and the
-    per-column sums of the weights and (one value group per token) of the weights times the minimums."""
-    p = tl.exp2(scores - m_i[:, None])
-    weight_sums += p
-    accs = _tile_values(p, accs, vpacked_ptr, vscales_ptr, vmins_ptr, token_scales, rows, ok, D, DB_PAD, BITS,
-                        VGROUP, BLOCK_N, PAIRS, PRECISE, ASM)
-    if VGROUP == D:
-        minimum_sums += p * token_minimums[None, :]
-    return accs, weight_sums, minimum_sums
-
-
-@triton.jit
 def decode_split_kernel(q_ptr, tables_ptr, table_scales_ptr, table_sums_ptr, sp_ptr, sp_scales_ptr, sp_sums_ptr,
                         spo_ptr, spo_scales_ptr, spo_sums_ptr,
                         mean_ptr, signs_ptr, norms_ptr, idx_ptr, osigns_ptr, onorms_ptr, oresiduals_ptr, vpacked_ptr,
@@ -440,17 +411,14 @@ def decode_split_kernel(q_ptr, tables_ptr, table_scales_ptr, table_sums_ptr, sp_
                         BLOCK_N: tl.constexpr, CENTERED: tl.constexpr, BITS: tl.constexpr, VGROUP: tl.constexpr,
                         BLOCK_EXACT: tl.constexpr, PRECISE: tl.constexpr, LIMBS: tl.constexpr,
                         UNROLL: tl.constexpr, ASM: tl.constexpr, PREFETCH: tl.constexpr, CHUNKS: tl.constexpr,
-                        PAIRS: tl.constexpr, PDL: tl.constexpr = False, TILE_UNROLL: tl.constexpr = 1,
-                        PAIRED_TILES: tl.constexpr = False):
+                        PAIRS: tl.constexpr, PDL: tl.constexpr = False):
     """Program ``(bh, split)``: ``bh`` stands for ``M`` queries (a power of two, the last ones zero where the launcher
     padded), chunk ``bh % CHUNKS`` of the group of (batch row and) KV head ``bh // CHUNKS``. Splits ``0 .. S-1`` take
     compressed tokens, split ``S`` the exact ones. Writes the split's max and sum (log2 units) ``[BH, S + 1, M]`` and
     unnormalised output ``[BH, S + 1, M, D]``.
     ``tables``, ``table_scales``, ``table_sums``: ``kernels.decode_project``'s limbs of the queries' projections,
     their rows' scales and sums; ``sp``, ``sp_scales``, ``sp_sums`` (``spo_*``): those of the (outlier) sketch's
-    rows, ``sketch_tables`` (the sums of the first ``LIMBS`` limbs). ``TILE_UNROLL``: tiles a step of the loop (their
-    scores and products may interleave); ``PAIRED_TILES``: two tiles a step, written out, their scores taken before
-    their values, with one max and one rescale for both. ``PDL``: launched while the kernel before it
+    rows, ``sketch_tables`` (the sums of the first ``LIMBS`` limbs). ``PDL``: launched while the kernel before it
     (the projection, or a copy of some input the launcher made) still runs, it waits for it before it reads
     anything; and it lets the merge start at once."""
     if PDL:
@@ -478,35 +446,22 @@ def decode_split_kernel(q_ptr, tables_ptr, table_scales_ptr, table_sums_ptr, sp_
             rows, ok = _tile_rows(kv, first, last, n_tokens, STEP, BLOCK_N)
             norms, token_scales, token_minimums = _token_numbers(norms_ptr, vscales_ptr, vmins_ptr, rows, ok, VGROUP,
                                                                  D)
-        STRIDE: tl.constexpr = 2 * STEP if PAIRED_TILES else STEP
-        for start in tl.range(first, last, STRIDE, loop_unroll_factor=TILE_UNROLL):
+        for start in range(first, last, STEP):
             rows, ok = _tile_rows(kv, start, last, n_tokens, STEP, BLOCK_N)
             if PREFETCH:
-                next_rows, next_ok = _tile_rows(kv, start + STRIDE, last, n_tokens, STEP, BLOCK_N)
+                next_rows, next_ok = _tile_rows(kv, start + STEP, last, n_tokens, STEP, BLOCK_N)
                 next_norms, next_scales, next_minimums = _token_numbers(norms_ptr, vscales_ptr, vmins_ptr, next_rows,
                                                                         next_ok, VGROUP, D)
             else:
                 norms, token_scales, token_minimums = _token_numbers(norms_ptr, vscales_ptr, vmins_ptr, rows, ok,
                                                                      VGROUP, D)
-            scores = _tile_logits(tables_ptr, table_scales_ptr, table_sums_ptr, q_ptr, bh, kv, start, n_groups, rows,
+            scores = _tile_scores(tables_ptr, table_scales_ptr, table_sums_ptr, q_ptr, bh, kv, start, n_groups, rows,
                                   ok, norms, signs_ptr, idx_ptr, osigns_ptr, onorms_ptr, oresiduals_ptr, sp_ptr,
-                                  sp_scales_ptr, sp_sums_ptr, spo_ptr, spo_scales_ptr, spo_sums_ptr, scale, oscale,
-                                  qk_scale, bias, M, M_PAD, D, BYTES, BP, OBYTES, OBP, K, R_PAD, EXACT, GROUP, STEP,
-                                  BLOCK_N, LIMBS, PRECISE, UNROLL, ASM)
-            if PAIRED_TILES:
-                rows2, ok2 = _tile_rows(kv, start + STEP, last, n_tokens, STEP, BLOCK_N)
-                norms2, token_scales2, token_minimums2 = _token_numbers(norms_ptr, vscales_ptr, vmins_ptr, rows2, ok2,
-                                                                        VGROUP, D)
-                # a group index inside the split also where the second tile has no tokens (its loads are masked)
-                scores2 = _tile_logits(tables_ptr, table_scales_ptr, table_sums_ptr, q_ptr, bh, kv,
-                                       tl.minimum(start + STEP, last - 1), n_groups, rows2, ok2, norms2, signs_ptr,
-                                       idx_ptr, osigns_ptr, onorms_ptr, oresiduals_ptr, sp_ptr, sp_scales_ptr,
-                                       sp_sums_ptr, spo_ptr, spo_scales_ptr, spo_sums_ptr, scale, oscale, qk_scale,
-                                       bias, M, M_PAD, D, BYTES, BP, OBYTES, OBP, K, R_PAD, EXACT, GROUP, STEP,
-                                       BLOCK_N, LIMBS, PRECISE, UNROLL, ASM)
-                m_tile = tl.max(tl.maximum(scores, scores2), axis=1)
-            else:
-                m_tile = tl.max(scores, axis=1)
+                                  sp_scales_ptr, sp_sums_ptr, spo_ptr, spo_scales_ptr, spo_sums_ptr, scale, oscale, M,
+                                  M_PAD, D, BYTES, BP, OBYTES, OBP, K, R_PAD, EXACT, GROUP, STEP, BLOCK_N, LIMBS,
+                                  PRECISE, UNROLL, ASM)
+            scores = tl.where(ok[None, :], scores * qk_scale + bias[:, None], float("-inf"))
+            m_tile = tl.max(scores, axis=1)
             # The old terms are rescaled only when some query's max grew: rarely, once the maxima settle (every row
             # has a token each tile, so after the first the maxima are finite).
             if tl.max(m_tile - m_i, axis=0) > 0:
@@ -517,14 +472,12 @@ def decode_split_kernel(q_ptr, tables_ptr, table_scales_ptr, table_sums_ptr, sp_
                 if VGROUP == D:
                     minimum_sums *= alpha
                 m_i = m_new
-            accs, weight_sums, minimum_sums = _add_tile(scores, m_i, accs, weight_sums, minimum_sums, vpacked_ptr,
-                                                        vscales_ptr, vmins_ptr, token_scales, token_minimums, rows,
-                                                        ok, D, DB_PAD, BITS, VGROUP, BLOCK_N, PAIRS, PRECISE, ASM)
-            if PAIRED_TILES:
-                accs, weight_sums, minimum_sums = _add_tile(scores2, m_i, accs, weight_sums, minimum_sums,
-                                                            vpacked_ptr, vscales_ptr, vmins_ptr, token_scales2,
-                                                            token_minimums2, rows2, ok2, D, DB_PAD, BITS, VGROUP,
-                                                            BLOCK_N, PAIRS, PRECISE, ASM)
+            p = tl.exp2(scores - m_i[:, None])
+            weight_sums += p
+            accs = _tile_values(p, accs, vpacked_ptr, vscales_ptr, vmins_ptr, token_scales, rows, ok, D,
+                                DB_PAD, BITS, VGROUP, BLOCK_N, PAIRS, PRECISE, ASM)
+            if VGROUP == D:
+                minimum_sums += p * token_minimums[None, :]
             if PREFETCH:
                 norms, token_scales, token_minimums = next_norms, next_scales, next_minimums
         l_i = tl.sum(weight_sums, axis=1)
@@ -644,9 +597,8 @@ def decode_attention(query: torch.Tensor, keys, values, value_bits: int, matrix:
     outlier_signs, outlier_norms, outlier_residuals) (exact outliers: no ``outlier_matrix``) and ``values`` = (packed,
     scales, minimums) as ``QJLLayer`` stores them (``[b, h, n, ...]``); ``exact_keys``/``exact_values`` = (sink,
     buffer) ``[b, h, *, d]``. Returns ``[b, 1, hq, d]`` in the query's dtype. ``tuning`` overrides launch choices
-    (``num_warps``, ``num_stages``, ``maxnreg``, ``UNROLL``, ``PREFETCH``, ``ASM``, ``TILE_UNROLL``: tiles a loop
-    step, ``PAIRED_TILES``, ``PDL``: programmatic launches, ``programs_per_sm``, ``min_tokens``, ``splits``:
-    compressed splits per (batch, KV head)) for benchmarks."""
+    (``num_warps``, ``num_stages``, ``maxnreg``, ``UNROLL``, ``PREFETCH``, ``ASM``, ``PDL``: programmatic launches,
+    ``programs_per_sm``, ``min_tokens``, ``splits``: compressed splits per (batch, KV head)) for benchmarks."""
     signs, norms, idx, osigns, onorms, oresiduals = keys
     b, hq, _, d = query.shape
     h, n = signs.shape[1], signs.shape[2]
@@ -657,7 +609,7 @@ def decode_attention(query: torch.Tensor, keys, values, value_bits: int, matrix:
                            k, group_size, key_mean is not None, value_bits, d // values[1].shape[-1],
                            oresiduals is not None, query.dtype == torch.float32, asm=not interpreting())
     config.update({name: tuning.pop(name) for name in ("num_warps", "num_stages", "maxnreg", "UNROLL", "PREFETCH",
-                                                           "ASM", "TILE_UNROLL", "PAIRED_TILES") if name in tuning})
+                                                           "ASM") if name in tuning})
     pdl = tuning.pop("PDL", programmatic_launch(query.device))
     config.update(dict(PDL=True, launch_pdl=True) if pdl else {})
     programs, m = b * h * config["CHUNKS"], group // config["CHUNKS"]
@@ -695,8 +647,7 @@ def decode_attention(query: torch.Tensor, keys, values, value_bits: int, matrix:
     else:
         programs_per_sm = resident(config, query.dtype, query.device, lambda: decode_split_kernel.warmup(
             *arguments([q.new_empty(1, dtype=torch.float32)] * 3, config["STEP"]), grid=(1,), **config))
-    per_split = split_size(n, programs, config["STEP"] * (2 if config.get("PAIRED_TILES") else 1), programs_per_sm,
-                           query.device, **tuning)
+    per_split = split_size(n, programs, config["STEP"], programs_per_sm, query.device, **tuning)
     splits = triton.cdiv(n, per_split) if n else 0
     part_m = q.new_empty(programs, splits + 1, config["M"], dtype=torch.float32)
     part_l = torch.empty_like(part_m)

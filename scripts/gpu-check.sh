@@ -6,7 +6,8 @@
 # Everything lands in
 # OUTDIR (8 files, what a GPU slot returns at most); it took 302 s on an H100 at 20a307d (before decode_occupancy.py,
 # about 25 s, ncu_decode.sh, and the compile report's second build of each decode launch, as launched); at cb8154c
-# the tests took 74-84 s, the benchmark 40 s, the sweep 33 s and decode_occupancy.py about 20 s.
+# the tests took 74-84 s, the benchmark 40 s, the sweep 33 s and decode_occupancy.py about 20 s; all of it took 449 s
+# at 615d3fd (the tests 127 s).
 # Needs torch (CUDA), triton, transformers, pytest; not gradio, plotly or kaleido. Before the call, on this machine:
 # `bash scripts/gpu-wheels.sh` for transformers' QuantizedCache in the benchmark (carry ".whl"; untried on a GPU: its
 # first use may build optimum-quanto's CUDA extension), and, to time an earlier decode kernel on the same card,

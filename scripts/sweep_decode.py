@@ -44,14 +44,16 @@ from qjl.config import QJLConfig  # noqa: E402
 # (profiling/results/nvidia-h100/); these are the ones worth re-timing when the kernel changes: that launch, the cap
 # alone, no cap, the prefetch, four warps, more programs than fit, and the interpreter's element-wise unpacking in
 # place of the PTX (whose max_diff also checks the PTX on the GPU), the step's three kernels launched one after
-# another (not programmatically, kernels.common.programmatic_launch), two tiles a loop step (unrolled by the compiler:
-# 168 registers and the same shared memory, Triton 3.6, sm_90; or written out, one max for both: 40 bytes of stack at
-# 168 registers, none at 200, where five programs fit); and, per shape, the wave counting the exact
+# another (not programmatically, kernels.common.programmatic_launch), and three stages at the cap of 168: since the
+# exact tokens' loop keeps two, six programs still fit (27 KB of shared memory each), with the next tile's copies
+# issued a whole tile ahead (two stages issue them at the end of the tile before, and the H100 then spends 14% of
+# the kernel's stall samples at the loop's wait, profiling/results/nvidia-h100/ncu-*.txt), at the price of 8 bytes
+# of stack (Triton 3.6, sm_90); and, per shape, the wave counting the exact
 # tokens' programs (one split fewer a KV head, each split longer: at batch 8 and 32k 11 of 3,008 tokens, not 12 of
 # 2,752 with 40 of the 832 programs past the 792 that fit).
-TUNINGS = [dict(num_stages=3, maxnreg=200), dict(maxnreg=200), dict(maxnreg=255), dict(num_stages=1),
-           dict(PREFETCH=False), dict(num_warps=4), dict(programs_per_sm=8), dict(ASM=False), dict(PDL=False),
-           dict(TILE_UNROLL=2), dict(PAIRED_TILES=True), dict(PAIRED_TILES=True, maxnreg=200)]
+TUNINGS = [dict(num_stages=3), dict(num_stages=3, maxnreg=200), dict(maxnreg=200), dict(maxnreg=255),
+           dict(num_stages=1), dict(PREFETCH=False), dict(num_warps=4), dict(programs_per_sm=8), dict(ASM=False),
+           dict(PDL=False)]
 BASELINE = "kernels.decode_attention_baseline"
 
 
