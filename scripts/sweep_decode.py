@@ -48,14 +48,12 @@ from qjl.config import QJLConfig  # noqa: E402
 # exact tokens' loop keeps two, six programs still fit (27 KB of shared memory each), with the next tile's copies
 # issued a whole tile ahead (two stages issue them at the end of the tile before, and the H100 then spends 14% of
 # the kernel's stall samples at the loop's wait, profiling/results/nvidia-h100/ncu-*.txt), at the price of 8 bytes
-# of stack (Triton 3.6, sm_90); the bit positions four at a time, a loop of two steps in each tile, where two stages
-# issue the copies at the top of the tile (sixth of 473 instructions, 20 barriers a tile in place of 7), and that with
-# three stages, which then spills nothing; and, per shape, the wave counting the exact
+# of stack (Triton 3.6, sm_90); and, per shape, the wave counting the exact
 # tokens' programs (one split fewer a KV head, each split longer: at batch 8 and 32k 11 of 3,008 tokens, not 12 of
 # 2,752 with 40 of the 832 programs past the 792 that fit).
-TUNINGS = [dict(num_stages=3), dict(UNROLL=4), dict(num_stages=3, UNROLL=4), dict(num_stages=3, maxnreg=200),
-           dict(maxnreg=200), dict(maxnreg=255), dict(num_stages=1), dict(PREFETCH=False), dict(num_warps=4),
-           dict(programs_per_sm=8), dict(ASM=False), dict(PDL=False)]
+TUNINGS = [dict(num_stages=3), dict(num_stages=3, maxnreg=200), dict(maxnreg=200), dict(maxnreg=255),
+           dict(num_stages=1), dict(PREFETCH=False), dict(num_warps=4), dict(programs_per_sm=8), dict(ASM=False),
+           dict(PDL=False)]
 BASELINE = "kernels.decode_attention_baseline"
 
 
