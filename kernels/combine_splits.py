@@ -5,7 +5,7 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_wait
 
-from .common import pow2
+from .common import pow2, programmatic_options
 
 # Splits a program takes at once: up to this many it merges them in one step, no loop (at batch 1 the decode kernel
 # makes about a hundred a KV head; on the H100 at cb8154c merging 100 of them 16 at a time took 10 us, a fifth of a
@@ -56,7 +56,6 @@ def combine_splits(part_m: torch.Tensor, part_l: torch.Tensor, part_acc: torch.T
     bh, splits, m, d = part_acc.shape
     out = part_acc.new_empty(bh, m, d, dtype=dtype)
     config = launch_config(d, splits)
-    launch = dict(PDL=True, launch_pdl=True) if pdl else {}
     combine_splits_kernel[(bh, m, triton.cdiv(d, config["BLOCK_D"]))](part_m, part_l, part_acc, out, splits, M=m,
-                                                                        **config, **launch)
+                                                                        **config, **programmatic_options(pdl))
     return out

@@ -72,6 +72,12 @@ def programmatic_launch(device: torch.device) -> bool:
     return device.type == "cuda" and not interpreting() and torch.cuda.get_device_capability(device)[0] >= 9
 
 
+def programmatic_options(pdl: bool) -> dict:
+    """What a launch made programmatically takes: its ``PDL`` constexpr (the kernel then waits for the one before)
+    and Triton's launch option; nothing otherwise."""
+    return dict(PDL=True, launch_pdl=True) if pdl else {}
+
+
 def multiprocessors(device: torch.device) -> int:
     """The GPU's multiprocessors; eight off a GPU, where the launchers' splits are only exercised."""
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8

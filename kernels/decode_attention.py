@@ -37,8 +37,8 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from .combine_splits import combine_splits
-from .common import (dot3, interpreting, multiprocessors, pow2, programmatic_launch, resident_programs,
-                     sketch_scale)
+from .common import (dot3, interpreting, multiprocessors, pow2, programmatic_launch, programmatic_options,
+                     resident_programs, sketch_scale)
 from .decode_project import LIMB_BASE, limb_count, padded_bytes, project_queries, sketch_tables
 from .scores import BLOCK_TOKENS, load_queries, query_mean
 
@@ -611,7 +611,7 @@ def decode_attention(query: torch.Tensor, keys, values, value_bits: int, matrix:
     config.update({name: tuning.pop(name) for name in ("num_warps", "num_stages", "maxnreg", "UNROLL", "PREFETCH",
                                                            "ASM") if name in tuning})
     pdl = tuning.pop("PDL", programmatic_launch(query.device))
-    config.update(dict(PDL=True, launch_pdl=True) if pdl else {})
+    config.update(programmatic_options(pdl))
     programs, m = b * h * config["CHUNKS"], group // config["CHUNKS"]
     q = query.reshape(programs, m, d)
     # zero queries up to a power of two (launch_config), a copy only where some are missing
