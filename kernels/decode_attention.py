@@ -130,21 +130,33 @@ def _tile_rows(bh, start, end, n_tokens, STEP: tl.constexpr, BLOCK_N: tl.constex
 
 
 @triton.jit
-def _token_numbers(norms_ptr, scales_ptr, mins_ptr, rows, ok, VGROUP: tl.constexpr, D: tl.constexpr):
-    """The tile's key norms and, with one value group per token, its value scales and minimums (float32
-    ``[BLOCK_N]``; zeros for grouped scales, which ``_tile_values`` loads itself)."""
-    norms = tl.load(norms_ptr + rows, mask=ok, other=0.0).to(tl.float32)
+def _float32(x, ASM: tl.constexpr):
+    """fp16 ``x`` as float32; on a GPU (``ASM``) by PTX, which the compiler cannot move: it moves a conversion of a
+    loaded value to where it is used, so a value loaded a tile ahead would be carried as fp16 pairs, and ptxas then
+    keeps those on the stack at three pipeline stages, at any register cap (Triton 3.6, sm_90)."""
+    if ASM:
+        return tl.inline_asm_elementwise("cvt.f32.f16 $0, $1;", "=r,h", [x], dtype=tl.float32, is_pure=True, pack=1)
+    else:
+        return x.to(tl.float32)
+
+
+@triton.jit
+def _token_numbers(norms_ptr, scales_ptr, mins_ptr, rows, ok, scale, VGROUP: tl.constexpr, D: tl.constexpr,
+                   ASM: tl.constexpr):
+    """The tile's key weights (norms times the sketch's ``scale``) and, with one value group per token, its value
+    scales and minimums (float32 ``[BLOCK_N]``; zeros for grouped scales, which ``_tile_values`` loads itself)."""
+    weights = _float32(tl.load(norms_ptr + rows, mask=ok, other=0.0), ASM) * scale
     if VGROUP == D:
         scales = tl.load(scales_ptr + rows, mask=ok, other=0.0).to(tl.float32)
         minimums = tl.load(mins_ptr + rows, mask=ok, other=0.0).to(tl.float32)
     else:
-        scales = tl.zeros_like(norms)
-        minimums = tl.zeros_like(norms)
-    return norms, scales, minimums
+        scales = tl.zeros_like(weights)
+        minimums = tl.zeros_like(weights)
+    return weights, scales, minimums
 
 
 @triton.jit
-def _tile_scores(tables_ptr, table_scales_ptr, table_sums_ptr, q_ptr, bh, kv, start, n_groups, rows, ok, norms,
+def _tile_scores(tables_ptr, table_scales_ptr, table_sums_ptr, q_ptr, bh, kv, start, n_groups, rows, ok, weight,
                  signs_ptr, idx_ptr, osigns_ptr, onorms_ptr, oresiduals_ptr, sp_ptr, sp_scales_ptr, sp_sums_ptr,
                  spo_ptr, spo_scales_ptr, spo_sums_ptr, scale, oscale, M: tl.constexpr, M_PAD: tl.constexpr,
                  D: tl.constexpr, BYTES: tl.constexpr, BP: tl.constexpr, OBYTES: tl.constexpr,
@@ -152,14 +164,13 @@ def _tile_scores(tables_ptr, table_scales_ptr, table_sums_ptr, q_ptr, bh, kv, st
                  STEP: tl.constexpr, BLOCK_N: tl.constexpr, LIMBS: tl.constexpr, PRECISE: tl.constexpr,
                  UNROLL: tl.constexpr, ASM: tl.constexpr):
     """Estimated scores ``[M, BLOCK_N]`` of the tile from token ``start`` (within one outlier group of ``GROUP``
-    tokens; global rows ``rows``, real where ``ok``) whose key norms are ``norms``.
+    tokens; global rows ``rows``, real where ``ok``) whose keys' norms times ``scale`` are ``weight``.
 
     Rows ``r < M`` of the sign product ``u = T . sign`` are the queries' (``S q . sign``); with sketched outliers,
     rows ``M + k`` are the sketch's column ``idx_k`` (``S[:, idx_k]``, bit order) in the same product, and ``Y``
     replaces them by each channel's correction and outlier term; ``W @ Y`` with ``W = [I | q[idx]]`` sums them per
     query. Exact outliers: ``Y``'s outlier rows are the stored residuals, zero in ``u`` (with bf16 or fp16 queries
     ``W @ R`` apart, ``R`` the residuals as stored, an exact fp16 product)."""
-    weight = norms * scale
     r = tl.arange(0, R_PAD)
     table = tables_ptr + (bh * LIMBS * M_PAD + r) * (8 * BP)  # rows r < M
     table_scales = tl.load(table_scales_ptr + bh * M_PAD + r, mask=r < M, other=0.0)
@@ -440,23 +451,23 @@ def decode_split_kernel(q_ptr, tables_ptr, table_scales_ptr, table_sums_ptr, sp_
             bias = query_mean(load_queries(q_ptr, bh, M, M, D, D_PAD), mean_ptr, kv, D, D_PAD) * qk_scale
         first = split * tokens_per_split
         last = tl.minimum(first + tokens_per_split, n_tokens)
-        # With PREFETCH the next tile's norms, scales and minimums load while this tile is computed: the pipeliner
-        # leaves these small loads in the loop, where each would wait for memory once a tile.
+        # With PREFETCH the next tile's key weights, value scales and minimums load while this tile is computed: the
+        # pipeliner leaves these small loads in the loop, where each would wait for memory once a tile.
         if PREFETCH:
             rows, ok = _tile_rows(kv, first, last, n_tokens, STEP, BLOCK_N)
-            norms, token_scales, token_minimums = _token_numbers(norms_ptr, vscales_ptr, vmins_ptr, rows, ok, VGROUP,
-                                                                 D)
+            key_weights, token_scales, token_minimums = _token_numbers(norms_ptr, vscales_ptr, vmins_ptr, rows, ok,
+                                                                       scale, VGROUP, D, ASM)
         for start in range(first, last, STEP):
             rows, ok = _tile_rows(kv, start, last, n_tokens, STEP, BLOCK_N)
             if PREFETCH:
                 next_rows, next_ok = _tile_rows(kv, start + STEP, last, n_tokens, STEP, BLOCK_N)
-                next_norms, next_scales, next_minimums = _token_numbers(norms_ptr, vscales_ptr, vmins_ptr, next_rows,
-                                                                        next_ok, VGROUP, D)
+                next_weights, next_scales, next_minimums = _token_numbers(norms_ptr, vscales_ptr, vmins_ptr,
+                                                                          next_rows, next_ok, scale, VGROUP, D, ASM)
             else:
-                norms, token_scales, token_minimums = _token_numbers(norms_ptr, vscales_ptr, vmins_ptr, rows, ok,
-                                                                     VGROUP, D)
+                key_weights, token_scales, token_minimums = _token_numbers(norms_ptr, vscales_ptr, vmins_ptr, rows,
+                                                                           ok, scale, VGROUP, D, ASM)
             scores = _tile_scores(tables_ptr, table_scales_ptr, table_sums_ptr, q_ptr, bh, kv, start, n_groups, rows,
-                                  ok, norms, signs_ptr, idx_ptr, osigns_ptr, onorms_ptr, oresiduals_ptr, sp_ptr,
+                                  ok, key_weights, signs_ptr, idx_ptr, osigns_ptr, onorms_ptr, oresiduals_ptr, sp_ptr,
                                   sp_scales_ptr, sp_sums_ptr, spo_ptr, spo_scales_ptr, spo_sums_ptr, scale, oscale, M,
                                   M_PAD, D, BYTES, BP, OBYTES, OBP, K, R_PAD, EXACT, GROUP, STEP, BLOCK_N, LIMBS,
                                   PRECISE, UNROLL, ASM)
@@ -479,7 +490,7 @@ def decode_split_kernel(q_ptr, tables_ptr, table_scales_ptr, table_sums_ptr, sp_
             if VGROUP == D:
                 minimum_sums += p * token_minimums[None, :]
             if PREFETCH:
-                norms, token_scales, token_minimums = next_norms, next_scales, next_minimums
+                key_weights, token_scales, token_minimums = next_weights, next_scales, next_minimums
         l_i = tl.sum(weight_sums, axis=1)
         out = _value_columns(accs, PAIRS, VGROUP == D and not PRECISE) + tl.sum(minimum_sums, axis=1)[:, None]
         _store_partial(part_m_ptr, part_l_ptr, part_acc_ptr, part, m_i, l_i, out, M, D)
