@@ -526,8 +526,7 @@ def launch_config(group: int, head_dim: int, sketch_dim: int, outlier_sketch_dim
     step = group_size if n_outliers else BLOCK_TOKENS
     narrow = sketch_dim <= 256 and head_dim <= 128  # rows that leave registers for the choices below
     two_warps = not precise and narrow
-    capped = two_warps and n_outliers and exact_outliers and head_dim in (64, 128)
-    six_programs = capped and value_group_size == head_dim  # grouped value scales spill 8 bytes at 168
+    six_programs = two_warps and n_outliers and exact_outliers and head_dim in (64, 128)
     if (head_dim >= 256 or sketch_dim >= 512) and step % 16 == 0:
         step = 16  # tiles of half a group: wide rows leave no registers for 32 tokens
     sketched = n_outliers and not exact_outliers
@@ -564,13 +563,13 @@ def launch_config(group: int, head_dim: int, sketch_dim: int, outlier_sketch_dim
                 # 3.9, and at head dim 256 with four.
                 num_warps=(8 if head_dim >= 256 else 4) if precise else 2 if two_warps else 4,
                 # Six programs of two warps a multiprocessor need at most 168 registers (65536 / (6 x 64), in steps
-                # of 8) and two stages' shared memory: exact outliers at head dims 64 and 128 with a value scale per
-                # token compile within that without spills (Triton 3.6 and 3.9, sm_90 and sm_80). On the H100 six
-                # took 0.85-0.88x the time of four (a cap of 200 and three stages, where the driver fit four, not
-                # five) at batch 8, 32k and 128k tokens, 0.91-0.92x at batch 1 and 128k, 1.00-1.05x at batch 1 and
-                # 32k (profiling/results/nvidia-h100). Grouped value scales keep that cap of 200 (8 bytes of stack
-                # at 168 with Triton 3.6).
-                maxnreg=168 if six_programs else 200 if capped else 255)
+                # of 8) and two stages' shared memory: exact outliers at head dims 64 and 128 compile within that
+                # without spills (Triton 3.6 and 3.9, sm_90 and sm_80; grouped value scales too since the next tile's
+                # key norms are carried as float32, _float32). On the H100 six took 0.85-0.88x the time of four (a
+                # cap of 200 and three stages, where the driver fit four, not five) at batch 8, 32k and 128k tokens,
+                # 0.91-0.92x at batch 1 and 128k, 1.00-1.05x at batch 1 and 32k, with a value scale per token
+                # (profiling/results/nvidia-h100; grouped scales untimed).
+                maxnreg=168 if six_programs else 255)
 
 
 # The driver's count for each launch (``resident``), kept for the process; scripts/decode_occupancy.py prints it.

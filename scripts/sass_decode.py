@@ -17,6 +17,7 @@ With ``--lines N`` it also prints the N source lines behind most of the loop's i
 information): where a change would pay.
 
     python scripts/sass_decode.py [--arch 90] [--shapes llama8b/3bit/exact/sketch256 ...] [--lines N] [--json OUT]
+        [--tuning num_stages=3 ...]
 """
 
 import argparse
@@ -107,21 +108,25 @@ def copies_in_flight(body: list[str]) -> int | None:
     return min(waits) if waits else None
 
 
-def count(module, config: dict, group: int, arch: int, top: int = 0) -> dict:
-    """Registers and main-loop counts of ``module``'s decode kernel at the launch of ``config``'s shapes (``group``
-    queries a KV head), and the ``top`` source lines behind most of the loop's instructions."""
+def count(module, config: dict, group: int, arch: int, top: int = 0, tuning: dict | None = None) -> dict:
+    """Registers, stack, shared memory and main-loop counts of ``module``'s decode kernel at the launch of
+    ``config``'s shapes (``group`` queries a KV head), with ``tuning``'s launch choices in place of the launcher's (as
+    ``decode_attention`` takes them), and the ``top`` source lines behind most of the loop's instructions."""
     own = module.launch_config(group, config["D"], config["BYTES"] * 8, config["OBYTES"] * 8, config["K"],
                                config["GROUP"], config["CENTERED"], config["BITS"], config["VGROUP"],
                                config["EXACT"], config["PRECISE"])
+    own.update(tuning or {})
     fn = module.decode_split_kernel
     pointers = {**POINTERS["decode_split"], **(FP16_TABLES if "sp_hi_ptr" in fn.arg_names else {}),
                 **(OUTLIER_VALUES if "ovalues_ptr" in fn.arg_names else {})}
-    cubin = compile_for(fn, pointers, own, arch, LAUNCH_MULTIPLES_OF_16["decode_split"]).asm["cubin"]
+    compiled = compile_for(fn, pointers, own, arch, LAUNCH_MULTIPLES_OF_16["decode_split"])
+    cubin = compiled.asm["cubin"]
     body = loop_body(disassemble(cubin))
     texts = [text for _, text, _ in body]
     ops = collections.Counter(text.split()[0].split(".")[0] for text in texts)
-    return dict(registers=resource_usage(cubin)["REG"], instructions=sum(ops.values()),
-                common_path=len(common_path(body)), barriers=ops["BAR"],
+    usage = resource_usage(cubin)
+    return dict(registers=usage["REG"], stack_bytes=usage.get("STACK", 0), shared_bytes=compiled.metadata.shared,
+                instructions=sum(ops.values()), common_path=len(common_path(body)), barriers=ops["BAR"],
                 shared_or_shuffle=sum(n for op, n in ops.items() if op in SHARED_OR_SHUFFLE),
                 mma=ops["HMMA"] + ops["IMMA"], global_loads=ops["LDG"], copies_in_flight=copies_in_flight(texts),
                 source_lines=source_lines(body, top))
@@ -134,9 +139,13 @@ def main():
     parser.add_argument("--arch", type=int, default=90)
     parser.add_argument("--shapes", nargs="+", default=DEFAULT_SHAPES)
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--tuning", nargs="+", default=[], metavar="NAME=INT",
+                        help="launch choices in place of the launcher's, e.g. num_stages=3 maxnreg=200 (as "
+                        "scripts/sweep_decode.py's rows)")
     parser.add_argument("--lines", type=int, default=0, help="also print the N source lines with the most of the "
                         "loop's instructions")
     args = parser.parse_args()
+    tuning = {name: int(value) for name, value in (item.split("=", 1) for item in args.tuning)}
     configs = {label: config for kernel, label, config in launch_configs(SHAPES) if kernel == "decode_split"}
     groups = {name: group for name, _, group, _ in SHAPES}
     unknown = sorted(set(args.shapes) - set(configs))
@@ -150,15 +159,16 @@ def main():
     rows = []
     for label in args.shapes:
         for name, module in modules.items():
-            row = dict(kernel=name, shapes=label, arch=args.arch, triton=triton.__version__,
-                       **count(module, configs[label], groups[label.split("/")[0]], args.arch, args.lines))
+            row = dict(kernel=name, shapes=label, arch=args.arch, triton=triton.__version__, tuning=tuning,
+                       **count(module, configs[label], groups[label.split("/")[0]], args.arch, args.lines, tuning))
             rows.append(row)
-            print(f"{name:8s} {label:32s} sm_{args.arch} triton {row['triton']}: {row['registers']} registers, "
-                  f"main loop {row['instructions']} instructions ({row['common_path']} in a tile where no max grows), "
-                  f"{row['barriers']} barriers, "
-                  f"{row['shared_or_shuffle']} shared-memory/shuffle, {row['mma']} tensor-core products, "
-                  f"{row['global_loads']} "
-                  f"global loads, {row['copies_in_flight']} copy groups in flight at the wait", flush=True)
+            print(f"{name:8s} {label:32s} sm_{args.arch} triton {row['triton']} {tuning or ''}: "
+                  f"{row['registers']} registers, {row['stack_bytes']} bytes of stack, {row['shared_bytes']} bytes "
+                  f"of shared memory, main loop "
+                  f"{row['instructions']} instructions ({row['common_path']} in a tile where no max grows), "
+                  f"{row['barriers']} barriers, {row['shared_or_shuffle']} shared-memory/shuffle, {row['mma']} "
+                  f"tensor-core products, {row['global_loads']} global loads, {row['copies_in_flight']} copy groups in "
+                  f"flight at the wait", flush=True)
             for n, where, text in row["source_lines"]:
                 print(f"    {n:4d} {where:34s} {text[:100]}")
     if args.json:

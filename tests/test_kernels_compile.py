@@ -80,3 +80,17 @@ def test_sass_of_the_decode_main_loop(tmp_path):
         # the eight accumulators' rescale, at least two registers each
         assert row["instructions"] - 16 >= row["common_path"] > 5 * row["mma"]
     assert rows["smollm2/3bit/sketched/sketch128"]["copies_in_flight"] > 0
+
+
+def test_three_stages_fit_six_programs_without_stack(tmp_path):
+    """The sweep's first launch (``scripts/sweep_decode.py``): three stages at the benchmark's shapes keep copies in
+    flight at the tile loop's wait, within the 168 registers and 27 KB of shared memory that let six programs share a
+    multiprocessor, and without stack (the next tile's key norms carried as float32: as fp16 pairs ptxas kept them on
+    the stack at any cap)."""
+    out = tmp_path / "sass.json"
+    subprocess.run([sys.executable, "scripts/sass_decode.py", "--shapes", "llama8b/3bit/exact/sketch256", "--tuning",
+                    "num_stages=3", "--json", str(out)], cwd=ROOT, env=compiler_env(), check=True)
+    row = next(r for r in json.loads(out.read_text()) if r["kernel"] == "current")
+    assert row["tuning"] == {"num_stages": 3}
+    assert row["copies_in_flight"] > 0 and row["registers"] <= 168 and row["stack_bytes"] == 0
+    assert 6 * (row["shared_bytes"] + 1024) <= 228 * 1024  # the H100's 228 KB, 1 KB of it reserved a program
