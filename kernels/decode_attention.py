@@ -607,7 +607,8 @@ def decode_attention(query: torch.Tensor, keys, values, value_bits: int, matrix:
     outlier_signs, outlier_norms, outlier_residuals) (exact outliers: no ``outlier_matrix``) and ``values`` = (packed,
     scales, minimums) as ``QJLLayer`` stores them (``[b, h, n, ...]``); ``exact_keys``/``exact_values`` = (sink,
     buffer) ``[b, h, *, d]``. Returns ``[b, 1, hq, d]`` in the query's dtype. ``tuning`` overrides launch choices
-    (``num_warps``, ``num_stages``, ``maxnreg``, ``UNROLL``, ``PREFETCH``, ``ASM``, ``PDL``: programmatic launches,
+    (``num_warps``, ``num_stages``, ``maxnreg``, ``UNROLL``, ``PREFETCH``, ``ASM``, ``BLOCK_EXACT``: the exact
+    tokens' tile, ``PDL``: programmatic launches,
     ``programs_per_sm``, ``min_tokens``, ``splits``: compressed splits per (batch, KV head)) for benchmarks."""
     signs, norms, idx, osigns, onorms, oresiduals = keys
     b, hq, _, d = query.shape
@@ -619,7 +620,7 @@ def decode_attention(query: torch.Tensor, keys, values, value_bits: int, matrix:
                            k, group_size, key_mean is not None, value_bits, d // values[1].shape[-1],
                            oresiduals is not None, query.dtype == torch.float32, asm=not interpreting())
     config.update({name: tuning.pop(name) for name in ("num_warps", "num_stages", "maxnreg", "UNROLL", "PREFETCH",
-                                                           "ASM") if name in tuning})
+                                                           "ASM", "BLOCK_EXACT") if name in tuning})
     pdl = tuning.pop("PDL", programmatic_launch(query.device))
     config.update(programmatic_options(pdl))
     programs, m = b * h * config["CHUNKS"], group // config["CHUNKS"]

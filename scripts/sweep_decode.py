@@ -25,7 +25,7 @@ from triton.testing import do_bench_cudagraph
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kernels.common import multiprocessors  # noqa: E402
-from kernels.decode_attention import RESIDENT_PROGRAMS, decode_attention  # noqa: E402
+from kernels.decode_attention import INTERPRETER_PROGRAMS_PER_SM, RESIDENT_PROGRAMS, decode_attention  # noqa: E402
 from profiling.cmd_bench_kernels import (  # noqa: E402
     HEAD_DIM,
     KV_HEADS,
@@ -39,21 +39,33 @@ from qjl.config import QJLConfig  # noqa: E402
 
 # Launch choices beside the default (``launch_config``: two stages and a cap of 168 registers at the benchmark's
 # shapes, six programs a multiprocessor; two warps, per-token numbers a tile ahead, PTX bit unpacking; one wave of the
-# programs that fit), each the default with what it names changed. On the H100 at cb8154c the default then (three
-# stages, a cap of 200, four programs a multiprocessor by the driver's count) took 1.00-1.17x the time of this one
-# (profiling/results/nvidia-h100/); these are the ones worth re-timing when the kernel changes: that launch, the cap
-# alone, no cap, the prefetch, four warps, more programs than fit, and the interpreter's element-wise unpacking in
-# place of the PTX (whose max_diff also checks the PTX on the GPU), the step's three kernels launched one after
-# another (not programmatically, kernels.common.programmatic_launch), and three stages at the cap of 168: since the
-# exact tokens' loop keeps two, six programs still fit (27 KB of shared memory each), with the next tile's copies
-# issued a whole tile ahead (two stages issue them at the end of the tile before, and the H100 then spends 14% of
-# the kernel's stall samples at the loop's wait, profiling/results/nvidia-h100/ncu-*.txt), with no stack since the
-# next tile's key norms are carried as float32 (445 instructions a tile against 430, Triton 3.6, sm_90); and, per
-# shape, the wave counting the exact tokens' programs (one split fewer a KV head, each split longer: at batch 8 and
-# 32k 11 of 3,008 tokens, not 12 of 2,752 with 40 of the 832 programs past the 792 that fit).
-TUNINGS = [dict(num_stages=3), dict(num_stages=3, maxnreg=200), dict(maxnreg=200), dict(maxnreg=255),
-           dict(num_stages=1), dict(PREFETCH=False), dict(num_warps=4), dict(programs_per_sm=8), dict(ASM=False),
-           dict(PDL=False)]
+# programs that fit), each the default with what it names changed, and each row with the programs a multiprocessor
+# holds by the driver's count (``resident``). On the H100 at cb8154c the default then (three stages, a cap of 200,
+# four programs a multiprocessor) took 1.00-1.17x the time of this one (profiling/results/nvidia-h100/); these are
+# the ones worth re-timing when the kernel changes:
+# - three stages at the cap of 168: since the exact tokens' loop keeps two, six programs still fit (27 KB of shared
+#   memory each), with the next tile's copies issued a whole tile ahead (two stages issue them at the end of the tile
+#   before, and the H100 then spends 14% of the kernel's stall samples at the loop's wait,
+#   profiling/results/nvidia-h100/ncu-*.txt), no stack since the next tile's key norms are carried as float32 (445
+#   instructions a tile against 430, Triton 3.6, sm_90);
+# - seven programs a multiprocessor (a cap of 144: 14 warps, not 12), with two or three stages: the tile loop
+#   compiles without stack at 144, and the exact tokens' loop too once it takes 16 tokens at a time (40 bytes of
+#   stack with 32), 439 and 451 instructions a tile;
+# - eight (a cap of 128): 24 bytes of stack (16 with three stages), none of it in the tile loop (values kept across
+#   it, and the exact tokens' loop), so not a default while it spills, but a measure of what occupancy is worth;
+# - three stages at a cap of 200 (cb8154c's launch, four programs), the cap of 200 alone, one stage, no prefetch,
+#   more programs than fit, the interpreter's element-wise unpacking in place of the PTX (whose max_diff also checks
+#   the PTX on the GPU), the step's three kernels launched one after another (not programmatically,
+#   kernels.common.programmatic_launch);
+# - and, per shape, the wave counting the exact tokens' programs (one split fewer a KV head, each split longer: at
+#   batch 8 and 32k 11 of 3,008 tokens, not 12 of 2,752 with 40 of the 832 programs past the 792 that fit).
+# Dropped from the list as consistently slower on the H100 (sweep-decode-5176db8.txt): no register cap (as the cap of
+# 200, four programs) and four warps (1.27-1.66x the default's time).
+SEVEN_PROGRAMS = dict(maxnreg=144, BLOCK_EXACT=16)
+EIGHT_PROGRAMS = dict(maxnreg=128, BLOCK_EXACT=16)
+TUNINGS = [dict(num_stages=3), SEVEN_PROGRAMS, dict(SEVEN_PROGRAMS, num_stages=3), EIGHT_PROGRAMS,
+           dict(EIGHT_PROGRAMS, num_stages=3), dict(num_stages=3, maxnreg=200), dict(maxnreg=200), dict(num_stages=1),
+           dict(PREFETCH=False), dict(programs_per_sm=8), dict(ASM=False), dict(PDL=False)]
 BASELINE = "kernels.decode_attention_baseline"
 
 
@@ -88,7 +100,8 @@ def main():
         # the split count that keeps each KV head's exact-tokens program in the wave (the driver's count just read):
         # at batch 8 one fewer than the default, whose exact programs wait for a split to finish; at batch 1 the
         # default's own once tokens per split round up to whole tiles
-        slots = next(iter(RESIDENT_PROGRAMS.values())) * multiprocessors(device)
+        row["default_resident"] = next(iter(RESIDENT_PROGRAMS.values()), INTERPRETER_PROGRAMS_PER_SM)
+        slots = row["default_resident"] * multiprocessors(device)
         tunings = TUNINGS + [dict(splits=max(1, slots // (batch * KV_HEADS) - 1))]
         row["default_ms"] = do_bench_cudagraph(lambda: decode_attention(*fused_args))
         if baseline is not None:
@@ -96,15 +109,19 @@ def main():
             row["baseline_max_diff"] = (baseline(*fused_args).float() - reference).abs().max().item()
         row["tunings"] = []
         for tuning in tunings:
+            RESIDENT_PROGRAMS.clear()
             out = decode_attention(*fused_args, tuning=tuning)
+            resident = next(iter(RESIDENT_PROGRAMS.values()), None)  # none where the tuning gives programs_per_sm
             ms = do_bench_cudagraph(lambda: decode_attention(*fused_args, tuning=tuning))
-            row["tunings"].append(dict(tuning, ms=ms, max_diff=(out.float() - reference).abs().max().item()))
+            row["tunings"].append(dict(tuning, resident=resident, ms=ms,
+                                       max_diff=(out.float() - reference).abs().max().item()))
         best = min(row["tunings"], key=lambda t: t["ms"])
         sdpa = min(row["sdpa_gqa_ms"], row["sdpa_folded_ms"])
         against = (f" baseline {row['baseline_ms']:.4f} ms ({row['baseline_ms'] / row['default_ms']:.2f}x the "
                    f"default's time)" if baseline is not None else "")
         print(f"batch {batch} context {context}: sdpa gqa {row['sdpa_gqa_ms']:.4f} folded {row['sdpa_folded_ms']:.4f}"
-              f" default {row['default_ms']:.4f} ms ({sdpa / row['default_ms']:.2f}x sdpa, "
+              f" default {row['default_ms']:.4f} ms ({row['default_resident']} resident, "
+              f"{sdpa / row['default_ms']:.2f}x sdpa, "
               f"{row['bytes']['qjl'] / row['default_ms'] / 1e6:.0f} GB/s){against}; best {best} "
               f"({sdpa / best['ms']:.2f}x sdpa)", flush=True)
         for t in row["tunings"]:

@@ -82,15 +82,18 @@ def test_sass_of_the_decode_main_loop(tmp_path):
     assert rows["smollm2/3bit/sketched/sketch128"]["copies_in_flight"] > 0
 
 
-def test_three_stages_fit_six_programs_without_stack(tmp_path):
-    """The sweep's first launch (``scripts/sweep_decode.py``): three stages at the benchmark's shapes keep copies in
-    flight at the tile loop's wait, within the 168 registers and 27 KB of shared memory that let six programs share a
-    multiprocessor, and without stack (the next tile's key norms carried as float32: as fp16 pairs ptxas kept them on
-    the stack at any cap)."""
+@pytest.mark.parametrize("tuning,programs", [(["num_stages=3"], 6),
+                                              (["num_stages=3", "maxnreg=144", "BLOCK_EXACT=16"], 7)])
+def test_sweep_launches_fit_without_stack(tmp_path, tuning, programs):
+    """Launches of the sweep (``scripts/sweep_decode.py``) at the benchmark's shapes: three stages keep copies in
+    flight at the tile loop's wait, within the registers (65536 / (64 x programs), in steps of 8) and shared memory
+    that let six programs share a multiprocessor, or seven with the exact tokens 16 at a time, and without stack (the
+    next tile's key norms carried as float32: as fp16 pairs ptxas kept them on the stack at any cap)."""
     out = tmp_path / "sass.json"
     subprocess.run([sys.executable, "scripts/sass_decode.py", "--shapes", "llama8b/3bit/exact/sketch256", "--tuning",
-                    "num_stages=3", "--json", str(out)], cwd=ROOT, env=compiler_env(), check=True)
+                    *tuning, "--json", str(out)], cwd=ROOT, env=compiler_env(), check=True)
     row = next(r for r in json.loads(out.read_text()) if r["kernel"] == "current")
-    assert row["tuning"] == {"num_stages": 3}
-    assert row["copies_in_flight"] > 0 and row["registers"] <= 168 and row["stack_bytes"] == 0
-    assert 6 * (row["shared_bytes"] + 1024) <= 228 * 1024  # the H100's 228 KB, 1 KB of it reserved a program
+    assert row["tuning"] == {name: int(value) for name, value in (t.split("=") for t in tuning)}
+    assert row["copies_in_flight"] > 0 and row["stack_bytes"] == 0
+    assert row["registers"] <= 65536 // (64 * programs) // 8 * 8
+    assert programs * (row["shared_bytes"] + 1024) <= 228 * 1024  # the H100's 228 KB, 1 KB of it reserved a program
