@@ -572,7 +572,7 @@ def launch_config(group: int, head_dim: int, sketch_dim: int, outlier_sketch_dim
                 maxnreg=168 if six_programs else 255)
 
 
-# The driver's count for each launch (``resident``), kept for the process; scripts/decode_occupancy.py prints it.
+# The driver's count for each launch (``resident``), kept for the process; scripts/sweep_decode.py prints it.
 RESIDENT_PROGRAMS = {}
 
 

@@ -1,13 +1,12 @@
 #!/usr/bin/env bash
 # One command for a short GPU slot: kernel tests on the GPU itself (whole-model decoding through the kernels against
 # the torch path included), the decode benchmark and one step's launches timed apart (decode_launches.py, into
-# bench.txt), the sweep of the fused decode kernel's launch choices, Nsight Compute on one of its launches (its
-# per-instruction samples in ncu-source.csv.gz), and last (it alone builds the same code on a CPU machine) the sm_90
-# compile report with what fits on a multiprocessor (at the end of tests.txt). Everything lands in
-# OUTDIR (8 files, what a GPU slot returns at most); it took 302 s on an H100 at 20a307d (before decode_occupancy.py,
-# about 25 s, ncu_decode.sh, and the compile report's second build of each decode launch, as launched); at cb8154c
-# the tests took 74-84 s, the benchmark 40 s, the sweep 33 s and decode_occupancy.py about 20 s; all of it took 449 s
-# at 615d3fd (the tests 127 s).
+# bench.txt), the sweep of the fused decode kernel's launch choices (with the programs a multiprocessor holds for
+# each), Nsight Compute on one of its launches (its per-instruction samples in ncu-source.csv.gz), and last (it alone
+# builds the same code on a CPU machine) the sm_90 compile report (at the end of tests.txt). Everything lands in
+# OUTDIR (8 files, what a GPU slot returns at most); at cb8154c the tests took 74-84 s, the benchmark 40 s and the
+# sweep 33 s; all of it took 449 s at 615d3fd (the tests 127 s), with a step since dropped (decode_occupancy.py, about
+# 20 s, whose resident counts the sweep now prints for every launch).
 # Needs torch (CUDA), triton, transformers, pytest; not gradio, plotly or kaleido. Before the call, on this machine:
 # `bash scripts/gpu-wheels.sh` for transformers' QuantizedCache in the benchmark (carry ".whl"; untried on a GPU: its
 # first use may build optimum-quanto's CUDA extension), and, to time an earlier decode kernel on the same card,
@@ -28,9 +27,8 @@ timeout 120 python scripts/decode_launches.py >> "$OUT/bench.txt" 2>&1 || status
 timeout 240 python scripts/sweep_decode.py "$OUT/sweep-decode.json" > "$OUT/sweep-decode.txt" 2>&1 || status=1
 timeout 120 bash scripts/ncu_decode.sh 1 32768 "$OUT/ncu-source.csv" > "$OUT/ncu.txt" 2>&1 || status=1
 gzip -f "$OUT/ncu-source.csv" || status=1
-echo "--- kernels-compile --quick --arch 90, then decode_occupancy.py" >> "$OUT/tests.txt"
+echo "--- kernels-compile --quick --arch 90" >> "$OUT/tests.txt"
 timeout 240 python -m profiling kernels-compile --quick --arch 90 --out "$OUT/kernels-compile" >> "$OUT/tests.txt" 2>&1 \
   || status=1
-timeout 60 python scripts/decode_occupancy.py >> "$OUT/tests.txt" 2>&1 || status=1
 echo "gpu-check: exit $status; results in $OUT"
 exit $status
