@@ -133,7 +133,8 @@ def _tile_rows(bh, start, end, n_tokens, STEP: tl.constexpr, BLOCK_N: tl.constex
 def _float32(x, ASM: tl.constexpr):
     """fp16 ``x`` as float32; on a GPU (``ASM``) by PTX, which the compiler cannot move: it moves a conversion of a
     loaded value to where it is used, so a value loaded a tile ahead would be carried as fp16 pairs, and ptxas then
-    keeps those on the stack at three pipeline stages, at any register cap (Triton 3.6, sm_90)."""
+    keeps those on the stack at three pipeline stages, at every register cap tried from 160 to 184 (Triton 3.6,
+    sm_90)."""
     if ASM:
         return tl.inline_asm_elementwise("cvt.f32.f16 $0, $1;", "=r,h", [x], dtype=tl.float32, is_pure=True, pack=1)
     else:
