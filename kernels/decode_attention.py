@@ -423,7 +423,7 @@ def decode_split_kernel(q_ptr, tables_ptr, table_scales_ptr, table_sums_ptr, sp_
                         BLOCK_N: tl.constexpr, CENTERED: tl.constexpr, BITS: tl.constexpr, VGROUP: tl.constexpr,
                         BLOCK_EXACT: tl.constexpr, PRECISE: tl.constexpr, LIMBS: tl.constexpr,
                         UNROLL: tl.constexpr, ASM: tl.constexpr, PREFETCH: tl.constexpr, CHUNKS: tl.constexpr,
-                        PAIRS: tl.constexpr, PDL: tl.constexpr = False):
+                        PAIRS: tl.constexpr, EXACT_PADDED: tl.constexpr, PDL: tl.constexpr = False):
     """Program ``(bh, split)``: ``bh`` stands for ``M`` queries (a power of two, the last ones zero where the launcher
     padded), chunk ``bh % CHUNKS`` of the group of (batch row and) KV head ``bh // CHUNKS``. Splits ``0 .. S-1`` take
     compressed tokens, split ``S`` the exact ones. Writes the split's max and sum (log2 units) ``[BH, S + 1, M]`` and
@@ -496,12 +496,15 @@ def decode_split_kernel(q_ptr, tables_ptr, table_scales_ptr, table_sums_ptr, sp_
         out = _value_columns(accs, PAIRS, VGROUP == D and not PRECISE) + tl.sum(minimum_sums, axis=1)[:, None]
         _store_partial(part_m_ptr, part_l_ptr, part_acc_ptr, part, m_i, l_i, out, M, D)
     else:
-        # The exact tokens keep the queries padded to 16 rows: with M rows their loop took 20% more
-        # instructions (Triton 3.6, sm_90). A name both branches set must keep one shape, hence exact_.
-        q = load_queries(q_ptr, bh, M, M_PAD, D, D_PAD)
-        exact_m = tl.full((M_PAD,), float("-inf"), dtype=tl.float32)
-        exact_l = tl.zeros((M_PAD,), dtype=tl.float32)
-        exact_acc = tl.zeros((M_PAD, D_PAD), dtype=tl.float32)
+        # With EXACT_PADDED the exact tokens keep the queries padded to 16 rows: with M rows their loop took 20%
+        # more instructions (Triton 3.6, sm_90), but they take fewer registers and less shared memory (the
+        # benchmark's shapes at a cap of 128, three stages and 16 tokens a tile: no stack, not 16 bytes). A name
+        # both branches set must keep one shape, hence exact_.
+        ROWS: tl.constexpr = M_PAD if EXACT_PADDED else M
+        q = load_queries(q_ptr, bh, M, ROWS, D, D_PAD)
+        exact_m = tl.full((ROWS,), float("-inf"), dtype=tl.float32)
+        exact_l = tl.zeros((ROWS,), dtype=tl.float32)
+        exact_acc = tl.zeros((ROWS, D_PAD), dtype=tl.float32)
         exact_m, exact_l, exact_acc = _exact_tokens(q, sink_k_ptr, sink_v_ptr, kv, n_sink, qk_scale, exact_m, exact_l,
                                                     exact_acc, D, D_PAD, BLOCK_EXACT)
         exact_m, exact_l, exact_acc = _exact_tokens(q, buf_k_ptr, buf_v_ptr, kv, n_buffer, qk_scale, exact_m, exact_l,
@@ -547,7 +550,8 @@ def launch_config(group: int, head_dim: int, sketch_dim: int, outlier_sketch_dim
                 GROUP=group_size, STEP=step, BLOCK_N=pow2(step, 16),
                 CENTERED=centered, BITS=value_bits, VGROUP=value_group_size,
                 # Two planes and one scale per token: each value product's codes in one instruction (_tile_values).
-                PAIRS=value_bits == 2 and value_group_size == head_dim, BLOCK_EXACT=BLOCK_EXACT, PRECISE=precise,
+                PAIRS=value_bits == 2 and value_group_size == head_dim, BLOCK_EXACT=BLOCK_EXACT, EXACT_PADDED=True,
+                PRECISE=precise,
                 LIMBS=limb_count(precise), ASM=asm,
                 # How many of the eight bit positions are unrolled: all, up to sketch 256 and head dim 128 (fastest);
                 # the table loads of the unrolled positions are hoisted and held, so wider sketches unroll as many as
@@ -609,7 +613,7 @@ def decode_attention(query: torch.Tensor, keys, values, value_bits: int, matrix:
     scales, minimums) as ``QJLLayer`` stores them (``[b, h, n, ...]``); ``exact_keys``/``exact_values`` = (sink,
     buffer) ``[b, h, *, d]``. Returns ``[b, 1, hq, d]`` in the query's dtype. ``tuning`` overrides launch choices
     (``num_warps``, ``num_stages``, ``maxnreg``, ``UNROLL``, ``PREFETCH``, ``ASM``, ``BLOCK_EXACT``: the exact
-    tokens' tile, ``PDL``: programmatic launches,
+    tokens' tile, ``EXACT_PADDED``: their queries padded to 16 rows, ``PDL``: programmatic launches,
     ``programs_per_sm``, ``min_tokens``, ``splits``: compressed splits per (batch, KV head)) for benchmarks."""
     signs, norms, idx, osigns, onorms, oresiduals = keys
     b, hq, _, d = query.shape
@@ -621,7 +625,7 @@ def decode_attention(query: torch.Tensor, keys, values, value_bits: int, matrix:
                            k, group_size, key_mean is not None, value_bits, d // values[1].shape[-1],
                            oresiduals is not None, query.dtype == torch.float32, asm=not interpreting())
     config.update({name: tuning.pop(name) for name in ("num_warps", "num_stages", "maxnreg", "UNROLL", "PREFETCH",
-                                                           "ASM", "BLOCK_EXACT") if name in tuning})
+                                                           "ASM", "BLOCK_EXACT", "EXACT_PADDED") if name in tuning})
     pdl = tuning.pop("PDL", programmatic_launch(query.device))
     config.update(programmatic_options(pdl))
     programs, m = b * h * config["CHUNKS"], group // config["CHUNKS"]

@@ -12,6 +12,7 @@ per program than the architecture allows.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import itertools
 import json
 import re
@@ -136,7 +137,13 @@ def compile_for(fn, pointers: dict, config: dict, arch: int, multiples_of_16: tu
     from triton.compiler import ASTSource
 
     options = {name: config[name] for name in LAUNCH_OPTIONS if name in config}
-    constexprs = {name: value for name, value in config.items() if name not in LAUNCH_OPTIONS}
+    # A constexpr left out takes its default, as at a launch (``triton.compile`` would take None), and one with no
+    # default is an error here, not a silently different kernel.
+    constexprs = {param.name: param.default for param in fn.params if param.is_constexpr}
+    constexprs.update((name, value) for name, value in config.items() if name not in LAUNCH_OPTIONS)
+    missing = sorted(name for name, value in constexprs.items() if value is inspect.Parameter.empty)
+    if missing:
+        raise ValueError(f"{fn.__name__}: no value for constexprs {missing}")
     signature = {name: pointers.get(name, "constexpr") for name in fn.arg_names}
     aligned = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
                if signature[name][0] == "*" or name in multiples_of_16}

@@ -51,8 +51,9 @@ from qjl.config import QJLConfig  # noqa: E402
 # - seven programs a multiprocessor (a cap of 144: 14 warps, not 12), with two or three stages: the tile loop
 #   compiles without stack at 144, and the exact tokens' loop too once it takes 16 tokens at a time (40 bytes of
 #   stack with 32), 439 and 451 instructions a tile;
-# - eight (a cap of 128): 24 bytes of stack (16 with three stages), none of it in the tile loop (values kept across
-#   it, and the exact tokens' loop), so not a default while it spills, but a measure of what occupancy is worth;
+# - eight (a cap of 128), with the exact tokens' queries at their own count of rows, not padded to 16: with three
+#   stages no stack, 461 instructions a tile; with two 16 bytes of stack (values held across the tile loop, none of
+#   it in the loop);
 # - three stages at a cap of 200 (cb8154c's launch, four programs), the cap of 200 alone, one stage, no prefetch,
 #   more programs than fit, the interpreter's element-wise unpacking in place of the PTX (whose max_diff also checks
 #   the PTX on the GPU), the step's three kernels launched one after another (not programmatically,
@@ -62,7 +63,7 @@ from qjl.config import QJLConfig  # noqa: E402
 # Dropped from the list as consistently slower on the H100 (sweep-decode-5176db8.txt): no register cap (as the cap of
 # 200, four programs) and four warps (1.27-1.66x the default's time).
 SEVEN_PROGRAMS = dict(maxnreg=144, BLOCK_EXACT=16)
-EIGHT_PROGRAMS = dict(maxnreg=128, BLOCK_EXACT=16)
+EIGHT_PROGRAMS = dict(maxnreg=128, BLOCK_EXACT=16, EXACT_PADDED=False)
 TUNINGS = [dict(num_stages=3), SEVEN_PROGRAMS, dict(SEVEN_PROGRAMS, num_stages=3), EIGHT_PROGRAMS,
            dict(EIGHT_PROGRAMS, num_stages=3), dict(num_stages=3, maxnreg=200), dict(maxnreg=200), dict(num_stages=1),
            dict(PREFETCH=False), dict(programs_per_sm=8), dict(ASM=False), dict(PDL=False)]

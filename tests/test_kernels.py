@@ -342,9 +342,9 @@ def test_fused_decode_keeps_tokens_of_subnormal_weights(monkeypatch):
 def test_fused_decode_launch_choices_agree():
     """The sweep's launch choices (scripts/sweep_decode.py) split the tokens differently (5, 3 and 9 splits of the 288
     compressed tokens here), take the bit positions one or two at a time, load the per-token numbers a tile ahead or
-    not, pipeline the tiles' copies over three stages, take the 17 buffered tokens 16 at a time and (on a Hopper GPU,
-    where they are by default) launch the step's kernels programmatically or not, and change nothing in the
-    result."""
+    not, pipeline the tiles' copies over three stages, take the 17 buffered tokens 16 at a time (their queries padded
+    to 16 rows or not) and (on a Hopper GPU, where they are by default) launch the step's kernels programmatically or
+    not, and change nothing in the result."""
     config = QJLConfig.preset("3bit", head_dim=64)
     layer = filled_layer(config, 1, 2, 64, prompt=300, steps=9, dtype=torch.float32)
     assert layer.n_compressed == 288 and layer.buffer_keys.shape[2] == 17
@@ -353,7 +353,7 @@ def test_fused_decode_launch_choices_agree():
     default = decode_attention(*arguments)
     for tuning in (dict(programs_per_sm=1, min_tokens=64), dict(programs_per_sm=64, min_tokens=32, num_stages=1),
                    dict(UNROLL=2, num_warps=4, maxnreg=128), dict(UNROLL=1, PREFETCH=False), dict(num_stages=3),
-                   dict(BLOCK_EXACT=16, maxnreg=144), dict(PDL=False)):
+                   dict(BLOCK_EXACT=16, maxnreg=144), dict(BLOCK_EXACT=16, EXACT_PADDED=False), dict(PDL=False)):
         torch.testing.assert_close(decode_attention(*arguments, tuning=tuning), default, rtol=1e-5, atol=1e-5)
 
 

@@ -82,13 +82,15 @@ def test_sass_of_the_decode_main_loop(tmp_path):
     assert rows["smollm2/3bit/sketched/sketch128"]["copies_in_flight"] > 0
 
 
-@pytest.mark.parametrize("tuning,programs", [(["num_stages=3"], 6),
-                                              (["num_stages=3", "maxnreg=144", "BLOCK_EXACT=16"], 7)])
+@pytest.mark.parametrize("tuning,programs", [
+    (["num_stages=3"], 6), (["num_stages=3", "maxnreg=144", "BLOCK_EXACT=16"], 7),
+    (["num_stages=3", "maxnreg=128", "BLOCK_EXACT=16", "EXACT_PADDED=0"], 8)])
 def test_sweep_launches_fit_without_stack(tmp_path, tuning, programs):
     """Launches of the sweep (``scripts/sweep_decode.py``) at the benchmark's shapes: three stages keep copies in
     flight at the tile loop's wait, within the registers (65536 / (64 x programs), in steps of 8) and shared memory
-    that let six programs share a multiprocessor, or seven with the exact tokens 16 at a time, and without stack (the
-    next tile's key norms carried as float32: as fp16 pairs ptxas kept them on the stack at every cap tried)."""
+    that let six programs share a multiprocessor, seven with the exact tokens 16 at a time, or eight with their
+    queries also unpadded, and without stack (the next tile's key norms carried as float32: as fp16 pairs ptxas kept
+    them on the stack at every cap tried)."""
     out = tmp_path / "sass.json"
     subprocess.run([sys.executable, "scripts/sass_decode.py", "--shapes", "llama8b/3bit/exact/sketch256", "--tuning",
                     *tuning, "--json", str(out)], cwd=ROOT, env=compiler_env(), check=True)
