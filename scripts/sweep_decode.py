@@ -1,9 +1,9 @@
 """Launch choices of the fused QJL decode kernel on this GPU: pipeline stages, warps per program, register cap,
-prefetch of per-token numbers, programs per multiprocessor and the PTX unpacking, at Llama-3.1-8B attention shapes
-(32 query heads, 8 KV heads, head dim 128, bf16) and the 3bit preset, next to bf16 SDPA (grouped-query, and with
-each KV head's queries folded into rows). Times are CUDA-graph replays (``triton.testing.do_bench_cudagraph``), as
-in ``bench-kernels``. Prints and writes JSON; ``max_diff`` is each choice's largest difference from the default
-launch.
+prefetch of per-token numbers, the exact tokens' tile, programs per multiprocessor and the PTX unpacking, at
+Llama-3.1-8B attention shapes (32 query heads, 8 KV heads, head dim 128, bf16) and the 3bit preset, next to bf16 SDPA
+(grouped-query, and with each KV head's queries folded into rows). Times are CUDA-graph replays
+(``triton.testing.do_bench_cudagraph``), as in ``bench-kernels``. Prints and writes JSON; ``max_diff`` is each
+choice's largest difference from the default launch, ``resident`` the programs a multiprocessor holds.
 
 A kernel to compare against, where one is wanted, goes beside the current one before the run (untracked files travel
 to a GPU machine; its history does not), and is timed at its own defaults on the same card:
