@@ -137,9 +137,12 @@ def compile_for(fn, pointers: dict, config: dict, arch: int, multiples_of_16: tu
     from triton.compiler import ASTSource
 
     options = {name: config[name] for name in LAUNCH_OPTIONS if name in config}
-    # A constexpr left out takes its default, as at a launch (``triton.compile`` would take None), and one with no
-    # default is an error here, not a silently different kernel.
+    # A constexpr left out takes what a launch gives it (``triton.compile`` would take None): its default, but
+    # ``PDL`` as the launchers set it, programmatic launches from sm_90 on (kernels.common); one with no default is an
+    # error here, not a silently different kernel.
     constexprs = {param.name: param.default for param in fn.params if param.is_constexpr}
+    if "PDL" in constexprs:
+        constexprs["PDL"] = arch >= 90
     constexprs.update((name, value) for name, value in config.items() if name not in LAUNCH_OPTIONS)
     missing = sorted(name for name, value in constexprs.items() if value is inspect.Parameter.empty)
     if missing:
@@ -157,10 +160,7 @@ def compile_kernel(kernel: str, config: dict, arch: int, multiples_of_16: tuple 
     pointers = POINTERS[kernel]
     if config.get("PRECISE"):  # an fp32 model's queries and exact tokens
         pointers = {**pointers, **{name: "*fp32" for name in FP32_MODEL_POINTERS if name in pointers}}
-    fn = KERNELS[kernel][0]
-    if "PDL" in fn.arg_names:  # as launched: programmatic launches from sm_90 on (kernels.common)
-        config = dict(config, PDL=arch >= 90)
-    compiled = compile_for(fn, pointers, config, arch, multiples_of_16)
+    compiled = compile_for(KERNELS[kernel][0], pointers, config, arch, multiples_of_16)
     usage = resource_usage(compiled.asm["cubin"])
     return dict(registers=usage.get("REG"), shared_bytes=max(compiled.metadata.shared, usage.get("SHARED", 0)),
                 spill_bytes=usage.get("LOCAL", 0) + usage.get("STACK", 0))
