@@ -83,6 +83,11 @@ def multiprocessors(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
 
 
+def l2_cache_bytes(device: torch.device) -> int:
+    """The GPU's L2 cache; the H100's 50 MB off a GPU, where the decode kernel's L2 prefetch is compiled away."""
+    return torch.cuda.get_device_properties(device).L2_cache_size if device.type == "cuda" else 50 * 2 ** 20
+
+
 def resident_programs(kernel) -> int:
     """Programs of a compiled kernel that one multiprocessor runs at once, as the CUDA driver places them: its
     registers, threads and shared memory, with the shared-memory carveout the driver would pick

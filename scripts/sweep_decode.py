@@ -1,5 +1,6 @@
 """Launch choices of the fused QJL decode kernel on this GPU: pipeline stages, warps per program, register cap,
-prefetch of per-token numbers, the exact tokens' tile, programs per multiprocessor and the PTX unpacking, at
+prefetch of per-token numbers, the exact tokens' tile, programs per multiprocessor, the splits' L2 prefetch and the
+PTX unpacking, at
 Llama-3.1-8B attention shapes (32 query heads, 8 KV heads, head dim 128, bf16) and the 3bit preset, next to bf16 SDPA
 (grouped-query, and with each KV head's queries folded into rows). Times are CUDA-graph replays
 (``triton.testing.do_bench_cudagraph``), as in ``bench-kernels``. Prints and writes JSON; ``max_diff`` is each
@@ -54,19 +55,27 @@ from qjl.config import QJLConfig  # noqa: E402
 # - eight (a cap of 128), with the exact tokens' queries at their own count of rows, not padded to 16: with three
 #   stages no stack, 461 instructions a tile; with two 16 bytes of stack (values held across the tile loop, none of
 #   it in the loop);
-# - three stages at a cap of 200 (cb8154c's launch, four programs), the cap of 200 alone, one stage, no prefetch,
-#   more programs than fit, the interpreter's element-wise unpacking in place of the PTX (whose max_diff also checks
-#   the PTX on the GPU), the step's three kernels launched one after another (not programmatically,
-#   kernels.common.programmatic_launch);
+# - each split asking the L2 cache for its first tokens before it waits for the projection (``l2_prefetch``: the
+#   share of the L2 cache all splits' requests may fill; at a half, the whole of every split at batch 1 and 32k
+#   tokens, 23 MB): alone, with the step's kernels launched one after another (which tells what comes of fetching
+#   while the projection runs from what comes of the tile loop finding the tokens in L2), and with seven and eight
+#   programs at three stages;
+# - three stages at a cap of 200 (cb8154c's launch, four programs), no prefetch of the per-token numbers, the
+#   interpreter's element-wise unpacking in place of the PTX (whose max_diff also checks the PTX on the GPU), the
+#   step's three kernels launched one after another (not programmatically, kernels.common.programmatic_launch);
 # - and, per shape, the wave counting the exact tokens' programs (one split fewer a KV head, each split longer: at
 #   batch 8 and 32k 11 of 3,008 tokens, not 12 of 2,752 with 40 of the 832 programs past the 792 that fit).
-# Dropped from the list as consistently slower on the H100 (sweep-decode-5176db8.txt): no register cap (as the cap of
-# 200, four programs) and four warps (1.27-1.66x the default's time).
+# Dropped from the list as consistently slower on the H100 (sweep-decode-5176db8.txt and -615d3fd.txt, against the
+# default of the same run at the four shapes): no register cap (as the cap of 200, four programs) and four warps
+# (1.27-1.66x the default's time), the cap of 200 alone (1.06-1.31x), one stage (1.05-1.31x) and more programs than
+# fit (``programs_per_sm=8``: 1.23-1.35x).
 SEVEN_PROGRAMS = dict(maxnreg=144, BLOCK_EXACT=16)
 EIGHT_PROGRAMS = dict(maxnreg=128, BLOCK_EXACT=16, EXACT_PADDED=False)
+L2_PREFETCH = dict(l2_prefetch=0.5)
 TUNINGS = [dict(num_stages=3), SEVEN_PROGRAMS, dict(SEVEN_PROGRAMS, num_stages=3), EIGHT_PROGRAMS,
-           dict(EIGHT_PROGRAMS, num_stages=3), dict(num_stages=3, maxnreg=200), dict(maxnreg=200), dict(num_stages=1),
-           dict(PREFETCH=False), dict(programs_per_sm=8), dict(ASM=False), dict(PDL=False)]
+           dict(EIGHT_PROGRAMS, num_stages=3), L2_PREFETCH, dict(L2_PREFETCH, PDL=False),
+           dict(SEVEN_PROGRAMS, num_stages=3, **L2_PREFETCH), dict(EIGHT_PROGRAMS, num_stages=3, **L2_PREFETCH),
+           dict(num_stages=3, maxnreg=200), dict(PREFETCH=False), dict(ASM=False), dict(PDL=False)]
 BASELINE = "kernels.decode_attention_baseline"
 
 
