@@ -123,16 +123,17 @@ def sketch_tables(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tor
     return cached[1:]
 
 
-def project_queries(q: torch.Tensor, matrix: torch.Tensor, precise: bool,
-                    pdl: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def project_queries(q: torch.Tensor, matrix: torch.Tensor, precise: bool, pdl: bool = False,
+                    tuning: dict | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``q`` ``[BH, M, d]`` (the queries of each KV head), sketch ``matrix`` ``[m, d]``: ``q @ S.T`` with its columns
     in bit order (zeros past ``m``, zero rows past ``M``) as int8 limbs ``[BH, LIMBS, M_PAD, 8 BP]``, float32 row
     scales ``[BH, M_PAD]`` and the rows' sums as the limbs hold them ``[BH, M_PAD]``; three limbs if ``precise``
-    (fp32 queries), else two. ``pdl``: the next kernel is launched programmatically (``kernels.common``)."""
+    (fp32 queries), else two. ``pdl``: the next kernel is launched programmatically (``kernels.common``).
+    ``tuning`` overrides launch choices (``BLOCK_D``, ``num_warps``, ``num_stages``) for benchmarks."""
     bh, queries, d = q.shape
     if matrix.shape[1] != d:
         raise ValueError(f"sketch matrix {tuple(matrix.shape)} does not match head dim {d}")
-    config = launch_config(queries, d, matrix.shape[0], precise)
+    config = dict(launch_config(queries, d, matrix.shape[0], precise), **(tuning or {}))
     table = sketch_tables(matrix)[0]
     tables = q.new_empty(bh, config["LIMBS"], config["M_PAD"], config["WIDTH"], dtype=torch.int8)
     scales = q.new_empty(bh, config["M_PAD"], dtype=torch.float32)

@@ -4,6 +4,7 @@ whole step less the other two) and their merge (``kernels.combine_splits``, on a
 next to bf16 SDPA; CUDA-graph replays. At batch 1 the projection and the merge are a fixed cost that the splits'
 work does not amortise. With programmatic launches (the default on Hopper, ``kernels.common``) the three overlap at
 their edges, so "splits about" is then the split kernel less that overlap; the step without them is timed too.
+The projection is also timed at other launches (``PROJECTION_TUNINGS``), for what its fixed cost is made of.
 
     python scripts/decode_launches.py
 """
@@ -22,6 +23,11 @@ from kernels.decode_project import project_queries  # noqa: E402
 from profiling.cmd_bench_kernels import HEAD_DIM, KV_HEADS, Q_HEADS, decode_inputs, qjl_layer, sdpa_calls  # noqa: E402
 from qjl.backend import decode_arguments  # noqa: E402
 from qjl.config import QJLConfig  # noqa: E402
+
+
+# The projection's launch is 4 warps taking 32 channels of the sketch a step (32 KB of it, fp32); each of these
+# compiles without stack (Triton 3.6 and 3.9, sm_90; 99, 60 and 177 registers on 3.6, against 154).
+PROJECTION_TUNINGS = [dict(num_warps=8), dict(num_warps=8, BLOCK_D=16), dict(num_warps=8, BLOCK_D=64, num_stages=2)]
 
 
 def main():
@@ -48,13 +54,18 @@ def main():
         serial = do_bench_cudagraph(lambda: da.decode_attention(*args, tuning=dict(PDL=False)))
         queries = q.reshape(programs, group, HEAD_DIM)
         project = do_bench_cudagraph(lambda: project_queries(queries, layer.sketch.matrix, False))
+        variants = []
+        for tuning in PROJECTION_TUNINGS:
+            ms = do_bench_cudagraph(lambda: project_queries(queries, layer.sketch.matrix, False, tuning=tuning))
+            variants.append(f"{tuning} {ms * 1e3:.1f}")
         part_m = torch.zeros(programs, splits, group, device=device)
         part_l, part_acc = torch.ones_like(part_m), torch.zeros(programs, splits, group, HEAD_DIM, device=device)
         merge = do_bench_cudagraph(lambda: combine_splits(part_m, part_l, part_acc, torch.bfloat16))
         print(f"batch {batch} context {context}: step {whole * 1e3:.1f} us (SDPA {sdpa * 1e3:.1f}): projection "
               f"{project * 1e3:.1f}, splits about {(whole - project - merge) * 1e3:.1f} ({splits - 1} splits a KV "
               f"head and one of exact tokens, {programs_per_sm} programs a multiprocessor), merge {merge * 1e3:.1f}; "
-              f"the step's kernels launched one after another (PDL=False) {serial * 1e3:.1f}", flush=True)
+              f"the step's kernels launched one after another (PDL=False) {serial * 1e3:.1f}; the projection at "
+              f"other launches: {', '.join(variants)}", flush=True)
 
 
 if __name__ == "__main__":

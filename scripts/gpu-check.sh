@@ -2,7 +2,8 @@
 # One command for a short GPU slot: kernel tests on the GPU itself (whole-model decoding through the kernels against
 # the torch path included), the decode benchmark and one step's launches timed apart (decode_launches.py, into
 # bench.txt), the sweep of the fused decode kernel's launch choices (with the programs a multiprocessor holds for
-# each), Nsight Compute on one of its launches (its per-instruction samples in ncu-source.csv.gz), and last (it alone
+# each), Nsight Compute on one of its launches (its per-instruction samples in ncu-source.csv.gz) and on one of the
+# queries' projection (batch 1, 32k: what the step's fixed cost waits on), and last (it alone
 # builds the same code on a CPU machine) the sm_90 compile report (at the end of tests.txt). Everything lands in
 # OUTDIR (8 files, what a GPU slot returns at most); at cb8154c the tests took 74-84 s, the benchmark 40 s and the
 # sweep 33 s; all of it took 449 s at 615d3fd (the tests 127 s), with a step since dropped (decode_occupancy.py, about
@@ -26,6 +27,7 @@ timeout 300 python -m profiling bench-kernels --out "$OUT/bench-kernels" 2>&1 | 
 timeout 120 python scripts/decode_launches.py >> "$OUT/bench.txt" 2>&1 || status=1
 timeout 240 python scripts/sweep_decode.py "$OUT/sweep-decode.json" > "$OUT/sweep-decode.txt" 2>&1 || status=1
 timeout 120 bash scripts/ncu_decode.sh 1 32768 "$OUT/ncu-source.csv" > "$OUT/ncu.txt" 2>&1 || status=1
+timeout 60 env NCU_KERNEL=project_kernel bash scripts/ncu_decode.sh 1 32768 >> "$OUT/ncu.txt" 2>&1 || status=1
 gzip -f "$OUT/ncu-source.csv" || status=1
 echo "--- kernels-compile --quick --arch 90" >> "$OUT/tests.txt"
 timeout 240 python -m profiling kernels-compile --quick --arch 90 --out "$OUT/kernels-compile" >> "$OUT/tests.txt" 2>&1 \

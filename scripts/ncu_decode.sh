@@ -4,13 +4,16 @@
 # (SourceCounters). The kernel is latency bound on the H100 (README, "Kernels and the GPU"); this says on what. Needs
 # ncu (the GPU box has it). Prints the sections, then each stall reason's warps per issued instruction (the raw
 # metrics behind WarpStateStats); with SOURCE_CSV, also writes the SASS with each instruction's samples there.
-#   bash scripts/ncu_decode.sh [BATCH] [CONTEXT] [SOURCE_CSV]
+# NCU_KERNEL names another of the step's kernels (project_kernel, combine_splits_kernel): at batch 1 the projection
+# and the merge are a fixed cost of the step (scripts/decode_launches.py).
+#   [NCU_KERNEL=decode_split_kernel] bash scripts/ncu_decode.sh [BATCH] [CONTEXT] [SOURCE_CSV]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 batch="${1:-1}"
 context="${2:-32768}"
 report="$(mktemp -d)/decode"
-ncu --clock-control none --kernel-name regex:decode_split_kernel --launch-skip 3 --launch-count 1 \
+echo "--- ncu: ${NCU_KERNEL:-decode_split_kernel}, batch $batch, context $context"
+ncu --clock-control none --kernel-name "regex:${NCU_KERNEL:-decode_split_kernel}" --launch-skip 3 --launch-count 1 \
   --section SpeedOfLight --section Occupancy --section LaunchStats --section SchedulerStats \
   --section WarpStateStats --section SourceCounters --section MemoryWorkloadAnalysis -f -o "$report" \
   python scripts/decode_step.py --batch "$batch" --context "$context" --steps 4

@@ -6,7 +6,9 @@ sketched, kept exact (``exact_outliers``) or absent.
 """
 
 import dataclasses
+import importlib.util
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -62,6 +64,7 @@ from qjl.runner import cache_kwarg  # noqa: E402
 from qjl.sketch import QJLSketch  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+ROOT = Path(__file__).resolve().parents[1]
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -224,6 +227,24 @@ def test_query_projection_in_bit_order(queries, d, sketch_dim, dtype):
         step = limb_scales.double() * float(LIMB_BASE.value) ** -(n - 1)
         bound = table.shape[1] * step / 2 + table.abs().sum(-1) * 2 ** -22
         assert ((limb_sums[n - 1] - table.double().sum(-1)).abs() <= bound).all()
+
+
+def test_query_projection_launches_agree():
+    """The projection's other launches (``scripts/decode_launches.py`` times them: more warps, 16 or 64 channels a
+    step) give what the default gives: the same projections to fp32 rounding of sums taken in another order, which
+    may round the last limb the other way (one step of it, the row's largest / (127 * 254))."""
+    spec = importlib.util.spec_from_file_location("decode_launches", ROOT / "scripts" / "decode_launches.py")
+    launches = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(launches)
+    sketch = QJLSketch(128, 256, 1, device=DEVICE)
+    q = torch.randn(3, 4, 128, generator=torch.Generator().manual_seed(3)).to(DEVICE, torch.bfloat16)
+    tables, scales, sums = project_queries(q, sketch.matrix, False)
+    default = from_limbs(tables.transpose(0, 1), scales)
+    for tuning in launches.PROJECTION_TUNINGS:
+        tables, scales, sums = project_queries(q, sketch.matrix, False, tuning=tuning)
+        got = from_limbs(tables.transpose(0, 1), scales)
+        step = default.abs().amax(dim=-1, keepdim=True) / (127 * LIMB_BASE.value)
+        assert ((got - default).abs() <= step * 1.01).all(), tuning
 
 
 @triton.jit
