@@ -675,7 +675,8 @@ def decode_attention(query: torch.Tensor, keys, values, value_bits: int, matrix:
     (``num_warps``, ``num_stages``, ``maxnreg``, ``UNROLL``, ``PREFETCH``, ``ASM``, ``BLOCK_EXACT``: the exact
     tokens' tile, ``EXACT_PADDED``: their queries padded to 16 rows, ``PDL``: programmatic launches,
     ``programs_per_sm``, ``min_tokens``, ``splits``: compressed splits per (batch, KV head), ``l2_prefetch``: the
-    share of the L2 cache the splits' first tokens may fill, asked for as each split starts) for benchmarks."""
+    share of the L2 cache the splits' first tokens may fill, asked for as each split starts, ``project_blocks``:
+    programs a KV head in the queries' projection) for benchmarks."""
     signs, norms, idx, osigns, onorms, oresiduals = keys
     b, hq, _, d = query.shape
     h, n = signs.shape[1], signs.shape[2]
@@ -690,6 +691,7 @@ def decode_attention(query: torch.Tensor, keys, values, value_bits: int, matrix:
     pdl = tuning.pop("PDL", programmatic_launch(query.device))
     config.update(programmatic_options(pdl))
     l2_share = tuning.pop("l2_prefetch", 0.0)
+    project_tuning = dict(BLOCKS=tuning.pop("project_blocks", 1))
     if l2_share:
         config["L2_PREFETCH"] = True
     programs, m = b * h * config["CHUNKS"], group // config["CHUNKS"]
@@ -703,7 +705,7 @@ def decode_attention(query: torch.Tensor, keys, values, value_bits: int, matrix:
     sketch_rows = rows_of(matrix)
     outlier_rows = rows_of(outlier_matrix) if outlier_matrix is not None else sketch_rows
     if n:  # read by splits only
-        query_rows = project_queries(q, matrix, config["PRECISE"], pdl)
+        query_rows = project_queries(q, matrix, config["PRECISE"], pdl, project_tuning)
     else:
         query_rows = (q.new_empty(0, dtype=torch.int8), *[q.new_empty(0, dtype=torch.float32)] * 2)
     sink_k, buf_k = (t.contiguous() for t in exact_keys)

@@ -20,7 +20,8 @@ from triton.language.extra.cuda import gdc_launch_dependents
 from .common import dot3, pow2
 
 # Head-dim channels per step of the projection: the sketch's slice of them, [BLOCK_D, WIDTH] fp32, goes through
-# shared memory (32 KB at sketch 256), and the whole projection [M_PAD, WIDTH] stays in registers.
+# shared memory (32 KB at sketch 256), and the whole projection [M_PAD, WIDTH] stays in registers. Column blocks
+# (``BLOCKS``) take the same steps, so that each column's sums run in the same order as with one program.
 PROJECT_SLICE_BYTES = 32 * 1024
 # Each limb after the first is the remainder (within +-1/2) of those before, times this.
 LIMB_BASE = tl.constexpr(254)
@@ -36,27 +37,10 @@ def padded_bytes(sketch_dim: int) -> int:
 
 
 @triton.jit
-def project_kernel(q_ptr, s_ptr, tables_ptr, scales_ptr, sums_ptr, M: tl.constexpr, M_PAD: tl.constexpr,
-                   D: tl.constexpr, WIDTH: tl.constexpr, BLOCK_D: tl.constexpr, LIMBS: tl.constexpr,
-                   PDL: tl.constexpr = False):
-    """Program ``bh``: ``q @ S_perm`` ``[M_PAD, WIDTH]`` for the queries of one KV head as int8 limbs
-    ``tables[bh, l, m, c]``, row scales ``scales[bh, m]`` and the rows' sums as the limbs hold them ``sums[bh, m]``
-    (rows from ``M`` on are zeros). ``s_ptr``: ``S`` in bit order, float32 ``[D, WIDTH]`` (``sketch_tables``). One
-    pass over the head dim, the whole projection held: on the H100 (cb8154c) two passes of 64-column blocks, 16
-    channels a step, took 17.5 us, a third of a decode step at batch 1 and 32k tokens (latency, not work). ``PDL``:
-    the decode kernel may start at once (its programs wait for this one's results where they read them)."""
-    if PDL:
-        gdc_launch_dependents()
-    bh = tl.program_id(0)
-    rows = tl.arange(0, M_PAD)
+def _store_limbs(proj, tables_ptr, scales_ptr, sums_ptr, bh, rows, M_PAD: tl.constexpr, WIDTH: tl.constexpr,
+                 LIMBS: tl.constexpr):
+    """The projection ``proj`` ``[M_PAD, WIDTH]`` of program ``bh`` as int8 limbs, row scales and sums."""
     columns = tl.arange(0, WIDTH)
-    proj = tl.zeros((M_PAD, WIDTH), dtype=tl.float32)
-    for d_start in range(0, D, BLOCK_D):
-        offs_d = d_start + tl.arange(0, BLOCK_D)
-        q = tl.load(q_ptr + (bh * M + rows[:, None]) * D + offs_d[None, :],
-                    mask=(rows[:, None] < M) & (offs_d[None, :] < D), other=0.0).to(tl.float32)
-        proj += dot3(q, tl.load(s_ptr + offs_d[:, None] * WIDTH + columns[None, :], mask=offs_d[:, None] < D,
-                                other=0.0))
     largest = tl.max(tl.abs(proj), axis=1)
     scale = tl.where(largest > 0, largest / 127.0, 1.0)
     tl.store(scales_ptr + bh * M_PAD + rows, scale)
@@ -73,12 +57,70 @@ def project_kernel(q_ptr, s_ptr, tables_ptr, scales_ptr, sums_ptr, M: tl.constex
     tl.store(sums_ptr + bh * M_PAD + rows, row_sums * scale)
 
 
-def launch_config(queries: int, head_dim: int, sketch_dim: int, precise: bool = False) -> dict:
-    """The constexprs (and warps) for these shapes; also what ``kernels-compile`` checks."""
+@triton.jit
+def project_kernel(q_ptr, s_ptr, tables_ptr, scales_ptr, sums_ptr, work_ptr, arrivals_ptr, M: tl.constexpr,
+                   M_PAD: tl.constexpr, D: tl.constexpr, WIDTH: tl.constexpr, BLOCK_D: tl.constexpr,
+                   LIMBS: tl.constexpr, BLOCKS: tl.constexpr = 1, PDL: tl.constexpr = False):
+    """Program ``(bh, block)``: ``q @ S_perm`` ``[M_PAD, WIDTH]`` for the queries of one KV head as int8 limbs
+    ``tables[bh, l, m, c]``, row scales ``scales[bh, m]`` and the rows' sums as the limbs hold them ``sums[bh, m]``
+    (rows from ``M`` on are zeros). ``s_ptr``: ``S`` in bit order, float32 ``[D, WIDTH]`` (``sketch_tables``). One
+    pass over the head dim, the whole projection held: on the H100 (cb8154c) two passes of 64-column blocks, 16
+    channels a step, took 17.5 us, a third of a decode step at batch 1 and 32k tokens (latency, not work).
+
+    ``BLOCKS`` programs share a KV head's columns, each reading its share of ``S`` (one program reads all 128 KB of
+    it at head dim 128 and sketch 256, through one multiprocessor): each writes its float32 columns to ``work``
+    ``[BH, M_PAD, WIDTH]`` and counts itself in ``arrivals[bh]`` (zero between launches), and the last to arrive
+    makes the limbs of the whole rows (their scales take every column's largest) and sets the count back to zero:
+    the same numbers as one program, each column's products taken alike. ``PDL``: the decode kernel may start at
+    once (its programs wait for this one's results where they read them)."""
+    if PDL:
+        gdc_launch_dependents()
+    bh = tl.program_id(0)
+    COLUMNS: tl.constexpr = WIDTH // BLOCKS
+    rows = tl.arange(0, M_PAD)
+    columns = tl.program_id(1) * COLUMNS + tl.arange(0, COLUMNS)
+    proj = tl.zeros((M_PAD, COLUMNS), dtype=tl.float32)
+    for d_start in range(0, D, BLOCK_D):
+        offs_d = d_start + tl.arange(0, BLOCK_D)
+        q = tl.load(q_ptr + (bh * M + rows[:, None]) * D + offs_d[None, :],
+                    mask=(rows[:, None] < M) & (offs_d[None, :] < D), other=0.0).to(tl.float32)
+        proj += dot3(q, tl.load(s_ptr + offs_d[:, None] * WIDTH + columns[None, :], mask=offs_d[:, None] < D,
+                                other=0.0))
+    if BLOCKS == 1:
+        _store_limbs(proj, tables_ptr, scales_ptr, sums_ptr, bh, rows, M_PAD, WIDTH, LIMBS)
+    else:
+        work = work_ptr + (bh * M_PAD + rows[:, None]) * WIDTH
+        tl.store(work + columns[None, :], proj)
+        # every thread's columns written before one thread's release (a semaphore as CUTLASS's: a barrier, then
+        # one release; the acquire's result reaches the other threads through shared memory, past a barrier)
+        tl.debug_barrier()
+        if tl.atomic_add(arrivals_ptr + bh, 1, sem="acq_rel") == BLOCKS - 1:
+            everything = tl.load(work + tl.arange(0, WIDTH)[None, :], cache_modifier=".cg")  # L2, not L1
+            _store_limbs(everything, tables_ptr, scales_ptr, sums_ptr, bh, rows, M_PAD, WIDTH, LIMBS)
+            tl.store(arrivals_ptr + bh, 0)
+
+
+def launch_config(queries: int, head_dim: int, sketch_dim: int, precise: bool = False, blocks: int = 1) -> dict:
+    """The constexprs (and warps) for these shapes, with ``blocks`` programs a KV head; also what
+    ``kernels-compile`` checks."""
     width = 8 * padded_bytes(sketch_dim)
+    if width % blocks or width // blocks < 16:
+        raise ValueError(f"{blocks} column blocks do not divide {width} columns into blocks of 16 or more")
     return dict(M=queries, M_PAD=pow2(queries, 16), D=head_dim, WIDTH=width,
-                BLOCK_D=min(head_dim, max(16, PROJECT_SLICE_BYTES // (4 * width))), LIMBS=limb_count(precise),
-                num_warps=4 if width <= 256 else 8)
+                BLOCK_D=min(head_dim, max(16, PROJECT_SLICE_BYTES // (4 * width))),
+                LIMBS=limb_count(precise), BLOCKS=blocks, num_warps=4 if width <= 256 else 8)
+
+
+# Counts of arrived column blocks, one per program row (``project_kernel``), zero between launches: kept per device
+# and size for the process, so that a launch (and a CUDA graph that captured it) always finds them.
+ARRIVALS = {}
+
+
+def arrivals(rows: int, device: torch.device) -> torch.Tensor:
+    key = (device, rows)
+    if key not in ARRIVALS:
+        ARRIVALS[key] = torch.zeros(rows, dtype=torch.int32, device=device)
+    return ARRIVALS[key]
 
 
 def int8_limbs(x: torch.Tensor, limbs: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -129,14 +171,19 @@ def project_queries(q: torch.Tensor, matrix: torch.Tensor, precise: bool, pdl: b
     in bit order (zeros past ``m``, zero rows past ``M``) as int8 limbs ``[BH, LIMBS, M_PAD, 8 BP]``, float32 row
     scales ``[BH, M_PAD]`` and the rows' sums as the limbs hold them ``[BH, M_PAD]``; three limbs if ``precise``
     (fp32 queries), else two. ``pdl``: the next kernel is launched programmatically (``kernels.common``).
-    ``tuning`` overrides launch choices (``BLOCK_D``, ``num_warps``, ``num_stages``) for benchmarks."""
+    ``tuning`` overrides launch choices (``BLOCKS``: programs a KV head, ``BLOCK_D``, ``num_warps``, ``num_stages``)
+    for benchmarks."""
     bh, queries, d = q.shape
     if matrix.shape[1] != d:
         raise ValueError(f"sketch matrix {tuple(matrix.shape)} does not match head dim {d}")
-    config = dict(launch_config(queries, d, matrix.shape[0], precise), **(tuning or {}))
+    tuning = dict(tuning or {})
+    config = dict(launch_config(queries, d, matrix.shape[0], precise, tuning.pop("BLOCKS", 1)), **tuning)
     table = sketch_tables(matrix)[0]
     tables = q.new_empty(bh, config["LIMBS"], config["M_PAD"], config["WIDTH"], dtype=torch.int8)
     scales = q.new_empty(bh, config["M_PAD"], dtype=torch.float32)
     sums = torch.empty_like(scales)
-    project_kernel[(bh,)](q.contiguous(), table, tables, scales, sums, PDL=pdl, **config)
+    blocks = config["BLOCKS"]
+    work = tables.new_empty(bh, config["M_PAD"], config["WIDTH"], dtype=torch.float32) if blocks > 1 else scales
+    project_kernel[(bh, blocks)](q.contiguous(), table, tables, scales, sums, work, arrivals(bh, q.device), PDL=pdl,
+                                 **config)
     return tables, scales, sums

@@ -60,6 +60,9 @@ from qjl.config import QJLConfig  # noqa: E402
 #   tokens, 23 MB): alone, with the step's kernels launched one after another (which tells what comes of fetching
 #   while the projection runs from what comes of the tile loop finding the tokens in L2), and with seven and eight
 #   programs at three stages;
+# - the queries' projection in four programs a KV head (each a quarter of the sketch's columns: one program reads
+#   all 128 KB of the sketch through one multiprocessor, at batch 1 a fixed 5.4 us of the step's 31 at 32k), alone
+#   and with the L2 prefetch (which a shorter projection leaves less time);
 # - three stages at a cap of 200 (cb8154c's launch, four programs), no prefetch of the per-token numbers, the
 #   interpreter's element-wise unpacking in place of the PTX (whose max_diff also checks the PTX on the GPU), the
 #   step's three kernels launched one after another (not programmatically, kernels.common.programmatic_launch);
@@ -75,6 +78,7 @@ L2_PREFETCH = dict(l2_prefetch=0.5)
 TUNINGS = [dict(num_stages=3), SEVEN_PROGRAMS, dict(SEVEN_PROGRAMS, num_stages=3), EIGHT_PROGRAMS,
            dict(EIGHT_PROGRAMS, num_stages=3), L2_PREFETCH, dict(L2_PREFETCH, PDL=False),
            dict(SEVEN_PROGRAMS, num_stages=3, **L2_PREFETCH), dict(EIGHT_PROGRAMS, num_stages=3, **L2_PREFETCH),
+           dict(project_blocks=4), dict(L2_PREFETCH, project_blocks=4),
            dict(num_stages=3, maxnreg=200), dict(PREFETCH=False), dict(ASM=False), dict(PDL=False)]
 BASELINE = "kernels.decode_attention_baseline"
 

@@ -232,16 +232,22 @@ def test_query_projection_in_bit_order(queries, d, sketch_dim, dtype):
 def test_query_projection_launches_agree():
     """The projection's other launches (``scripts/decode_launches.py`` times them: more warps, 16 or 64 channels a
     step) give what the default gives: the same projections to fp32 rounding of sums taken in another order, which
-    may round the last limb the other way (one step of it, the row's largest / (127 * 254))."""
+    may round the last limb the other way (one step of it, the row's largest / (127 * 254)); the columns in blocks,
+    a program each, give the very same limbs, scales and sums, launch after launch (the last block to arrive makes
+    them and sets the count of arrivals back to zero)."""
     spec = importlib.util.spec_from_file_location("decode_launches", ROOT / "scripts" / "decode_launches.py")
     launches = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(launches)
     sketch = QJLSketch(128, 256, 1, device=DEVICE)
     q = torch.randn(3, 4, 128, generator=torch.Generator().manual_seed(3)).to(DEVICE, torch.bfloat16)
-    tables, scales, sums = project_queries(q, sketch.matrix, False)
-    default = from_limbs(tables.transpose(0, 1), scales)
+    expected = project_queries(q, sketch.matrix, False)
+    default = from_limbs(expected[0].transpose(0, 1), expected[1])
     for tuning in launches.PROJECTION_TUNINGS:
         tables, scales, sums = project_queries(q, sketch.matrix, False, tuning=tuning)
+        if "BLOCKS" in tuning:
+            for _ in range(2):
+                assert all(map(torch.equal, (tables, scales, sums), expected)), tuning
+                tables, scales, sums = project_queries(q, sketch.matrix, False, tuning=tuning)
         got = from_limbs(tables.transpose(0, 1), scales)
         step = default.abs().amax(dim=-1, keepdim=True) / (127 * LIMB_BASE.value)
         assert ((got - default).abs() <= step * 1.01).all(), tuning
@@ -365,8 +371,8 @@ def test_fused_decode_launch_choices_agree():
     compressed tokens here), take the bit positions one or two at a time, load the per-token numbers a tile ahead or
     not, pipeline the tiles' copies over three stages, take the 17 buffered tokens 16 at a time (their queries padded
     to 16 rows or not), (on a Hopper GPU, where they are by default) launch the step's kernels programmatically or
-    not, and (on a GPU) ask the L2 cache for each split's first tokens, all of them or the first tile, and change
-    nothing in the result."""
+    not, (on a GPU) ask the L2 cache for each split's first tokens, all of them or the first tile, and project the
+    queries in four programs a KV head, and change nothing in the result."""
     config = QJLConfig.preset("3bit", head_dim=64)
     layer = filled_layer(config, 1, 2, 64, prompt=300, steps=9, dtype=torch.float32)
     assert layer.n_compressed == 288 and layer.buffer_keys.shape[2] == 17
@@ -376,7 +382,7 @@ def test_fused_decode_launch_choices_agree():
     for tuning in (dict(programs_per_sm=1, min_tokens=64), dict(programs_per_sm=64, min_tokens=32, num_stages=1),
                    dict(UNROLL=2, num_warps=4, maxnreg=128), dict(UNROLL=1, PREFETCH=False), dict(num_stages=3),
                    dict(BLOCK_EXACT=16, maxnreg=144), dict(BLOCK_EXACT=16, EXACT_PADDED=False), dict(PDL=False),
-                   dict(l2_prefetch=0.5), dict(l2_prefetch=1e-4, PDL=False)):
+                   dict(l2_prefetch=0.5), dict(l2_prefetch=1e-4, PDL=False), dict(project_blocks=4)):
         torch.testing.assert_close(decode_attention(*arguments, tuning=tuning), default, rtol=1e-5, atol=1e-5)
 
 

@@ -126,3 +126,35 @@ def test_l2_prefetch_comes_before_the_wait_and_leaves_the_tile_loop_alone(tmp_pa
     assert abs(row["common_path"] - plain["common_path"]) <= 5
     assert row["stack_in_loop"] == 0 and row["registers"] <= 65536 // (64 * programs) // 8 * 8
     assert row["stack_bytes"] <= (8 if programs == 8 and triton.__version__.startswith("3.6") else 0)
+
+
+def test_projection_in_column_blocks_compiles_without_spills():
+    """The queries' projection with its columns in 2, 4 or 8 blocks, a program each (``project_blocks``, timed by
+    ``scripts/decode_launches.py`` and the sweep), compiles for sm_90 and sm_80 without spills, in fewer registers
+    and less shared memory than one program (each holds its share of the columns), and counts its arrival with one
+    atomic that both releases its columns and acquires the others' (none with one block)."""
+    code = """
+import json
+from profiling.cmd_kernels_compile import POINTERS, compile_for, resource_usage
+from kernels.decode_project import launch_config, project_kernel
+rows = []
+for arch in (90, 80):
+    for blocks in (1, 2, 4, 8):
+        for precise in (False, True):
+            config = launch_config(4, 128, 256, precise, blocks)
+            compiled = compile_for(project_kernel, POINTERS["decode_project"], config, arch)
+            rows.append(dict(arch=arch, blocks=blocks, precise=precise, shared=compiled.metadata.shared,
+                             atomics=compiled.asm["ptx"].count("atom.global.gpu.acq_rel"),
+                             **resource_usage(compiled.asm["cubin"])))
+print(json.dumps(rows))
+"""
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=compiler_env(), check=True, capture_output=True,
+                          text=True)
+    rows = json.loads(done.stdout.strip().splitlines()[-1])
+    assert len(rows) == 16
+    for row in rows:
+        one = next(r for r in rows if r["blocks"] == 1 and r["arch"] == row["arch"] and r["precise"] == row["precise"])
+        assert row["LOCAL"] == 0 and row.get("STACK", 0) == 0, row
+        assert row["atomics"] == (0 if row["blocks"] == 1 else 1), row
+        if row["blocks"] > 1:
+            assert row["REG"] < one["REG"] and row["shared"] < one["shared"], row
