@@ -112,7 +112,8 @@ def launch_config(queries: int, head_dim: int, sketch_dim: int, precise: bool = 
 
 
 # Counts of arrived column blocks, one per program row (``project_kernel``), zero between launches: kept per device
-# and size for the process, so that a launch (and a CUDA graph that captured it) always finds them.
+# and size for the process, so that a launch (and a CUDA graph that captured it) always finds them. Launches with
+# column blocks on one device share them, so they must not run at once on two streams.
 ARRIVALS = {}
 
 
@@ -183,7 +184,10 @@ def project_queries(q: torch.Tensor, matrix: torch.Tensor, precise: bool, pdl: b
     scales = q.new_empty(bh, config["M_PAD"], dtype=torch.float32)
     sums = torch.empty_like(scales)
     blocks = config["BLOCKS"]
-    work = tables.new_empty(bh, config["M_PAD"], config["WIDTH"], dtype=torch.float32) if blocks > 1 else scales
-    project_kernel[(bh, blocks)](q.contiguous(), table, tables, scales, sums, work, arrivals(bh, q.device), PDL=pdl,
-                                 **config)
+    if blocks > 1:
+        work = tables.new_empty(bh, config["M_PAD"], config["WIDTH"], dtype=torch.float32)
+        counts = arrivals(bh, q.device)
+    else:  # unread with one block: pointers of the types compiled, and no count to allocate
+        work, counts = scales, sums.view(torch.int32)
+    project_kernel[(bh, blocks)](q.contiguous(), table, tables, scales, sums, work, counts, PDL=pdl, **config)
     return tables, scales, sums

@@ -1,6 +1,6 @@
 """Launch choices of the fused QJL decode kernel on this GPU: pipeline stages, warps per program, register cap,
-prefetch of per-token numbers, the exact tokens' tile, programs per multiprocessor, the splits' L2 prefetch and the
-PTX unpacking, at
+prefetch of per-token numbers, the exact tokens' tile, programs per multiprocessor, the splits' L2 prefetch, the
+queries' projection in column blocks and the PTX unpacking, at
 Llama-3.1-8B attention shapes (32 query heads, 8 KV heads, head dim 128, bf16) and the 3bit preset, next to bf16 SDPA
 (grouped-query, and with each KV head's queries folded into rows). Times are CUDA-graph replays
 (``triton.testing.do_bench_cudagraph``), as in ``bench-kernels``. Prints and writes JSON; ``max_diff`` is each
@@ -70,7 +70,7 @@ from qjl.config import QJLConfig  # noqa: E402
 #   batch 8 and 32k 11 of 3,008 tokens, not 12 of 2,752 with 40 of the 832 programs past the 792 that fit).
 # Dropped from the list as consistently slower on the H100 (sweep-decode-5176db8.txt and -615d3fd.txt, against the
 # default of the same run at the four shapes): no register cap (as the cap of 200, four programs) and four warps
-# (1.27-1.66x the default's time), the cap of 200 alone (1.06-1.31x), one stage (1.05-1.31x) and more programs than
+# (1.27-1.66x the default's time), the cap of 200 alone (1.06-1.31x), one stage (1.04-1.32x) and more programs than
 # fit (``programs_per_sm=8``: 1.23-1.35x).
 SEVEN_PROGRAMS = dict(maxnreg=144, BLOCK_EXACT=16)
 EIGHT_PROGRAMS = dict(maxnreg=128, BLOCK_EXACT=16, EXACT_PADDED=False)
