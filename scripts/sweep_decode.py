@@ -1,6 +1,6 @@
 """Launch choices of the fused QJL decode kernel on this GPU: pipeline stages, warps per program, register cap,
-prefetch of per-token numbers, the exact tokens' tile, programs per multiprocessor, the splits' L2 prefetch, the
-queries' projection in column blocks and the PTX unpacking, at
+prefetch of per-token numbers, the exact tokens' tile, programs per multiprocessor, the splits' L2 prefetch and the
+queries' projection in column blocks, at
 Llama-3.1-8B attention shapes (32 query heads, 8 KV heads, head dim 128, bf16) and the 3bit preset, next to bf16 SDPA
 (grouped-query, and with each KV head's queries folded into rows). Times are CUDA-graph replays
 (``triton.testing.do_bench_cudagraph``), as in ``bench-kernels``. Prints and writes JSON; ``max_diff`` is each
@@ -63,15 +63,16 @@ from qjl.config import QJLConfig  # noqa: E402
 # - the queries' projection in four programs a KV head (each a quarter of the sketch's columns: one program reads
 #   all 128 KB of the sketch through one multiprocessor, at batch 1 a fixed 5.4 us of the step's 31 at 32k), alone
 #   and with the L2 prefetch (which a shorter projection leaves less time);
-# - three stages at a cap of 200 (cb8154c's launch, four programs), no prefetch of the per-token numbers, the
-#   interpreter's element-wise unpacking in place of the PTX (whose max_diff also checks the PTX on the GPU), the
-#   step's three kernels launched one after another (not programmatically, kernels.common.programmatic_launch);
+# - no prefetch of the per-token numbers, and the step's three kernels launched one after another (not
+#   programmatically, kernels.common.programmatic_launch);
 # - and, per shape, the wave counting the exact tokens' programs (one split fewer a KV head, each split longer: at
 #   batch 8 and 32k 11 of 3,008 tokens, not 12 of 2,752 with 40 of the 832 programs past the 792 that fit).
 # Dropped from the list as consistently slower on the H100 (sweep-decode-5176db8.txt and -615d3fd.txt, against the
 # default of the same run at the four shapes): no register cap (as the cap of 200, four programs) and four warps
 # (1.27-1.66x the default's time), the cap of 200 alone (1.06-1.31x), one stage (1.04-1.32x) and more programs than
-# fit (``programs_per_sm=8``: 1.23-1.35x).
+# fit (``programs_per_sm=8``: 1.23-1.35x), cb8154c's launch (three stages at a cap of 200, four programs:
+# 1.07-1.16x) and the interpreter's element-wise unpacking in place of the PTX (1.35-1.54x; the kernel tests check the
+# PTX against the reference on the GPU).
 SEVEN_PROGRAMS = dict(maxnreg=144, BLOCK_EXACT=16)
 EIGHT_PROGRAMS = dict(maxnreg=128, BLOCK_EXACT=16, EXACT_PADDED=False)
 L2_PREFETCH = dict(l2_prefetch=0.5)
@@ -79,7 +80,7 @@ TUNINGS = [dict(num_stages=3), SEVEN_PROGRAMS, dict(SEVEN_PROGRAMS, num_stages=3
            dict(EIGHT_PROGRAMS, num_stages=3), L2_PREFETCH, dict(L2_PREFETCH, PDL=False),
            dict(SEVEN_PROGRAMS, num_stages=3, **L2_PREFETCH), dict(EIGHT_PROGRAMS, num_stages=3, **L2_PREFETCH),
            dict(project_blocks=4), dict(L2_PREFETCH, project_blocks=4),
-           dict(num_stages=3, maxnreg=200), dict(PREFETCH=False), dict(ASM=False), dict(PDL=False)]
+           dict(PREFETCH=False), dict(PDL=False)]
 BASELINE = "kernels.decode_attention_baseline"
 
 
