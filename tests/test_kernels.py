@@ -371,8 +371,8 @@ def test_fused_decode_launch_choices_agree():
     compressed tokens here), take the bit positions one or two at a time, load the per-token numbers a tile ahead or
     not, pipeline the tiles' copies over three stages, take the 17 buffered tokens 16 at a time (their queries padded
     to 16 rows or not), (on a Hopper GPU, where they are by default) launch the step's kernels programmatically or
-    not, (on a GPU) ask the L2 cache for each split's first tokens, all of them or the first tile, and project the
-    queries in four programs a KV head, and change nothing in the result."""
+    not, (on a GPU) ask the L2 cache for each split's first tokens, all of them or (a budget short of a tile) none,
+    and project the queries in four programs a KV head, and change nothing in the result."""
     config = QJLConfig.preset("3bit", head_dim=64)
     layer = filled_layer(config, 1, 2, 64, prompt=300, steps=9, dtype=torch.float32)
     assert layer.n_compressed == 288 and layer.buffer_keys.shape[2] == 17
