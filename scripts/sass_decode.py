@@ -113,10 +113,12 @@ def l2_prefetches(instructions: list[tuple[int, str, str | None]]) -> tuple[int,
     first of them, or the call of the function that holds them, which follows the kernel in the cubin) before its
     first wait for the launch before it (``ACQBULK``, ``griddepcontrol.wait``)."""
     texts = [text for _, text, _ in instructions]
-    prefetches = [i for i, text in enumerate(texts) if re.search(r"\bCCTL\S*\.PF2\b", text)]
-    wait = next((i for i, text in enumerate(texts) if re.search(r"\bACQBULK\b", text)), len(texts))
-    reached = next((i for i, text in enumerate(texts) if i in prefetches or re.search(r"\bCALL\b", text)), None)
-    return len(prefetches), bool(prefetches) and reached is not None and reached < wait
+
+    def first(pattern):
+        return next((i for i, text in enumerate(texts) if re.search(pattern, text)), len(texts))
+
+    prefetches = sum(bool(re.search(r"\bCCTL\S*\.PF2\b", text)) for text in texts)
+    return prefetches, prefetches > 0 and first(r"\bCCTL\S*\.PF2\b|\bCALL\b") < first(r"\bACQBULK\b")
 
 
 def count(module, config: dict, group: int, arch: int, top: int = 0, tuning: dict | None = None) -> dict:

@@ -63,17 +63,23 @@ def test_kernels_compile_fails_over_the_shared_memory_limit(tmp_path):
     assert code == 1 and rows and all(k["shared_bytes"] > k["shared_limit"] == 64 for k in rows)
 
 
+def sass_rows(tmp_path, shapes: list[str], tuning: list[str] = ()) -> dict:
+    """``scripts/sass_decode.py``'s counts of the current decode kernel at ``shapes`` (with a sweep row's launch
+    choices, ``tuning``), by shape."""
+    out = tmp_path / "sass.json"
+    subprocess.run([sys.executable, "scripts/sass_decode.py", "--shapes", *shapes, *(["--tuning", *tuning] if tuning
+                    else []), "--json", str(out)], cwd=ROOT, env=compiler_env(), check=True)
+    return {r["shapes"]: r for r in json.loads(out.read_text()) if r["kernel"] == "current"}
+
+
 def test_sass_of_the_decode_main_loop(tmp_path):
     """``scripts/sass_decode.py`` finds the fused decode kernel's tile loop in the sm_90 disassembly: a tile's
     tensor-core products are there (at least one per bit position of the signs), amid many more instructions, and the
     accumulators' rescale is a branch that a tile where no max grows skips; with three pipeline stages (sketched
     outliers) the loop's wait leaves copies in flight, so a tile does not wait for its own loads (exact outliers
     launch two stages, six programs a multiprocessor, which hide that wait on the H100)."""
-    out = tmp_path / "sass.json"
     shapes = ["smollm2/3bit/exact/sketch128", "smollm2/3bit/sketched/sketch128"]
-    subprocess.run([sys.executable, "scripts/sass_decode.py", "--shapes", *shapes, "--json", str(out)], cwd=ROOT,
-                   env=compiler_env(), check=True)
-    rows = {r["shapes"]: r for r in json.loads(out.read_text()) if r["kernel"] == "current"}
+    rows = sass_rows(tmp_path, shapes)
     assert sorted(rows) == sorted(shapes)
     for row in rows.values():
         assert row["mma"] >= 8 and row["instructions"] > 5 * row["mma"] and 0 < row["registers"] <= 255
@@ -91,21 +97,11 @@ def test_sweep_launches_fit_without_stack(tmp_path, tuning, programs):
     that let six programs share a multiprocessor, seven with the exact tokens 16 at a time, or eight with their
     queries also unpadded, and without stack (the next tile's key norms carried as float32: as fp16 pairs ptxas kept
     them on the stack at every cap tried)."""
-    out = tmp_path / "sass.json"
-    subprocess.run([sys.executable, "scripts/sass_decode.py", "--shapes", "llama8b/3bit/exact/sketch256", "--tuning",
-                    *tuning, "--json", str(out)], cwd=ROOT, env=compiler_env(), check=True)
-    row = next(r for r in json.loads(out.read_text()) if r["kernel"] == "current")
+    row = sass_rows(tmp_path, ["llama8b/3bit/exact/sketch256"], tuning)["llama8b/3bit/exact/sketch256"]
     assert row["tuning"] == {name: int(value) for name, value in (t.split("=") for t in tuning)}
     assert row["copies_in_flight"] > 0 and row["stack_bytes"] == 0
     assert row["registers"] <= 65536 // (64 * programs) // 8 * 8
     assert programs * (row["shared_bytes"] + 1024) <= 228 * 1024  # the H100's 228 KB, 1 KB of it reserved a program
-
-
-def sass_rows(tmp_path, shapes: list[str], tuning: list[str]) -> dict:
-    out = tmp_path / "sass.json"
-    subprocess.run([sys.executable, "scripts/sass_decode.py", "--shapes", *shapes, "--tuning", *tuning, "--json",
-                    str(out)], cwd=ROOT, env=compiler_env(), check=True)
-    return {r["shapes"]: r for r in json.loads(out.read_text()) if r["kernel"] == "current"}
 
 
 @pytest.mark.parametrize("tuning,programs", [
