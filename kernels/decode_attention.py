@@ -108,6 +108,29 @@ def _sign_sums(signs_ptr, row_ptrs, limb_stride, row_scales, row_sums, inside, r
 
 
 @triton.jit
+def _stacked_sign_sums(signs_ptr, table, row_scales, row_sums, rows, ok, M: tl.constexpr, M_PAD: tl.constexpr,
+                       BYTES: tl.constexpr, BP: tl.constexpr, BLOCK_N: tl.constexpr, UNROLL: tl.constexpr,
+                       ASM: tl.constexpr):
+    """``_sign_sums`` of the ``M`` queries' rows (``M <= 8``) with two limbs in one product a bit position, not two:
+    the product's 16 rows hold limb 0 of the queries from row 0 and limb 1 from row 8 (``table``: limb 0 of the
+    program's first query), so each half takes the place of rows a product pads anyway. Rows ``r`` and ``r + 8`` of
+    a tensor-core product's result are in one thread's registers, so parting them moves nothing. ``[8, BLOCK_N]``,
+    rows ``M`` on zero; the same integers as two products, hence the same numbers."""
+    s = tl.arange(0, 16)
+    query = s % 8
+    stacked = table + ((s // 8) * M_PAD + query) * (8 * BP)
+    offs_j = tl.arange(0, BP)
+    packed = tl.load(signs_ptr + rows[None, :] * BYTES + offs_j[:, None], mask=ok[None, :] & (offs_j[:, None] < BYTES),
+                     other=0)  # uint8 [BP, BLOCK_N]
+    acc = tl.zeros((16, BLOCK_N), dtype=tl.int32)
+    for i in tl.range(0, 8, loop_unroll_factor=UNROLL):
+        acc = _limb_product(acc, stacked, query < M, _bits(packed, i, ASM), i, offs_j, BP)
+    limb0, limb1 = tl.split(tl.permute(tl.reshape(acc, (2, 8, BLOCK_N)), (1, 2, 0)))
+    total = (limb0 * LIMB_BASE + limb1).to(tl.float32)  # exact, as in _sign_sums
+    return total * (row_scales * (2.0 / LIMB_BASE))[:, None] - row_sums[:, None]
+
+
+@triton.jit
 def _first_rows(x, ROWS: tl.constexpr):
     """Rows ``0 .. ROWS - 1`` of ``x`` ``[R, N]`` (``R`` a power-of-two multiple of ``ROWS``), by halving splits:
     fewer instructions than an identity product (Triton 3.6, sm_90), and exact."""
@@ -203,7 +226,7 @@ def _tile_scores(tables_ptr, table_scales_ptr, table_sums_ptr, q_ptr, bh, kv, st
                  D: tl.constexpr, BYTES: tl.constexpr, BP: tl.constexpr, OBYTES: tl.constexpr,
                  OBP: tl.constexpr, K: tl.constexpr, R_PAD: tl.constexpr, EXACT: tl.constexpr, GROUP: tl.constexpr,
                  STEP: tl.constexpr, BLOCK_N: tl.constexpr, LIMBS: tl.constexpr, PRECISE: tl.constexpr,
-                 UNROLL: tl.constexpr, ASM: tl.constexpr):
+                 UNROLL: tl.constexpr, ASM: tl.constexpr, STACKED: tl.constexpr):
     """Estimated scores ``[M, BLOCK_N]`` of the tile from token ``start`` (within one outlier group of ``GROUP``
     tokens; global rows ``rows``, real where ``ok``) whose keys' norms times ``scale`` are ``weight``.
 
@@ -211,12 +234,21 @@ def _tile_scores(tables_ptr, table_scales_ptr, table_sums_ptr, q_ptr, bh, kv, st
     rows ``M + k`` are the sketch's column ``idx_k`` (``S[:, idx_k]``, bit order) in the same product, and ``Y``
     replaces them by each channel's correction and outlier term; ``W @ Y`` with ``W = [I | q[idx]]`` sums them per
     query. Exact outliers: ``Y``'s outlier rows are the stored residuals, zero in ``u`` (with bf16 or fp16 queries
-    ``W @ R`` apart, ``R`` the residuals as stored, an exact fp16 product)."""
+    ``W @ R`` apart, ``R`` the residuals as stored, an exact fp16 product). ``STACKED``: the queries' rows take both
+    limbs in one product (``_stacked_sign_sums``)."""
     r = tl.arange(0, R_PAD)
     table = tables_ptr + (bh * LIMBS * M_PAD + r) * (8 * BP)  # rows r < M
     table_scales = tl.load(table_scales_ptr + bh * M_PAD + r, mask=r < M, other=0.0)
     table_sums = tl.load(table_sums_ptr + bh * M_PAD + r, mask=r < M, other=0.0)
-    if K == 0:
+    if STACKED:
+        q8 = tl.arange(0, 8)
+        u = _stacked_sign_sums(signs_ptr, tables_ptr + bh * LIMBS * M_PAD * (8 * BP),
+                               tl.load(table_scales_ptr + bh * M_PAD + q8, mask=q8 < M, other=0.0),
+                               tl.load(table_sums_ptr + bh * M_PAD + q8, mask=q8 < M, other=0.0), rows, ok, M, M_PAD,
+                               BYTES, BP, BLOCK_N, UNROLL, ASM)  # [8, BLOCK_N]
+    if K == 0 and STACKED:
+        scores = _first_rows(u, M) * weight[None, :]
+    elif K == 0:
         scores = _sign_sums(signs_ptr, table, M_PAD * 8 * BP, table_scales, table_sums, r < M, rows, ok, BYTES, BP,
                             BLOCK_N, LIMBS, UNROLL, ASM, True) * weight[None, :]
     else:
@@ -224,8 +256,9 @@ def _tile_scores(tables_ptr, table_scales_ptr, table_sums_ptr, q_ptr, bh, kv, st
         group_idx = idx_ptr + (kv * n_groups + start // GROUP) * K
         channel = tl.load(group_idx + (r - M), mask=is_outlier, other=0).to(tl.int32)
         if EXACT:  # the queries' rows alone: the residuals already hold the outlier rows' share
-            u = _sign_sums(signs_ptr, table, M_PAD * 8 * BP, table_scales, table_sums, r < M, rows, ok, BYTES, BP,
-                           BLOCK_N, LIMBS, UNROLL, ASM, True)
+            if not STACKED:
+                u = _sign_sums(signs_ptr, table, M_PAD * 8 * BP, table_scales, table_sums, r < M, rows, ok, BYTES,
+                               BP, BLOCK_N, LIMBS, UNROLL, ASM, True)
             term = tl.load(oresiduals_ptr + rows[None, :] * K + (r - M)[:, None],
                            mask=is_outlier[:, None] & ok[None, :], other=0.0)  # fp16 as stored, zero on query rows
         else:
@@ -465,7 +498,7 @@ def decode_split_kernel(q_ptr, tables_ptr, table_scales_ptr, table_sums_ptr, sp_
                         BLOCK_EXACT: tl.constexpr, PRECISE: tl.constexpr, LIMBS: tl.constexpr,
                         UNROLL: tl.constexpr, ASM: tl.constexpr, PREFETCH: tl.constexpr, CHUNKS: tl.constexpr,
                         PAIRS: tl.constexpr, EXACT_PADDED: tl.constexpr, PDL: tl.constexpr = False,
-                        L2_PREFETCH: tl.constexpr = False):
+                        L2_PREFETCH: tl.constexpr = False, STACKED_LIMBS: tl.constexpr = False):
     """Program ``(bh, split)``: ``bh`` stands for ``M`` queries (a power of two, the last ones zero where the launcher
     padded), chunk ``bh % CHUNKS`` of the group of (batch row and) KV head ``bh // CHUNKS``. Splits ``0 .. S-1`` take
     compressed tokens, split ``S`` the exact ones. Writes the split's max and sum (log2 units) ``[BH, S + 1, M]`` and
@@ -476,7 +509,8 @@ def decode_split_kernel(q_ptr, tables_ptr, table_scales_ptr, table_sums_ptr, sp_
     (the projection, or a copy of some input the launcher made) still runs, it waits for it before it reads
     anything; and it lets the merge start at once. ``L2_PREFETCH`` (on a GPU, ``ASM``): a split first asks the L2
     cache for its first ``prefetch_tokens`` tokens, before that wait, so that they come from memory while the
-    projection still runs, and the tile loop finds them there."""
+    projection still runs, and the tile loop finds them there. ``STACKED_LIMBS``: the sign products take both limbs
+    of the queries' rows at once (``_stacked_sign_sums``)."""
     if PDL:
         gdc_launch_dependents()
     bh, split = tl.program_id(0), tl.program_id(1)
@@ -522,7 +556,7 @@ def decode_split_kernel(q_ptr, tables_ptr, table_scales_ptr, table_sums_ptr, sp_
                                   ok, key_weights, signs_ptr, idx_ptr, osigns_ptr, onorms_ptr, oresiduals_ptr, sp_ptr,
                                   sp_scales_ptr, sp_sums_ptr, spo_ptr, spo_scales_ptr, spo_sums_ptr, scale, oscale, M,
                                   M_PAD, D, BYTES, BP, OBYTES, OBP, K, R_PAD, EXACT, GROUP, STEP, BLOCK_N, LIMBS,
-                                  PRECISE, UNROLL, ASM)
+                                  PRECISE, UNROLL, ASM, STACKED_LIMBS)
             scores = tl.where(ok[None, :], scores * qk_scale + bias[:, None], float("-inf"))
             m_tile = tl.max(scores, axis=1)
             # The old terms are rescaled only when some query's max grew: rarely, once the maxima settle (every row
@@ -561,6 +595,12 @@ def decode_split_kernel(q_ptr, tables_ptr, table_scales_ptr, table_sums_ptr, sp_
         exact_m, exact_l, exact_acc = _exact_tokens(q, buf_k_ptr, buf_v_ptr, kv, n_buffer, qk_scale, exact_m, exact_l,
                                                     exact_acc, D, D_PAD, BLOCK_EXACT)
         _store_partial(part_m_ptr, part_l_ptr, part_acc_ptr, part, exact_m, exact_l, exact_acc, M, D)
+
+
+def stackable(config: dict) -> bool:
+    """Whether a launch's sign products can take both limbs of the queries' rows in one (``STACKED_LIMBS``): two
+    limbs (not fp32 queries), at most 8 queries a program, and no sketched outlier rows in the product."""
+    return config["LIMBS"] == 2 and config["M"] <= 8 and (config["K"] == 0 or config["EXACT"])
 
 
 def query_chunks(group: int, columns: int) -> int:
@@ -602,6 +642,11 @@ def launch_config(group: int, head_dim: int, sketch_dim: int, outlier_sketch_dim
                 CENTERED=centered, BITS=value_bits, VGROUP=value_group_size,
                 # Two planes and one scale per token: each value product's codes in one instruction (_tile_values).
                 PAIRS=value_bits == 2 and value_group_size == head_dim, BLOCK_EXACT=BLOCK_EXACT, EXACT_PADDED=True,
+                # Both limbs of the queries' rows in one sign product a bit position (_stacked_sign_sums, where
+                # stackable): 16 tensor-core products a tile fewer, at the benchmark's shapes (sm_90) 403
+                # instructions a tile against 430 with Triton 3.6 (but 8 bytes of stack outside the loop at the cap
+                # of 168), 413 against 436 with 3.9, no more registers. Untimed on a GPU: a sweep row until then.
+                STACKED_LIMBS=False,
                 PRECISE=precise,
                 LIMBS=limb_count(precise), ASM=asm,
                 # How many of the eight bit positions are unrolled: all, up to sketch 256 and head dim 128 (fastest);
@@ -673,10 +718,10 @@ def decode_attention(query: torch.Tensor, keys, values, value_bits: int, matrix:
     scales, minimums) as ``QJLLayer`` stores them (``[b, h, n, ...]``); ``exact_keys``/``exact_values`` = (sink,
     buffer) ``[b, h, *, d]``. Returns ``[b, 1, hq, d]`` in the query's dtype. ``tuning`` overrides launch choices
     (``num_warps``, ``num_stages``, ``maxnreg``, ``UNROLL``, ``PREFETCH``, ``ASM``, ``BLOCK_EXACT``: the exact
-    tokens' tile, ``EXACT_PADDED``: their queries padded to 16 rows, ``PDL``: programmatic launches,
-    ``programs_per_sm``, ``min_tokens``, ``splits``: compressed splits per (batch, KV head), ``l2_prefetch``: the
-    share of the L2 cache the splits' first tokens may fill, asked for as each split starts, ``project_blocks``:
-    programs a KV head in the queries' projection) for benchmarks."""
+    tokens' tile, ``EXACT_PADDED``: their queries padded to 16 rows, ``STACKED_LIMBS``: both limbs in one sign
+    product, ``PDL``: programmatic launches, ``programs_per_sm``, ``min_tokens``, ``splits``: compressed splits per
+    (batch, KV head), ``l2_prefetch``: the share of the L2 cache the splits' first tokens may fill, asked for as each
+    split starts, ``project_blocks``: programs a KV head in the queries' projection) for benchmarks."""
     signs, norms, idx, osigns, onorms, oresiduals = keys
     b, hq, _, d = query.shape
     h, n = signs.shape[1], signs.shape[2]
@@ -687,7 +732,11 @@ def decode_attention(query: torch.Tensor, keys, values, value_bits: int, matrix:
                            k, group_size, key_mean is not None, value_bits, d // values[1].shape[-1],
                            oresiduals is not None, query.dtype == torch.float32, asm=not interpreting())
     config.update({name: tuning.pop(name) for name in ("num_warps", "num_stages", "maxnreg", "UNROLL", "PREFETCH",
-                                                           "ASM", "BLOCK_EXACT", "EXACT_PADDED") if name in tuning})
+                                                           "ASM", "BLOCK_EXACT", "EXACT_PADDED", "STACKED_LIMBS")
+                   if name in tuning})
+    if config["STACKED_LIMBS"] and not stackable(config):
+        raise ValueError("STACKED_LIMBS needs two limbs (bf16 or fp16 queries), at most 8 queries a program and no "
+                         "sketched outliers")
     pdl = tuning.pop("PDL", programmatic_launch(query.device))
     config.update(programmatic_options(pdl))
     l2_share = tuning.pop("l2_prefetch", 0.0)

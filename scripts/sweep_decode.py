@@ -1,6 +1,6 @@
 """Launch choices of the fused QJL decode kernel on this GPU: pipeline stages, warps per program, register cap,
-prefetch of per-token numbers, the exact tokens' tile, programs per multiprocessor, the splits' L2 prefetch and the
-queries' projection in column blocks, at
+prefetch of per-token numbers, the exact tokens' tile, programs per multiprocessor, the splits' L2 prefetch, the
+queries' projection in column blocks and both limbs in one sign product, at
 Llama-3.1-8B attention shapes (32 query heads, 8 KV heads, head dim 128, bf16) and the 3bit preset, next to bf16 SDPA
 (grouped-query, and with each KV head's queries folded into rows). Times are CUDA-graph replays
 (``triton.testing.do_bench_cudagraph``), as in ``bench-kernels``. Prints and writes JSON; ``max_diff`` is each
@@ -63,6 +63,10 @@ from qjl.config import QJLConfig  # noqa: E402
 # - the queries' projection in four programs a KV head (each a quarter of the sketch's columns: one program reads
 #   all 128 KB of the sketch through one multiprocessor, at batch 1 a fixed 5.4 us of the step's 31 at 32k), alone
 #   and with the L2 prefetch (which a shorter projection leaves less time);
+# - both limbs of the queries' rows in one sign product a bit position (``STACKED_LIMBS``, rows 8 on the second):
+#   16 tensor-core products a tile fewer, 403 instructions a tile against 430 at six programs (8 bytes of stack
+#   outside the loop), 421 against 451 at seven with three stages, 426 against 461 at eight (Triton 3.6, sm_90; 23-24
+#   fewer with 3.9, no stack): alone and with seven and eight programs at three stages;
 # - no prefetch of the per-token numbers, and the step's three kernels launched one after another (not
 #   programmatically, kernels.common.programmatic_launch);
 # - and, per shape, the wave counting the exact tokens' programs (one split fewer a KV head, each split longer: at
@@ -76,10 +80,12 @@ from qjl.config import QJLConfig  # noqa: E402
 SEVEN_PROGRAMS = dict(maxnreg=144, BLOCK_EXACT=16)
 EIGHT_PROGRAMS = dict(maxnreg=128, BLOCK_EXACT=16, EXACT_PADDED=False)
 L2_PREFETCH = dict(l2_prefetch=0.5)
+STACKED = dict(STACKED_LIMBS=True)
 TUNINGS = [dict(num_stages=3), SEVEN_PROGRAMS, dict(SEVEN_PROGRAMS, num_stages=3), EIGHT_PROGRAMS,
            dict(EIGHT_PROGRAMS, num_stages=3), L2_PREFETCH, dict(L2_PREFETCH, PDL=False),
            dict(SEVEN_PROGRAMS, num_stages=3, **L2_PREFETCH), dict(EIGHT_PROGRAMS, num_stages=3, **L2_PREFETCH),
            dict(project_blocks=4), dict(L2_PREFETCH, project_blocks=4),
+           STACKED, dict(SEVEN_PROGRAMS, num_stages=3, **STACKED), dict(EIGHT_PROGRAMS, num_stages=3, **STACKED),
            dict(PREFETCH=False), dict(PDL=False)]
 BASELINE = "kernels.decode_attention_baseline"
 

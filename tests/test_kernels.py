@@ -386,6 +386,25 @@ def test_fused_decode_launch_choices_agree():
         torch.testing.assert_close(decode_attention(*arguments, tuning=tuning), default, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("d,group,dtype,config", [
+    (128, 4, "bf16", QJLConfig.preset("3bit", head_dim=128)),  # the benchmark's path, exact outliers
+    (128, 12, "bf16", QJLConfig.preset("3bit", head_dim=128)),  # 8 queries a program (6 and 2 zero ones)
+    (64, 1, "fp16", QJLConfig(sketch_dim=72, n_outliers=0, value_bits=3, value_group_size=16, buffer_size=32)),
+    (64, 3, "fp16", QJLConfig(sketch_dim=64, n_outliers=2, exact_outliers=True, value_bits=8, value_group_size=64,
+                              buffer_size=32)),
+])
+def test_stacked_limbs_give_the_same_numbers(d, group, dtype, config):
+    """``STACKED_LIMBS`` (both limbs of the queries' rows in one sign product a bit position, rows 8 on the second)
+    sums the same integers as two products, so the step's output is the same to the bit, with outlier channels kept
+    exact or none, 1, 3 (padded to 4), 4 and 8 queries a program; fp32 queries (three limbs) are refused."""
+    layer = filled_layer(config, 2, 2, d, prompt=235, steps=2, dtype=DTYPES[dtype])
+    query = torch.randn(2, 2 * group, 1, d, generator=torch.Generator().manual_seed(7)).to(DEVICE, DTYPES[dtype])
+    arguments = decode_arguments(layer, query, d ** -0.5)
+    assert torch.equal(decode_attention(*arguments, tuning=dict(STACKED_LIMBS=True)), decode_attention(*arguments))
+    with pytest.raises(ValueError, match="STACKED_LIMBS needs two limbs"):
+        decode_attention(*decode_arguments(layer, query.float(), d ** -0.5), tuning=dict(STACKED_LIMBS=True))
+
+
 def test_l2_prefetch_stays_within_its_budget():
     """Each split asks the L2 cache for whole tiles, never more than the split holds, and all splits' requests stay
     within the budget: at Llama-3.1-8B shapes and the 3bit preset (88 bytes a compressed token) and batch 1, half

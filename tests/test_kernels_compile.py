@@ -124,6 +124,22 @@ def test_l2_prefetch_comes_before_the_wait_and_leaves_the_tile_loop_alone(tmp_pa
     assert row["stack_bytes"] <= (8 if programs == 8 and triton.__version__.startswith("3.6") else 0)
 
 
+@pytest.mark.parametrize("tuning,programs", [
+    ([], 6), (["num_stages=3", "maxnreg=128", "BLOCK_EXACT=16", "EXACT_PADDED=0"], 8)])
+def test_stacked_limbs_take_one_sign_product_a_bit_position(tmp_path, tuning, programs):
+    """``STACKED_LIMBS`` (the sweep's rows): one int8 product a bit position where two limbs took two, so 16 fewer
+    tensor-core products a tile (two a warp at each of the 8 positions) and at least as many fewer instructions,
+    within the registers of six or eight programs a multiprocessor, no stack in the loop, and (but Triton 3.6 at six,
+    8 bytes held across it) none at all."""
+    shapes = ["llama8b/3bit/exact/sketch256"]
+    plain = sass_rows(tmp_path, shapes, tuning)[shapes[0]]
+    row = sass_rows(tmp_path, shapes, [*tuning, "STACKED_LIMBS=1"])[shapes[0]]
+    assert plain["mma"] - row["mma"] == 16
+    assert row["common_path"] <= plain["common_path"] - 16
+    assert row["stack_in_loop"] == 0 and row["registers"] <= 65536 // (64 * programs) // 8 * 8
+    assert row["stack_bytes"] <= (8 if programs == 6 and triton.__version__.startswith("3.6") else 0)
+
+
 def test_projection_in_column_blocks_compiles_without_spills():
     """The queries' projection with its columns in 2, 4 or 8 blocks, a program each (``project_blocks``, timed by
     ``scripts/decode_launches.py`` and the sweep), compiles for sm_90 and sm_80 without spills, in fewer registers
