@@ -5,9 +5,9 @@
 # each), Nsight Compute on one of its launches (its per-instruction samples in ncu-source.csv.gz) and on one of the
 # queries' projection (batch 1, 32k: what the step's fixed cost waits on), and last (it alone
 # builds the same code on a CPU machine) the sm_90 compile report (at the end of tests.txt). Everything lands in
-# OUTDIR (8 files, what a GPU slot returns at most); at cb8154c the tests took 74-84 s, the benchmark 40 s and the
-# sweep 33 s; all of it took 449 s at 615d3fd (the tests 127 s), with a step since dropped (decode_occupancy.py, about
-# 20 s, whose resident counts the sweep now prints for every launch).
+# OUTDIR (8 files, what a GPU slot returns at most); tests.txt also says when each step ended. At cb8154c the tests
+# took 74-84 s, the benchmark 40 s and the sweep 33 s; all of it took 449 s at 615d3fd (the tests 127 s), with a step
+# since dropped (decode_occupancy.py, about 20 s, whose resident counts the sweep now prints for every launch).
 # Needs torch (CUDA), triton, transformers, pytest; not gradio, plotly or kaleido. Before the call, on this machine:
 # `bash scripts/gpu-wheels.sh` for transformers' QuantizedCache in the benchmark (carry ".whl"; untried on a GPU: its
 # first use may build optimum-quanto's CUDA extension), and, to time an earlier decode kernel on the same card,
@@ -17,20 +17,29 @@ OUT="${1:?usage: bash scripts/gpu-check.sh OUTDIR}"
 cd "$(dirname "$0")/.."
 mkdir -p "$OUT"
 status=0
+# each step's end in seconds since the start, into tests.txt as it comes (a run cut short keeps them): where a slot's
+# time goes
+ended() { echo "--- $1 ended at $SECONDS s" >> "$OUT/tests.txt"; }
 if compgen -G ".whl/*.whl" > /dev/null; then
   python -m pip install -q --no-index --no-deps --no-compile --target /tmp/gpu-check-site .whl/*.whl || status=1
   export PYTHONPATH="/tmp/gpu-check-site${PYTHONPATH:+:$PYTHONPATH}"
 fi
 { nvidia-smi; python -c "import sys, torch, triton, transformers; print(sys.version); print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"; python -m pip list 2>/dev/null | grep -i quanto; } > "$OUT/tests.txt" 2>&1
 timeout 240 python -m pytest -q tests/test_kernels.py 2>&1 | tee -a "$OUT/tests.txt" || status=1
+ended tests
 timeout 300 python -m profiling bench-kernels --out "$OUT/bench-kernels" 2>&1 | tee "$OUT/bench.txt" || status=1
+ended bench-kernels
 timeout 120 python scripts/decode_launches.py >> "$OUT/bench.txt" 2>&1 || status=1
+ended decode_launches
 timeout 240 python scripts/sweep_decode.py "$OUT/sweep-decode.json" > "$OUT/sweep-decode.txt" 2>&1 || status=1
+ended sweep
 timeout 120 bash scripts/ncu_decode.sh 1 32768 "$OUT/ncu-source.csv" > "$OUT/ncu.txt" 2>&1 || status=1
 timeout 60 env NCU_KERNEL=project_kernel bash scripts/ncu_decode.sh 1 32768 >> "$OUT/ncu.txt" 2>&1 || status=1
 gzip -f "$OUT/ncu-source.csv" || status=1
+ended ncu
 echo "--- kernels-compile --quick --arch 90" >> "$OUT/tests.txt"
 timeout 240 python -m profiling kernels-compile --quick --arch 90 --out "$OUT/kernels-compile" >> "$OUT/tests.txt" 2>&1 \
   || status=1
+ended kernels-compile
 echo "gpu-check: exit $status; results in $OUT"
 exit $status
