@@ -65,8 +65,9 @@ from qjl.config import QJLConfig  # noqa: E402
 #   and with the L2 prefetch (which a shorter projection leaves less time);
 # - both limbs of the queries' rows in one sign product a bit position (``STACKED_LIMBS``, rows 8 on the second):
 #   16 tensor-core products a tile fewer, 403 instructions a tile against 430 at six programs (8 bytes of stack
-#   outside the loop), 421 against 451 at seven with three stages, 426 against 461 at eight (Triton 3.6, sm_90; 23-24
-#   fewer with 3.9, no stack): alone and with seven and eight programs at three stages;
+#   outside the loop), 421 against 451 at seven with three stages, 426 against 461 at eight with three, and at eight
+#   with two 405 and no stack, against 451 and 16 bytes (Triton 3.6, sm_90; 3.9: 23-33 fewer, no stack): alone, with
+#   seven programs at three stages and with eight at two and three;
 # - no prefetch of the per-token numbers, and the step's three kernels launched one after another (not
 #   programmatically, kernels.common.programmatic_launch);
 # - and, per shape, the wave counting the exact tokens' programs (one split fewer a KV head, each split longer: at
@@ -85,7 +86,8 @@ TUNINGS = [dict(num_stages=3), SEVEN_PROGRAMS, dict(SEVEN_PROGRAMS, num_stages=3
            dict(EIGHT_PROGRAMS, num_stages=3), L2_PREFETCH, dict(L2_PREFETCH, PDL=False),
            dict(SEVEN_PROGRAMS, num_stages=3, **L2_PREFETCH), dict(EIGHT_PROGRAMS, num_stages=3, **L2_PREFETCH),
            dict(project_blocks=4), dict(L2_PREFETCH, project_blocks=4),
-           STACKED, dict(SEVEN_PROGRAMS, num_stages=3, **STACKED), dict(EIGHT_PROGRAMS, num_stages=3, **STACKED),
+           STACKED, dict(SEVEN_PROGRAMS, num_stages=3, **STACKED), dict(EIGHT_PROGRAMS, **STACKED),
+           dict(EIGHT_PROGRAMS, num_stages=3, **STACKED),
            dict(PREFETCH=False), dict(PDL=False)]
 BASELINE = "kernels.decode_attention_baseline"
 
