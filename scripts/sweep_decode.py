@@ -64,10 +64,10 @@ from qjl.config import QJLConfig  # noqa: E402
 #   all 128 KB of the sketch through one multiprocessor, at batch 1 a fixed 5.4 us of the step's 31 at 32k), alone
 #   and with the L2 prefetch (which a shorter projection leaves less time);
 # - both limbs of the queries' rows in one sign product a bit position (``STACKED_LIMBS``, rows 8 on the second):
-#   16 tensor-core products a tile fewer, 403 instructions a tile against 430 at six programs (8 bytes of stack
-#   outside the loop), 421 against 451 at seven with three stages, 426 against 461 at eight with three, and at eight
-#   with two 405 and no stack, against 451 and 16 bytes (Triton 3.6, sm_90; 3.9: 23-33 fewer, no stack): alone, with
-#   seven programs at three stages and with eight at two and three;
+#   16 tensor-core products a tile fewer, 403 instructions a tile against 430 at six programs (8 bytes of stack in
+#   the exact tokens' loop), 421 against 451 at seven with three stages, 426 against 461 at eight with three, and
+#   at eight with two 405 and no stack, against 451 and 16 bytes (Triton 3.6, sm_90; 3.9: 23-33 fewer, no stack):
+#   alone, with seven programs at three stages and with eight at two and three;
 # - no prefetch of the per-token numbers, and the step's three kernels launched one after another (not
 #   programmatically, kernels.common.programmatic_launch);
 # - and, per shape, the wave counting the exact tokens' programs (one split fewer a KV head, each split longer: at

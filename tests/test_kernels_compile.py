@@ -131,8 +131,8 @@ def test_stacked_limbs_take_one_sign_product_a_bit_position(tmp_path, tuning, pr
     """``STACKED_LIMBS`` (the sweep's rows): one int8 product a bit position where two limbs took two, so 16 fewer
     tensor-core products a tile (two a warp at each of the 8 positions) and at least as many fewer instructions,
     within the registers of six or eight programs a multiprocessor (eight at two stages or three), no stack in the
-    loop, and (but Triton 3.6 at six, 8 bytes held across it) none at all: at eight programs and two stages the
-    launch without it keeps 16 bytes on the stack with Triton 3.6."""
+    tile loop, and (but Triton 3.6 at six, 8 bytes in the exact tokens' loop) none at all: at eight programs and two
+    stages the launch without it keeps 16 bytes on the stack with Triton 3.6."""
     shapes = ["llama8b/3bit/exact/sketch256"]
     plain = sass_rows(tmp_path, shapes, tuning)[shapes[0]]
     row = sass_rows(tmp_path, shapes, [*tuning, "STACKED_LIMBS=1"])[shapes[0]]
