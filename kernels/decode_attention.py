@@ -75,6 +75,14 @@ def _limb_product(acc, limb_rows, inside, bits, i, offs_j, BP: tl.constexpr):
 
 
 @triton.jit
+def _packed_signs(signs_ptr, rows, ok, offs_j, BYTES: tl.constexpr):
+    """The tile's packed signs as the sign products take them, byte ``j`` of token ``t`` at ``[j, t]`` (uint8
+    ``[BP, BLOCK_N]``, zero past the ``BYTES`` bytes and for tokens not ``ok``)."""
+    return tl.load(signs_ptr + rows[None, :] * BYTES + offs_j[:, None], mask=ok[None, :] & (offs_j[:, None] < BYTES),
+                   other=0)
+
+
+@triton.jit
 def _sign_sums(signs_ptr, row_ptrs, limb_stride, row_scales, row_sums, inside, rows, ok, BYTES: tl.constexpr,
                BP: tl.constexpr, BLOCK_N: tl.constexpr, LIMBS: tl.constexpr, UNROLL: tl.constexpr, ASM: tl.constexpr,
                INT_SUM: tl.constexpr):
@@ -86,8 +94,7 @@ def _sign_sums(signs_ptr, row_ptrs, limb_stride, row_scales, row_sums, inside, r
     summed in int32 and converted once (not with sketched outliers: there Triton 3.9 spills 8 bytes at two
     launches)."""
     offs_j = tl.arange(0, BP)
-    packed = tl.load(signs_ptr + rows[None, :] * BYTES + offs_j[:, None], mask=ok[None, :] & (offs_j[:, None] < BYTES),
-                     other=0)  # uint8 [BP, BLOCK_N]
+    packed = _packed_signs(signs_ptr, rows, ok, offs_j, BYTES)
     acc0 = tl.zeros((row_ptrs.shape[0], BLOCK_N), dtype=tl.int32)
     acc1 = tl.zeros((row_ptrs.shape[0], BLOCK_N), dtype=tl.int32)
     acc2 = tl.zeros((row_ptrs.shape[0], BLOCK_N), dtype=tl.int32)
@@ -120,8 +127,7 @@ def _stacked_sign_sums(signs_ptr, table, row_scales, row_sums, rows, ok, M: tl.c
     query = s % 8
     stacked = table + ((s // 8) * M_PAD + query) * (8 * BP)
     offs_j = tl.arange(0, BP)
-    packed = tl.load(signs_ptr + rows[None, :] * BYTES + offs_j[:, None], mask=ok[None, :] & (offs_j[:, None] < BYTES),
-                     other=0)  # uint8 [BP, BLOCK_N]
+    packed = _packed_signs(signs_ptr, rows, ok, offs_j, BYTES)
     acc = tl.zeros((16, BLOCK_N), dtype=tl.int32)
     for i in tl.range(0, 8, loop_unroll_factor=UNROLL):
         acc = _limb_product(acc, stacked, query < M, _bits(packed, i, ASM), i, offs_j, BP)
