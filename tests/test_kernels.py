@@ -401,8 +401,9 @@ def test_stacked_limbs_give_the_same_numbers(d, group, dtype, config):
     layer = filled_layer(config, 2, 2, d, prompt=235, steps=2, dtype=DTYPES[dtype])
     query = torch.randn(2, 2 * group, 1, d, generator=torch.Generator().manual_seed(7)).to(DEVICE, DTYPES[dtype])
     arguments = decode_arguments(layer, query, d ** -0.5)
-    default = decode_attention(*arguments)
-    assert torch.equal(decode_attention(*arguments, tuning=dict(STACKED_LIMBS=True)), default)
+    # the same splits whatever the programs a multiprocessor holds at each launch (on a GPU their registers differ)
+    default = decode_attention(*arguments, tuning=dict(programs_per_sm=6))
+    assert torch.equal(decode_attention(*arguments, tuning=dict(STACKED_LIMBS=True, programs_per_sm=6)), default)
     eight_programs = dict(STACKED_LIMBS=True, maxnreg=128, BLOCK_EXACT=16, EXACT_PADDED=False)  # a sweep row
     atol = {"fp16": 2e-3, "bf16": 1e-2}[dtype]  # the exact tokens in other tiles, on a GPU other splits
     torch.testing.assert_close(decode_attention(*arguments, tuning=eight_programs), default, rtol=atol, atol=atol)
