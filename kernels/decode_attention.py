@@ -247,6 +247,7 @@ def _tile_scores(tables_ptr, table_scales_ptr, table_sums_ptr, q_ptr, bh, kv, st
     table_scales = tl.load(table_scales_ptr + bh * M_PAD + r, mask=r < M, other=0.0)
     table_sums = tl.load(table_sums_ptr + bh * M_PAD + r, mask=r < M, other=0.0)
     if STACKED:
+        tl.static_assert(LIMBS == 2 and M <= 8 and (K == 0 or EXACT), "stacked limbs: see stackable()")
         q8 = tl.arange(0, 8)
         u = _stacked_sign_sums(signs_ptr, tables_ptr + bh * LIMBS * M_PAD * (8 * BP),
                                tl.load(table_scales_ptr + bh * M_PAD + q8, mask=q8 < M, other=0.0),
