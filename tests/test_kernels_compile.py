@@ -63,6 +63,12 @@ def test_kernels_compile_fails_over_the_shared_memory_limit(tmp_path):
     assert code == 1 and rows and all(k["shared_bytes"] > k["shared_limit"] == 64 for k in rows)
 
 
+def register_share(programs: int) -> int:
+    """The registers a thread of a two-warp program may take for ``programs`` of them to share a multiprocessor:
+    65536 / (64 x programs), in the allocator's steps of 8."""
+    return 65536 // (64 * programs) // 8 * 8
+
+
 def sass_rows(tmp_path, shapes: list[str], tuning: list[str] = ()) -> dict:
     """``scripts/sass_decode.py``'s counts of the current decode kernel at ``shapes`` (with a sweep row's launch
     choices, ``tuning``), by shape."""
@@ -93,14 +99,14 @@ def test_sass_of_the_decode_main_loop(tmp_path):
     (["num_stages=3", "maxnreg=128", "BLOCK_EXACT=16", "EXACT_PADDED=0"], 8)])
 def test_sweep_launches_fit_without_stack(tmp_path, tuning, programs):
     """Launches of the sweep (``scripts/sweep_decode.py``) at the benchmark's shapes: three stages keep copies in
-    flight at the tile loop's wait, within the registers (65536 / (64 x programs), in steps of 8) and shared memory
-    that let six programs share a multiprocessor, seven with the exact tokens 16 at a time, or eight with their
-    queries also unpadded, and without stack (the next tile's key norms carried as float32: as fp16 pairs ptxas kept
+    flight at the tile loop's wait, within the registers (``register_share``) and shared memory that let six
+    programs share a multiprocessor, seven with the exact tokens 16 at a time, or eight with their queries also
+    unpadded, and without stack (the next tile's key norms carried as float32: as fp16 pairs ptxas kept
     them on the stack at every cap tried)."""
     row = sass_rows(tmp_path, ["llama8b/3bit/exact/sketch256"], tuning)["llama8b/3bit/exact/sketch256"]
     assert row["tuning"] == {name: int(value) for name, value in (t.split("=") for t in tuning)}
     assert row["copies_in_flight"] > 0 and row["stack_bytes"] == 0
-    assert row["registers"] <= 65536 // (64 * programs) // 8 * 8
+    assert row["registers"] <= register_share(programs)
     assert programs * (row["shared_bytes"] + 1024) <= 228 * 1024  # the H100's 228 KB, 1 KB of it reserved a program
 
 
@@ -120,7 +126,7 @@ def test_l2_prefetch_comes_before_the_wait_and_leaves_the_tile_loop_alone(tmp_pa
     assert plain["l2_prefetches"] == 0
     assert row["l2_prefetches"] >= 5 and row["l2_prefetch_before_wait"]  # one per array at least
     assert abs(row["common_path"] - plain["common_path"]) <= 5
-    assert row["stack_in_loop"] == 0 and row["registers"] <= 65536 // (64 * programs) // 8 * 8
+    assert row["stack_in_loop"] == 0 and row["registers"] <= register_share(programs)
     assert row["stack_bytes"] <= (8 if programs == 8 and triton.__version__.startswith("3.6") else 0)
 
 
@@ -138,7 +144,7 @@ def test_stacked_limbs_take_one_sign_product_a_bit_position(tmp_path, tuning, pr
     row = sass_rows(tmp_path, shapes, [*tuning, "STACKED_LIMBS=1"])[shapes[0]]
     assert plain["mma"] - row["mma"] == 16
     assert row["common_path"] <= plain["common_path"] - 16
-    assert row["stack_in_loop"] == 0 and row["registers"] <= 65536 // (64 * programs) // 8 * 8
+    assert row["stack_in_loop"] == 0 and row["registers"] <= register_share(programs)
     assert row["stack_bytes"] <= (8 if programs == 6 and triton.__version__.startswith("3.6") else 0)
 
 
