@@ -650,10 +650,8 @@ def launch_config(group: int, head_dim: int, sketch_dim: int, outlier_sketch_dim
                 # Two planes and one scale per token: each value product's codes in one instruction (_tile_values).
                 PAIRS=value_bits == 2 and value_group_size == head_dim, BLOCK_EXACT=BLOCK_EXACT, EXACT_PADDED=True,
                 # Both limbs of the queries' rows in one sign product a bit position (_stacked_sign_sums, where
-                # stackable): 16 tensor-core products a tile fewer, at the benchmark's shapes (sm_90) 403
-                # instructions a tile against 430 with Triton 3.6 (at the cap of 168 with 8 bytes of stack in the
-                # exact tokens' loop, none with them 16 at a time), 413 against 436 with 3.9, no more registers.
-                # Untimed on a GPU: a sweep row until then.
+                # stackable): 16 tensor-core products a tile fewer. Untimed on a GPU, so off: the compiler's counts
+                # are beside its rows in scripts/sweep_decode.py.
                 STACKED_LIMBS=False,
                 PRECISE=precise,
                 LIMBS=limb_count(precise), ASM=asm,
