@@ -8,11 +8,13 @@ from triton.language.extra.cuda import gdc_wait
 from .common import pow2, programmatic_options
 
 # Splits a program takes at once: up to this many it merges them in one step, no loop (at batch 1 the decode kernel
-# makes about a hundred a KV head; on the H100 at cb8154c merging 100 of them 16 at a time took 10 us, a fifth of a
-# decode step at 32k tokens).
-MAX_BLOCK_SPLITS = 128
-# Output columns a program takes, so that a block of splits stays small in registers.
+# makes about a hundred a KV head, 133 at eight programs a multiprocessor; on the H100 at cb8154c merging 100 of them
+# 16 at a time took 10 us, a fifth of a decode step at 32k tokens).
+MAX_BLOCK_SPLITS = 256
+# Output columns a program takes, and the partial outputs it holds at once (splits times columns: 32 floats a thread
+# of four warps), so that a block of splits stays small in registers: more than 128 splits take 16 columns.
 BLOCK_COLUMNS = 32
+BLOCK_ELEMENTS = 128 * BLOCK_COLUMNS
 
 
 @triton.jit
@@ -45,8 +47,9 @@ def combine_splits_kernel(part_m_ptr, part_l_ptr, part_acc_ptr, out_ptr, n_split
 
 
 def launch_config(head_dim: int, splits: int = MAX_BLOCK_SPLITS) -> dict:
-    return dict(D=head_dim, BLOCK_D=min(BLOCK_COLUMNS, pow2(head_dim, 16)),
-                BLOCK_S=min(pow2(splits, 16), MAX_BLOCK_SPLITS))
+    block_splits = min(pow2(splits, 16), MAX_BLOCK_SPLITS)
+    return dict(D=head_dim, BLOCK_D=min(BLOCK_COLUMNS, pow2(head_dim, 16), BLOCK_ELEMENTS // block_splits),
+                BLOCK_S=block_splits)
 
 
 def combine_splits(part_m: torch.Tensor, part_l: torch.Tensor, part_acc: torch.Tensor, dtype: torch.dtype,

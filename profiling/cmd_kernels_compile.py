@@ -79,6 +79,7 @@ def add_arguments(parser):
 def launch_configs(shapes) -> list[tuple[str, str, dict]]:
     """(kernel, label, constexprs incl. num_warps) for every distinct configuration the launchers would compile."""
     from kernels import KERNELS
+    from kernels import combine_splits as merge
     from qjl.config import QJLConfig
 
     seen, configs = set(), []
@@ -91,7 +92,9 @@ def launch_configs(shapes) -> list[tuple[str, str, dict]]:
                 ("quantize_keys", (d, sketch, outlier, k, exact)),
                 ("quantize_values", (d, c.value_bits, c.value_group_size)),
                 ("scores", (group, d, sketch, outlier, k, c.group_size, c.center_keys, exact)),
-                ("combine_splits", (d,)),
+                # the merge's launches: the most splits at full columns, and the most it takes at once
+                ("combine_splits", (d, merge.BLOCK_ELEMENTS // merge.BLOCK_COLUMNS)),
+                ("combine_splits", (d, merge.MAX_BLOCK_SPLITS)),
             ]
             for precise in (False, True):  # bf16 or fp16 models, and fp32 ones (more limbs, high and low parts)
                 decode = (group, d, sketch, outlier, k, c.group_size, c.center_keys, c.value_bits, c.value_group_size,

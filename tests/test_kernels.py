@@ -333,10 +333,11 @@ def test_fused_decode_matches_reference_attend(monkeypatch, d, group, dtype, con
     torch.testing.assert_close(out, ref, rtol=atol, atol=atol)
 
 
-@pytest.mark.parametrize("splits,d", [(3, 64), (300, 72)])
+@pytest.mark.parametrize("splits,d", [(3, 64), (133, 128), (300, 72)])
 def test_combine_splits_merges_partial_softmaxes(splits, d):
-    """Partial maxima (log2 units), sums and outputs of the splits merge into each row's softmax average: 300
-    splits take three blocks of 128, head dim 72 a masked column block, and empty splits (max -inf) count nothing."""
+    """Partial maxima (log2 units), sums and outputs of the splits merge into each row's softmax average: 133
+    splits (batch 1 at eight programs a multiprocessor) take one block of 256 at 16 columns a program, 300 two, head
+    dim 72 a masked column block, and empty splits (max -inf) count nothing."""
     generator = torch.Generator().manual_seed(splits)
     bh, m = 3, 4
     part_m = torch.randn(bh, splits, m, generator=generator) * 4
