@@ -47,6 +47,18 @@ def dot3(a, b):
 
 
 @triton.jit
+def dot_split(a, b_hi, b_lo):
+    """fp32 ``a @ b`` for ``b`` given as its fp16 high part and remainder (``split_fp16``, made once beforehand): two
+    fp16 products for fp16 or bf16 ``a`` (exactly fp16), three for fp32 ``a`` (as ``dot3``)."""
+    if a.dtype == tl.float32:
+        a_hi, a_lo = split_fp16(a)
+        return tl.dot(a_hi, b_hi) + tl.dot(a_lo, b_hi) + tl.dot(a_hi, b_lo)
+    else:
+        a16 = a.to(tl.float16)
+        return tl.dot(a16, b_hi) + tl.dot(a16, b_lo)
+
+
+@triton.jit
 def unpack_rows(packed, ROWS: tl.constexpr, BYTES: tl.constexpr):
     """uint8 ``[ROWS, BYTES]`` -> int32 bits ``[ROWS, 8 BYTES]``, least significant bit first."""
     bits = (packed.to(tl.int32)[:, :, None] >> tl.arange(0, 8)[None, None, :]) & 1

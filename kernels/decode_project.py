@@ -10,6 +10,9 @@ queries). The products of limbs and sign bits are exact in int32. The decode ker
 head) does this once per decode step, for the ``M`` queries of that KV head.
 
 Reference: ``q @ S.T`` (``qjl.sketch.QJLSketch``), permuted and split as ``sketch_tables`` permutes and splits ``S``.
+The kernel reads ``S`` as its fp16 high part and remainder, split once (``sketch_halves``), not float32 to split a
+step at a time: the same bytes, and none of the conversions in a kernel of one program a KV head, bound by latency
+(at four warps, each alone on its scheduler, a warp issued 2,874 instructions before, 1,536 after; Triton 3.6).
 """
 
 import torch
@@ -17,9 +20,9 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents
 
-from .common import dot3, pow2
+from .common import dot_split, pow2
 
-# Head-dim channels per step of the projection: the sketch's slice of them, [BLOCK_D, WIDTH] fp32, goes through
+# Head-dim channels per step of the projection: the sketch's slice of them, [BLOCK_D, WIDTH] fp16 twice, goes through
 # shared memory (32 KB at sketch 256), and the whole projection [M_PAD, WIDTH] stays in registers. Column blocks
 # (``BLOCKS``) take the same steps, so that each column's sums run in the same order as with one program.
 PROJECT_SLICE_BYTES = 32 * 1024
@@ -58,12 +61,13 @@ def _store_limbs(proj, tables_ptr, scales_ptr, sums_ptr, bh, rows, M_PAD: tl.con
 
 
 @triton.jit
-def project_kernel(q_ptr, s_ptr, tables_ptr, scales_ptr, sums_ptr, work_ptr, arrivals_ptr, M: tl.constexpr,
-                   M_PAD: tl.constexpr, D: tl.constexpr, WIDTH: tl.constexpr, BLOCK_D: tl.constexpr,
+def project_kernel(q_ptr, s_hi_ptr, s_lo_ptr, tables_ptr, scales_ptr, sums_ptr, work_ptr, arrivals_ptr,
+                   M: tl.constexpr, M_PAD: tl.constexpr, D: tl.constexpr, WIDTH: tl.constexpr, BLOCK_D: tl.constexpr,
                    LIMBS: tl.constexpr, BLOCKS: tl.constexpr = 1, PDL: tl.constexpr = False):
     """Program ``(bh, block)``: ``q @ S_perm`` ``[M_PAD, WIDTH]`` for the queries of one KV head as int8 limbs
     ``tables[bh, l, m, c]``, row scales ``scales[bh, m]`` and the rows' sums as the limbs hold them ``sums[bh, m]``
-    (rows from ``M`` on are zeros). ``s_ptr``: ``S`` in bit order, float32 ``[D, WIDTH]`` (``sketch_tables``). One
+    (rows from ``M`` on are zeros). ``s_hi_ptr``, ``s_lo_ptr``: ``S`` in bit order, fp16 ``[D, WIDTH]`` each
+    (``sketch_halves``); fp32 queries take three products, the others two (exact in fp16). One
     pass over the head dim, the whole projection held: on the H100 (cb8154c) two passes of 64-column blocks, 16
     channels a step, took 17.5 us, a third of a decode step at batch 1 and 32k tokens (latency, not work).
 
@@ -83,9 +87,10 @@ def project_kernel(q_ptr, s_ptr, tables_ptr, scales_ptr, sums_ptr, work_ptr, arr
     for d_start in range(0, D, BLOCK_D):
         offs_d = d_start + tl.arange(0, BLOCK_D)
         q = tl.load(q_ptr + (bh * M + rows[:, None]) * D + offs_d[None, :],
-                    mask=(rows[:, None] < M) & (offs_d[None, :] < D), other=0.0).to(tl.float32)
-        proj += dot3(q, tl.load(s_ptr + offs_d[:, None] * WIDTH + columns[None, :], mask=offs_d[:, None] < D,
-                                other=0.0))
+                    mask=(rows[:, None] < M) & (offs_d[None, :] < D), other=0.0)
+        s_offsets = offs_d[:, None] * WIDTH + columns[None, :]
+        proj += dot_split(q, tl.load(s_hi_ptr + s_offsets, mask=offs_d[:, None] < D, other=0.0),
+                          tl.load(s_lo_ptr + s_offsets, mask=offs_d[:, None] < D, other=0.0))
     if BLOCKS == 1:
         _store_limbs(proj, tables_ptr, scales_ptr, sums_ptr, bh, rows, M_PAD, WIDTH, LIMBS)
     else:
@@ -108,7 +113,10 @@ def launch_config(queries: int, head_dim: int, sketch_dim: int, precise: bool = 
         raise ValueError(f"{blocks} column blocks do not divide {width} columns into blocks of 16 or more")
     return dict(M=queries, M_PAD=pow2(queries, 16), D=head_dim, WIDTH=width,
                 BLOCK_D=min(head_dim, max(16, PROJECT_SLICE_BYTES // (4 * width))),
-                LIMBS=limb_count(precise), BLOCKS=blocks, num_warps=4 if width <= 256 else 8)
+                LIMBS=limb_count(precise), BLOCKS=blocks,
+                # Eight warps, two a scheduler to take turns in a kernel bound by latency: at four, head dim 64 and
+                # sketch 128 kept 8 bytes of stack on sm_90 (Triton 3.9). Untimed; decode_launches.py times four.
+                num_warps=8)
 
 
 # Counts of arrived column blocks, one per program row (``project_kernel``), zero between launches: kept per device
@@ -166,6 +174,18 @@ def sketch_tables(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tor
     return cached[1:]
 
 
+def sketch_halves(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The float32 table of ``sketch_tables`` as fp16 high part and remainder (``kernels.common.split_fp16``), each
+    ``[d, 8 BP]``, what ``project_kernel`` reads; kept on the matrix as the tables are."""
+    cached = getattr(matrix, "_kernel_sketch_halves", None)
+    if cached is None or cached[0] != matrix._version:
+        table = sketch_tables(matrix)[0]
+        high = table.half()
+        cached = (matrix._version, high, (table - high.float()).half())
+        matrix._kernel_sketch_halves = cached
+    return cached[1:]
+
+
 def project_queries(q: torch.Tensor, matrix: torch.Tensor, precise: bool, pdl: bool = False,
                     tuning: dict | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``q`` ``[BH, M, d]`` (the queries of each KV head), sketch ``matrix`` ``[m, d]``: ``q @ S.T`` with its columns
@@ -179,7 +199,6 @@ def project_queries(q: torch.Tensor, matrix: torch.Tensor, precise: bool, pdl: b
         raise ValueError(f"sketch matrix {tuple(matrix.shape)} does not match head dim {d}")
     tuning = dict(tuning or {})
     config = dict(launch_config(queries, d, matrix.shape[0], precise, tuning.pop("BLOCKS", 1)), **tuning)
-    table = sketch_tables(matrix)[0]
     tables = q.new_empty(bh, config["LIMBS"], config["M_PAD"], config["WIDTH"], dtype=torch.int8)
     scales = q.new_empty(bh, config["M_PAD"], dtype=torch.float32)
     sums = torch.empty_like(scales)
@@ -189,5 +208,6 @@ def project_queries(q: torch.Tensor, matrix: torch.Tensor, precise: bool, pdl: b
         counts = arrivals(bh, q.device)
     else:  # unread with one block: pointers of the types compiled, and no count to allocate
         work, counts = scales, sums.view(torch.int32)
-    project_kernel[(bh, blocks)](q.contiguous(), table, tables, scales, sums, work, counts, PDL=pdl, **config)
+    project_kernel[(bh, blocks)](q.contiguous(), *sketch_halves(matrix), tables, scales, sums, work, counts, PDL=pdl,
+                                 **config)
     return tables, scales, sums

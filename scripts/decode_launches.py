@@ -25,11 +25,12 @@ from qjl.backend import decode_arguments  # noqa: E402
 from qjl.config import QJLConfig  # noqa: E402
 
 
-# The projection's launch is one program of 4 warps a KV head, taking 32 channels of the sketch a step (32 KB of it,
-# fp32); each of these compiles without stack (Triton 3.6 and 3.9, sm_90; 99, 60 and 177 registers on 3.6, against
-# 154): more warps, or 16 or 64 channels a step; or the columns in 2, 4 or 8 blocks, a program each (each reads its
-# share of the 128 KB sketch through its own multiprocessor; the last to finish makes the limbs).
-PROJECTION_TUNINGS = [dict(num_warps=8), dict(num_warps=8, BLOCK_D=16), dict(num_warps=8, BLOCK_D=64, num_stages=2),
+# The projection's launch is one program of 8 warps a KV head, taking 32 channels of the sketch a step (32 KB of it,
+# fp16 high and low parts); each of these compiles without stack (Triton 3.6 and 3.9, sm_90; 138, 60 and 76
+# registers on 3.6, against 63): 4 warps (the launch timed until now), or 16 or 64 channels a step; or the columns in
+# 2, 4 or 8 blocks, a program each (each reads its share of the 128 KB sketch through its own multiprocessor; the
+# last to finish makes the limbs).
+PROJECTION_TUNINGS = [dict(num_warps=4), dict(BLOCK_D=16), dict(BLOCK_D=64, num_stages=2),
                       dict(BLOCKS=2), dict(BLOCKS=4), dict(BLOCKS=8)]
 
 

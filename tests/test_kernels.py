@@ -51,7 +51,7 @@ if not interpreter_runs_dynamic_loops():
 from kernels.combine_splits import combine_splits  # noqa: E402
 from kernels.common import multiprocessors  # noqa: E402
 from kernels.decode_attention import decode_attention, l2_prefetch_tokens, query_chunks, split_size  # noqa: E402
-from kernels.decode_project import LIMB_BASE, from_limbs, project_queries, sketch_tables  # noqa: E402
+from kernels.decode_project import LIMB_BASE, from_limbs, project_queries, sketch_halves, sketch_tables  # noqa: E402
 from kernels.quantize_keys import quantize_keys  # noqa: E402
 from kernels.quantize_values import quantize_values  # noqa: E402
 from kernels.scores import compressed_scores  # noqa: E402
@@ -221,6 +221,9 @@ def test_query_projection_in_bit_order(queries, d, sketch_dim, dtype):
     torch.testing.assert_close(sums, got.sum(-1), rtol=0, atol=largest.max().item() * width * 2 ** -22)
     table, limbs, limb_scales, limb_sums = sketch_tables(sketch.matrix)
     assert torch.equal(table[:, row < sketch_dim], sketch.matrix.float().T[:, row[row < sketch_dim]])
+    high, low = sketch_halves(sketch.matrix)  # what the projection reads: fp16, ~2^-22 together
+    assert high.dtype == low.dtype == torch.float16
+    assert ((high.float() + low.float() - table).abs() <= table.abs() * 2 ** -21 + 2 ** -25).all()
     rebuilt = from_limbs(limbs, limb_scales)
     assert ((rebuilt - table).abs() <= table.abs().amax(dim=-1, keepdim=True) * 2 ** -23).all()
     for n in (1, 2, 3):  # against the table's own sums: n limbs hold each entry to half a step of the last one
@@ -230,7 +233,7 @@ def test_query_projection_in_bit_order(queries, d, sketch_dim, dtype):
 
 
 def test_query_projection_launches_agree():
-    """The projection's other launches (``scripts/decode_launches.py`` times them: more warps, 16 or 64 channels a
+    """The projection's other launches (``scripts/decode_launches.py`` times them: four warps, 16 or 64 channels a
     step) give what the default gives: the same projections to fp32 rounding of sums taken in another order, which
     may round the last limb the other way (one step of it, the row's largest / (127 * 254)); the columns in blocks,
     a program each, give the very same limbs, scales and sums, launch after launch (the last block to arrive makes
