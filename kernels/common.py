@@ -49,7 +49,8 @@ def dot3(a, b):
 @triton.jit
 def dot_split(a, b_hi, b_lo):
     """fp32 ``a @ b`` for ``b`` given as its fp16 high part and remainder (``split_fp16``, made once beforehand): two
-    fp16 products for fp16 or bf16 ``a`` (exactly fp16), three for fp32 ``a`` (as ``dot3``)."""
+    fp16 products for fp16 or bf16 ``a`` (exact in fp16 above its subnormals, as ``dot_exact_lhs`` takes it), three
+    for fp32 ``a`` (as ``dot3``)."""
     if a.dtype == tl.float32:
         a_hi, a_lo = split_fp16(a)
         return tl.dot(a_hi, b_hi) + tl.dot(a_lo, b_hi) + tl.dot(a_hi, b_lo)
