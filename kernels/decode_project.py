@@ -154,14 +154,23 @@ def from_limbs(limbs: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return (total * scale[..., None].double()).float()
 
 
+def kept_on(matrix: torch.Tensor, name: str, make) -> tuple:
+    """The tensors ``make()`` returns for ``matrix``, made once per version of it and kept on it under ``name`` as
+    ``(version, *tensors)`` (sketches are never written)."""
+    cached = getattr(matrix, name, None)
+    if cached is None or cached[0] != matrix._version:
+        cached = (matrix._version, *make())
+        setattr(matrix, name, cached)
+    return cached[1:]
+
+
 def sketch_tables(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The sketch ``[m, d]`` as the kernels read it: ``T[c, i * BP + j] = S[8 j + i, c]`` (``BP`` the byte count
     padded to a power of two, zero where ``8 j + i >= m``): float32 ``[d, 8 BP]``, and its rows (one per channel) as
     three int8 limbs ``[3, d, 8 BP]`` with scales ``[d]`` and the rows' sums as the first ``n`` limbs hold them,
-    ``[3, d]`` (``n - 1`` first). Made once per matrix and kept on it (sketches are never written), under a name of
-    its own: earlier kernels put beside this one (``scripts/decode_baseline.sh``) keep theirs, of another layout."""
-    cached = getattr(matrix, "_kernel_sketch_rows", None)
-    if cached is None or cached[0] != matrix._version:
+    ``[3, d]`` (``n - 1`` first). Made once per matrix and kept on it (``kept_on``), under a name of its own: earlier
+    kernels put beside this one (``scripts/decode_baseline.sh``) keep theirs, of another layout."""
+    def make():
         m, d = matrix.shape
         bp = padded_bytes(m)
         padded = matrix.new_zeros(8 * bp, d, dtype=torch.float32)
@@ -170,21 +179,20 @@ def sketch_tables(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tor
         table = padded.reshape(bp, 8, d).permute(2, 1, 0).reshape(d, 8 * bp).contiguous()
         limbs, scales = int8_limbs(table, limb_count(precise=True))
         sums = torch.stack([from_limbs(limbs[:n], scales).double().sum(-1) for n in range(1, len(limbs) + 1)])
-        cached = (matrix._version, table, limbs.contiguous(), scales.contiguous(), sums.float())
-        matrix._kernel_sketch_rows = cached
-    return cached[1:]
+        return table, limbs.contiguous(), scales.contiguous(), sums.float()
+
+    return kept_on(matrix, "_kernel_sketch_rows", make)
 
 
 def sketch_halves(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The float32 table of ``sketch_tables`` as fp16 high part and remainder (``kernels.common.split_fp16``), each
     ``[d, 8 BP]``, what ``project_kernel`` reads; kept on the matrix as the tables are."""
-    cached = getattr(matrix, "_kernel_sketch_halves", None)
-    if cached is None or cached[0] != matrix._version:
+    def make():
         table = sketch_tables(matrix)[0]
         high = table.half()
-        cached = (matrix._version, high, (table - high.float()).half())
-        matrix._kernel_sketch_halves = cached
-    return cached[1:]
+        return high, (table - high.float()).half()
+
+    return kept_on(matrix, "_kernel_sketch_halves", make)
 
 
 def project_queries(q: torch.Tensor, matrix: torch.Tensor, precise: bool, pdl: bool = False,
