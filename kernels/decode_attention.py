@@ -629,6 +629,9 @@ def launch_config(group: int, head_dim: int, sketch_dim: int, outlier_sketch_dim
     narrow = sketch_dim <= 256 and head_dim <= 128  # rows that leave registers for the choices below
     two_warps = not precise and narrow
     six_programs = two_warps and n_outliers and exact_outliers and head_dim in (64, 128)
+    # Two value planes and one scale a token (``PAIRS`` below) leave the registers for eight.
+    pairs = value_bits == 2 and value_group_size == head_dim
+    eight_programs = six_programs and pairs
     if (head_dim >= 256 or sketch_dim >= 512) and step % 16 == 0:
         step = 16  # tiles of half a group: wide rows leave no registers for 32 tokens
     sketched = n_outliers and not exact_outliers
@@ -639,7 +642,7 @@ def launch_config(group: int, head_dim: int, sketch_dim: int, outlier_sketch_dim
     # masking a partial count took registers (3 queries at head dim 64: 218 registers and 470 instructions a tile,
     # 4: 201 and 444, Triton 3.6).
     queries = pow2(group // chunks)
-    return dict(CHUNKS=chunks, M=queries, M_PAD=pow2(queries, 16), D=head_dim,
+    config = dict(CHUNKS=chunks, M=queries, M_PAD=pow2(queries, 16), D=head_dim,
                 D_PAD=pow2(head_dim, 16), DB_PAD=db_pad, BYTES=sketch_dim // 8,
                 BP=padded_bytes(sketch_dim), OBYTES=obytes, OBP=padded_bytes(8 * obytes), K=n_outliers,
                 # the sign product's rows: the queries and outlier channels, or (none) the scores' own M rows
@@ -648,10 +651,12 @@ def launch_config(group: int, head_dim: int, sketch_dim: int, outlier_sketch_dim
                 GROUP=group_size, STEP=step, BLOCK_N=pow2(step, 16),
                 CENTERED=centered, BITS=value_bits, VGROUP=value_group_size,
                 # Two planes and one scale per token: each value product's codes in one instruction (_tile_values).
-                PAIRS=value_bits == 2 and value_group_size == head_dim, BLOCK_EXACT=BLOCK_EXACT, EXACT_PADDED=True,
-                # Both limbs of the queries' rows in one sign product a bit position (_stacked_sign_sums, where
-                # stackable): 16 tensor-core products a tile fewer. Untimed on a GPU, so off: the compiler's counts
-                # are beside its rows in scripts/sweep_decode.py.
+                PAIRS=pairs,
+                # The exact tokens' loop at eight programs a multiprocessor: 16 tokens a tile and the queries at their
+                # own count of rows, not padded to 16 (fewer registers and less shared memory, module docstring).
+                BLOCK_EXACT=16 if eight_programs else BLOCK_EXACT, EXACT_PADDED=not eight_programs,
+                # Both limbs of the queries' rows in one sign product a bit position (_stacked_sign_sums), set below
+                # where stackable: 16 tensor-core products a tile fewer; see the register cap.
                 STACKED_LIMBS=False,
                 PRECISE=precise,
                 LIMBS=limb_count(precise), ASM=asm,
@@ -662,21 +667,24 @@ def launch_config(group: int, head_dim: int, sketch_dim: int, outlier_sketch_dim
                 # Three pipeline stages and the per-token numbers a tile ahead where they fit in registers: three
                 # stages spill at head dim 256 and at sketch 512, the prefetch at head dim 256 with sketch 1024. Two
                 # where the register cap below makes room for six programs a multiprocessor.
-                num_stages=3 if narrow and not six_programs else 2,
+                num_stages=3 if narrow and (eight_programs or not six_programs) else 2,
                 PREFETCH=head_dim * sketch_dim < 256 * 1024,
                 # Two warps a program where they fit in registers: on the H100 at 31602b4, 27-33% faster than four at
                 # 32k and 128k tokens, batch 1 and 8, bf16 (fewer instructions a tile, four programs a multiprocessor
                 # in place of two). fp32 queries (two products per value pair, three limbs) spill with two on Triton
                 # 3.9, and at head dim 256 with four.
                 num_warps=(8 if head_dim >= 256 else 4) if precise else 2 if two_warps else 4,
-                # Six programs of two warps a multiprocessor need at most 168 registers (65536 / (6 x 64), in steps
-                # of 8) and two stages' shared memory: exact outliers at head dims 64 and 128 compile within that
-                # without spills (Triton 3.6 and 3.9, sm_90 and sm_80; grouped value scales too since the next tile's
-                # key norms are carried as float32, _float32). On the H100 six took 0.85-0.88x the time of four (a
-                # cap of 200 and three stages, where the driver fit four, not five) at batch 8, 32k and 128k tokens,
-                # 0.91-0.92x at batch 1 and 128k, 1.00-1.05x at batch 1 and 32k, with a value scale per token
-                # (profiling/results/nvidia-h100; grouped scales untimed).
-                maxnreg=168 if six_programs else 255)
+                # Eight programs of two warps a multiprocessor need at most 128 registers (65536 / (8 x 64)), six
+                # 168 (in steps of 8) and two stages' shared memory. Exact outliers at head dims 64 and 128 compile
+                # within six's without spills (Triton 3.6 and 3.9, sm_90 and sm_80), and within eight's where the
+                # values are paired (grouped value scales spill 16-48 bytes at 128, Triton 3.9, sm_90). On the H100
+                # at 43a6c51 (bf16, 3bit preset, Llama-3.1-8B shapes) eight took 0.91x, 0.80x, 0.78x and 0.75x the
+                # time of six at batch 1 with 32k and 128k tokens and batch 8 with 32k and 128k; six had taken
+                # 0.85-0.92x the time of four from 128k or at batch 8, and 1.00-1.05x at batch 1 and 32k
+                # (profiling/results/nvidia-h100/sweep-decode-43a6c51.txt and earlier).
+                maxnreg=128 if eight_programs else 168 if six_programs else 255)
+    config["STACKED_LIMBS"] = bool(eight_programs and stackable(config))
+    return config
 
 
 # The driver's count for each launch (``resident``), kept for the process; scripts/sweep_decode.py prints it.

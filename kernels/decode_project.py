@@ -25,7 +25,8 @@ from .common import dot_split, pow2
 
 # Head-dim channels per step of the projection: the sketch's slice of them, [BLOCK_D, WIDTH] fp16 twice, goes through
 # shared memory (32 KB at sketch 256), and the whole projection [M_PAD, WIDTH] stays in registers. Column blocks
-# (``BLOCKS``) take the same steps, so that each column's sums run in the same order as with one program.
+# (``BLOCKS``) take the same steps; their narrower products need not round as one program's do (on the H100 two
+# blocks' limbs were not all one program's).
 PROJECT_SLICE_BYTES = 32 * 1024
 # Each limb after the first is the remainder (within +-1/2) of those before, times this.
 LIMB_BASE = tl.constexpr(254)

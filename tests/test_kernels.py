@@ -236,8 +236,9 @@ def test_query_projection_launches_agree():
     """The projection's other launches (``scripts/decode_launches.py`` times them: four warps, 16 or 64 channels a
     step) give what the default gives: the same projections to fp32 rounding of sums taken in another order, which
     may round the last limb the other way (one step of it, the row's largest / (127 * 254)); the columns in blocks,
-    a program each, give the very same limbs, scales and sums, launch after launch (the last block to arrive makes
-    them and sets the count of arrivals back to zero)."""
+    a program each, give the very same limbs, scales and sums launch after launch (the last block to arrive makes
+    them and sets the count of arrivals back to zero). Not always the default's very bits: on the H100 two blocks'
+    differed from one program's at 43a6c51 (narrower products, which the compiler may lay out and sum otherwise)."""
     spec = importlib.util.spec_from_file_location("decode_launches", ROOT / "scripts" / "decode_launches.py")
     launches = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(launches)
@@ -249,8 +250,8 @@ def test_query_projection_launches_agree():
         tables, scales, sums = project_queries(q, sketch.matrix, False, tuning=tuning)
         if "BLOCKS" in tuning:
             for _ in range(2):
-                assert all(map(torch.equal, (tables, scales, sums), expected)), tuning
-                tables, scales, sums = project_queries(q, sketch.matrix, False, tuning=tuning)
+                again = project_queries(q, sketch.matrix, False, tuning=tuning)
+                assert all(map(torch.equal, (tables, scales, sums), again)), tuning
         got = from_limbs(tables.transpose(0, 1), scales)
         step = default.abs().amax(dim=-1, keepdim=True) / (127 * LIMB_BASE.value)
         assert ((got - default).abs() <= step * 1.01).all(), tuning
@@ -400,17 +401,20 @@ def test_fused_decode_launch_choices_agree():
 def test_stacked_limbs_give_the_same_numbers(d, group, dtype, config):
     """``STACKED_LIMBS`` (both limbs of the queries' rows in one sign product a bit position, rows 8 on the second)
     sums the same integers as two products, so the step's output is the same to the bit, with outlier channels kept
-    exact or none, 1, 3 (padded to 4), 4 and 8 queries a program (and close to it at the sweep's launch of eight
-    programs a multiprocessor); fp32 queries (three limbs) are refused."""
+    exact or none, 1, 3 (padded to 4), 4 and 8 queries a program; the default launch (eight programs a multiprocessor
+    where outliers are exact, stacked) is close to the six programs' launch of 43a6c51, whose exact tokens take other
+    tiles; fp32 queries (three limbs) are refused."""
     layer = filled_layer(config, 2, 2, d, prompt=235, steps=2, dtype=DTYPES[dtype])
     query = torch.randn(2, 2 * group, 1, d, generator=torch.Generator().manual_seed(7)).to(DEVICE, DTYPES[dtype])
     arguments = decode_arguments(layer, query, d ** -0.5)
     # the same splits whatever the programs a multiprocessor holds at each launch (on a GPU their registers differ)
-    default = decode_attention(*arguments, tuning=dict(programs_per_sm=6))
-    assert torch.equal(decode_attention(*arguments, tuning=dict(STACKED_LIMBS=True, programs_per_sm=6)), default)
-    eight_programs = dict(STACKED_LIMBS=True, maxnreg=128, BLOCK_EXACT=16, EXACT_PADDED=False)  # a sweep row
+    def launch(**tuning):
+        return decode_attention(*arguments, tuning=dict(tuning, programs_per_sm=6))
+
+    assert torch.equal(launch(STACKED_LIMBS=True), launch(STACKED_LIMBS=False))
+    six_programs = dict(STACKED_LIMBS=False, maxnreg=168, BLOCK_EXACT=32, EXACT_PADDED=True, num_stages=2)
     atol = {"fp16": 2e-3, "bf16": 1e-2}[dtype]  # the exact tokens in other tiles, on a GPU other splits
-    torch.testing.assert_close(decode_attention(*arguments, tuning=eight_programs), default, rtol=atol, atol=atol)
+    torch.testing.assert_close(launch(), launch(**six_programs), rtol=atol, atol=atol)
     with pytest.raises(ValueError, match="STACKED_LIMBS needs two limbs"):
         decode_attention(*decode_arguments(layer, query.float(), d ** -0.5), tuning=dict(STACKED_LIMBS=True))
 
