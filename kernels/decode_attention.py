@@ -479,6 +479,21 @@ def _softmax_step(scores, m_i):
 
 
 @triton.jit
+def _part_index(bh, ASM: tl.constexpr):
+    """The program's row of the partials, ``bh * num_programs(1) + program_id(1)``, read from the program ids where
+    it is stored: made at the start, it lived across the tile loop, and at eight programs a multiprocessor (128
+    registers) Triton 3.6 kept it on the stack where token counts are not multiples of 16 (8 bytes, sm_90). Not
+    pure, so the compiler neither hoists it nor merges it with the ids read at the start. ``bh`` is unused by the
+    PTX (an operand gives the result its shape)."""
+    if ASM:
+        return tl.inline_asm_elementwise(
+            "{ .reg .b32 x, y, n; mov.u32 x, %ctaid.x; mov.u32 y, %ctaid.y; mov.u32 n, %nctaid.y; "
+            "mad.lo.s32 $0, x, n, y; }", "=r,r", [bh], dtype=tl.int32, is_pure=False, pack=1)
+    else:
+        return bh * tl.num_programs(1) + tl.program_id(1)
+
+
+@triton.jit
 def _store_partial(part_m_ptr, part_l_ptr, part_acc_ptr, part, m_i, l_i, acc, M: tl.constexpr, D: tl.constexpr):
     rows = tl.arange(0, acc.shape[0])
     offs_d = tl.arange(0, acc.shape[1])
@@ -523,7 +538,6 @@ def decode_split_kernel(q_ptr, tables_ptr, table_scales_ptr, table_sums_ptr, sp_
     bh, split = tl.program_id(0), tl.program_id(1)
     kv = bh // CHUNKS
     n_splits = tl.num_programs(1)
-    part = bh * n_splits + split
     if L2_PREFETCH and ASM:
         if split < n_splits - 1:
             first = split * tokens_per_split
@@ -586,7 +600,7 @@ def decode_split_kernel(q_ptr, tables_ptr, table_scales_ptr, table_sums_ptr, sp_
                 key_weights, token_scales, token_minimums = next_weights, next_scales, next_minimums
         l_i = tl.sum(weight_sums, axis=1)
         out = _value_columns(accs, PAIRS, VGROUP == D and not PRECISE) + tl.sum(minimum_sums, axis=1)[:, None]
-        _store_partial(part_m_ptr, part_l_ptr, part_acc_ptr, part, m_i, l_i, out, M, D)
+        _store_partial(part_m_ptr, part_l_ptr, part_acc_ptr, _part_index(bh, ASM), m_i, l_i, out, M, D)
     else:
         # With EXACT_PADDED the exact tokens keep the queries padded to 16 rows: with M rows their loop took 20%
         # more instructions (Triton 3.6, sm_90), but they take fewer registers and less shared memory (the
@@ -601,7 +615,8 @@ def decode_split_kernel(q_ptr, tables_ptr, table_scales_ptr, table_sums_ptr, sp_
                                                     exact_acc, D, D_PAD, BLOCK_EXACT)
         exact_m, exact_l, exact_acc = _exact_tokens(q, buf_k_ptr, buf_v_ptr, kv, n_buffer, qk_scale, exact_m, exact_l,
                                                     exact_acc, D, D_PAD, BLOCK_EXACT)
-        _store_partial(part_m_ptr, part_l_ptr, part_acc_ptr, part, exact_m, exact_l, exact_acc, M, D)
+        _store_partial(part_m_ptr, part_l_ptr, part_acc_ptr, _part_index(bh, ASM), exact_m, exact_l, exact_acc,
+                       M, D)
 
 
 def stackable(config: dict) -> bool:

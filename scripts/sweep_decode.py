@@ -38,56 +38,36 @@ from profiling.cmd_bench_kernels import (  # noqa: E402
 from qjl.backend import decode_arguments  # noqa: E402
 from qjl.config import QJLConfig  # noqa: E402
 
-# Launch choices beside the default (``launch_config``: two stages and a cap of 168 registers at the benchmark's
-# shapes, six programs a multiprocessor; two warps, per-token numbers a tile ahead, PTX bit unpacking; one wave of the
-# programs that fit), each the default with what it names changed, and each row with the programs a multiprocessor
-# holds by the driver's count (``resident``). On the H100 at cb8154c the default then (three stages, a cap of 200,
-# four programs a multiprocessor) took 1.00-1.17x the time of this one (profiling/results/nvidia-h100/); these are
-# the ones worth re-timing when the kernel changes:
-# - three stages at the cap of 168: since the exact tokens' loop keeps two, six programs still fit (27 KB of shared
-#   memory each), with the next tile's copies issued a whole tile ahead (two stages issue them at the end of the tile
-#   before, and the H100 then spends 14% of the kernel's stall samples at the loop's wait,
-#   profiling/results/nvidia-h100/ncu-*.txt), no stack since the next tile's key norms are carried as float32 (445
-#   instructions a tile against 430, Triton 3.6, sm_90);
-# - seven programs a multiprocessor (a cap of 144: 14 warps, not 12), with two or three stages: the tile loop
-#   compiles without stack at 144, and the exact tokens' loop too once it takes 16 tokens at a time (40 bytes of
-#   stack with 32), 439 and 451 instructions a tile;
-# - eight (a cap of 128), with the exact tokens' queries at their own count of rows, not padded to 16: with three
-#   stages no stack, 461 instructions a tile; with two 16 bytes of stack (values held across the tile loop, none of
-#   it in the loop);
-# - each split asking the L2 cache for its first tokens before it waits for the projection (``l2_prefetch``: the
-#   share of the L2 cache all splits' requests may fill; at a half, the whole of every split at batch 1 and 32k
-#   tokens, 23 MB): alone, with the step's kernels launched one after another (which tells what comes of fetching
-#   while the projection runs from what comes of the tile loop finding the tokens in L2), and with seven and eight
-#   programs at three stages;
-# - the queries' projection in four programs a KV head (each a quarter of the sketch's columns: one program reads
-#   all 128 KB of the sketch through one multiprocessor, at batch 1 a fixed 5.4 us of the step's 31 at 32k), alone
-#   and with the L2 prefetch (which a shorter projection leaves less time);
-# - both limbs of the queries' rows in one sign product a bit position (``STACKED_LIMBS``, rows 8 on the second):
-#   16 tensor-core products a tile fewer, 403 instructions a tile against 430 at six programs (8 bytes of stack in
-#   the exact tokens' loop), 421 against 451 at seven with three stages, 426 against 461 at eight with three, and
-#   at eight with two 405 and no stack, against 451 and 16 bytes (Triton 3.6, sm_90; 3.9: 23-33 fewer, no stack):
-#   alone, with seven programs at three stages and with eight at two and three;
+# Launch choices beside the default (``launch_config``: eight programs a multiprocessor at the benchmark's shapes, a
+# cap of 128 registers, three stages, the exact tokens 16 at a time with their queries unpadded, both limbs of the
+# queries' rows in one sign product; two warps, per-token numbers a tile ahead, PTX bit unpacking, programmatic
+# launches; one wave of the programs that fit), each the default with what it names changed, and each row with the
+# programs a multiprocessor holds by the driver's count (``resident``). The ones worth re-timing when the kernel
+# changes:
+# - the launch that was the default until 1014fa3 (six programs: a cap of 168, two stages, the exact tokens 32 at a
+#   time with padded queries, a sign product a limb), which took 1.11x (batch 1, 32k), 1.25x (1, 128k), 1.28x
+#   (8, 32k) and 1.34x (8, 128k) the time of today's default on the H100 at 43a6c51;
+# - two stages at eight programs: 0.98x the time of three at batch 1 and 32k, 1.03x at 128k, 1.02-1.03x at batch 8
+#   (sweep-decode-43a6c51.txt);
+# - nine programs a multiprocessor (a cap of 112 registers, 65536 / (9 x 64) in steps of 8): 18 warps in place of
+#   16 for a kernel that waits on latency; untimed. Triton 3.6 (the GPU box) keeps 16 bytes of stack, one access of
+#   it in the tile loop, and runs 461 instructions a tile where no max grows against 426 (3.9: no stack, 465 against
+#   432; sm_90, scripts/sass_decode.py --tuning maxnreg=112);
+# - each split asking the L2 cache for its first tokens before it waits for the projection (``l2_prefetch``, the
+#   share of the L2 cache all splits' requests may fill): 0.99-1.06x the time at six programs, 1.01-1.10x at eight
+#   unstacked (43a6c51);
+# - the queries' projection in four programs a KV head (``project_blocks``): 0.99-1.03x at six programs (43a6c51);
 # - no prefetch of the per-token numbers, and the step's three kernels launched one after another (not
 #   programmatically, kernels.common.programmatic_launch);
-# - and, per shape, the wave counting the exact tokens' programs (one split fewer a KV head, each split longer: at
-#   batch 8 and 32k 11 of 3,008 tokens, not 12 of 2,752 with 40 of the 832 programs past the 792 that fit).
-# Dropped from the list as consistently slower on the H100 (sweep-decode-5176db8.txt and -615d3fd.txt, against the
-# default of the same run at the four shapes): no register cap (as the cap of 200, four programs) and four warps
-# (1.27-1.66x the default's time), the cap of 200 alone (1.06-1.31x), one stage (1.04-1.32x) and more programs than
-# fit (``programs_per_sm=8``: 1.23-1.35x), cb8154c's launch (three stages at a cap of 200, four programs:
-# 1.07-1.16x) and the interpreter's element-wise unpacking in place of the PTX (1.35-1.54x; the kernel tests check the
-# PTX against the reference on the GPU).
-SEVEN_PROGRAMS = dict(maxnreg=144, BLOCK_EXACT=16)
-EIGHT_PROGRAMS = dict(maxnreg=128, BLOCK_EXACT=16, EXACT_PADDED=False)
-L2_PREFETCH = dict(l2_prefetch=0.5)
-STACKED = dict(STACKED_LIMBS=True)
-TUNINGS = [dict(num_stages=3), SEVEN_PROGRAMS, dict(SEVEN_PROGRAMS, num_stages=3), EIGHT_PROGRAMS,
-           dict(EIGHT_PROGRAMS, num_stages=3), L2_PREFETCH, dict(L2_PREFETCH, PDL=False),
-           dict(SEVEN_PROGRAMS, num_stages=3, **L2_PREFETCH), dict(EIGHT_PROGRAMS, num_stages=3, **L2_PREFETCH),
-           dict(project_blocks=4), dict(L2_PREFETCH, project_blocks=4),
-           STACKED, dict(SEVEN_PROGRAMS, num_stages=3, **STACKED), dict(EIGHT_PROGRAMS, **STACKED),
-           dict(EIGHT_PROGRAMS, num_stages=3, **STACKED),
+# - and, per shape, one split fewer a KV head than the wave holds.
+# Dropped from the list as consistently slower on the H100 (sweep-decode-*.txt, against the default of the same run at
+# the four shapes): seven programs (a cap of 144; at three stages and stacked 1.02-1.12x the time of eight at
+# 43a6c51), eight without the stacked limbs (1.08-1.16x), no register cap (as the cap of 200, four programs) and four
+# warps (1.27-1.66x the six programs' time at 615d3fd), one stage (1.04-1.32x), more programs than fit
+# (``programs_per_sm=8`` at six: 1.23-1.35x), cb8154c's launch (1.07-1.16x) and the interpreter's element-wise
+# unpacking in place of the PTX (1.35-1.54x; the kernel tests check the PTX against the reference on the GPU).
+SIX_PROGRAMS = dict(num_stages=2, maxnreg=168, BLOCK_EXACT=32, EXACT_PADDED=True, STACKED_LIMBS=False)
+TUNINGS = [SIX_PROGRAMS, dict(num_stages=2), dict(maxnreg=112), dict(l2_prefetch=0.5), dict(project_blocks=4),
            dict(PREFETCH=False), dict(PDL=False)]
 BASELINE = "kernels.decode_attention_baseline"
 

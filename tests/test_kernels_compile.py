@@ -81,9 +81,8 @@ def sass_rows(tmp_path, shapes: list[str], tuning: list[str] = ()) -> dict:
 def test_sass_of_the_decode_main_loop(tmp_path):
     """``scripts/sass_decode.py`` finds the fused decode kernel's tile loop in the sm_90 disassembly: a tile's
     tensor-core products are there (at least one per bit position of the signs), amid many more instructions, and the
-    accumulators' rescale is a branch that a tile where no max grows skips; with three pipeline stages (sketched
-    outliers) the loop's wait leaves copies in flight, so a tile does not wait for its own loads (exact outliers
-    launch two stages, six programs a multiprocessor, which hide that wait on the H100)."""
+    accumulators' rescale is a branch that a tile where no max grows skips; with three pipeline stages the loop's
+    wait leaves copies in flight, so a tile does not wait for its own loads."""
     shapes = ["smollm2/3bit/exact/sketch128", "smollm2/3bit/sketched/sketch128"]
     rows = sass_rows(tmp_path, shapes)
     assert sorted(rows) == sorted(shapes)
@@ -91,18 +90,23 @@ def test_sass_of_the_decode_main_loop(tmp_path):
         assert row["mma"] >= 8 and row["instructions"] > 5 * row["mma"] and 0 < row["registers"] <= 255
         # the eight accumulators' rescale, at least two registers each
         assert row["instructions"] - 16 >= row["common_path"] > 5 * row["mma"]
-    assert rows["smollm2/3bit/sketched/sketch128"]["copies_in_flight"] > 0
+        assert row["copies_in_flight"] > 0  # three stages, exact outliers (eight programs) and sketched alike
+
+
+# The launch that was the default until 1014fa3 at the benchmark's shapes: six programs a multiprocessor (a cap of 168
+# registers, two stages, the exact tokens 32 at a time with their queries padded to 16 rows, one sign product a limb).
+SIX_PROGRAMS = ["num_stages=2", "maxnreg=168", "BLOCK_EXACT=32", "EXACT_PADDED=1", "STACKED_LIMBS=0"]
 
 
 @pytest.mark.parametrize("tuning,programs", [
-    (["num_stages=3"], 6), (["num_stages=3", "maxnreg=144", "BLOCK_EXACT=16"], 7),
-    (["num_stages=3", "maxnreg=128", "BLOCK_EXACT=16", "EXACT_PADDED=0"], 8)])
+    ([], 8), (["maxnreg=144", "EXACT_PADDED=1"], 7), ([*SIX_PROGRAMS, "num_stages=3"], 6)])
 def test_sweep_launches_fit_without_stack(tmp_path, tuning, programs):
-    """Launches of the sweep (``scripts/sweep_decode.py``) at the benchmark's shapes: three stages keep copies in
-    flight at the tile loop's wait, within the registers (``register_share``) and shared memory that let six
-    programs share a multiprocessor, seven with the exact tokens 16 at a time, or eight with their queries also
-    unpadded, and without stack (the next tile's key norms carried as float32: as fp16 pairs ptxas kept
-    them on the stack at every cap tried)."""
+    """The default launch at the benchmark's shapes and the sweep's (``scripts/sweep_decode.py``) at three stages
+    keep copies in flight at the tile loop's wait, within the registers (``register_share``) and shared memory that
+    let eight programs share a multiprocessor (the default: the exact tokens 16 at a time with their queries
+    unpadded, both limbs in one sign product), seven with the exact tokens' queries padded, or six as before
+    1014fa3, and without stack (the next tile's key norms carried as float32: as fp16 pairs ptxas kept them on the
+    stack at every cap tried)."""
     row = sass_rows(tmp_path, ["llama8b/3bit/exact/sketch256"], tuning)["llama8b/3bit/exact/sketch256"]
     assert row["tuning"] == {name: int(value) for name, value in (t.split("=") for t in tuning)}
     assert row["copies_in_flight"] > 0 and row["stack_bytes"] == 0
@@ -110,37 +114,30 @@ def test_sweep_launches_fit_without_stack(tmp_path, tuning, programs):
     assert programs * (row["shared_bytes"] + 1024) <= 228 * 1024  # the H100's 228 KB, 1 KB of it reserved a program
 
 
-@pytest.mark.parametrize("tuning,programs", [
-    (["num_stages=2"], 6), (["num_stages=3", "maxnreg=144", "BLOCK_EXACT=16"], 7),
-    (["num_stages=3", "maxnreg=128", "BLOCK_EXACT=16", "EXACT_PADDED=0"], 8)])
+@pytest.mark.parametrize("tuning,programs", [([], 8), (SIX_PROGRAMS, 6)])
 def test_l2_prefetch_comes_before_the_wait_and_leaves_the_tile_loop_alone(tmp_path, tuning, programs):
     """With ``L2_PREFETCH`` (the sweep's ``l2_prefetch`` rows) the decode kernel reaches its L2 prefetches before it
     waits for the projection (programmatic launches, sm_90), so memory serves them while the projection runs. The
-    prefetch is a function of its own, so the tile loop compiles about as without it: at most 5 more instructions
-    (Triton 3.6 at eight programs, which keeps a value on the stack across the loop, 8 bytes; inlined, 3.9 added 9 at
-    six). Registers within those of six, seven or eight programs a multiprocessor, no stack in the loop, and (but
-    there) none at all."""
+    prefetch is a function of its own, so the tile loop compiles about as without it: at most 5 more instructions.
+    Registers within those of eight (the default) or six programs a multiprocessor, and no stack."""
     shapes = ["llama8b/3bit/exact/sketch256"]
     plain = sass_rows(tmp_path, shapes, tuning)[shapes[0]]
     row = sass_rows(tmp_path, shapes, [*tuning, "L2_PREFETCH=1"])[shapes[0]]
     assert plain["l2_prefetches"] == 0
     assert row["l2_prefetches"] >= 5 and row["l2_prefetch_before_wait"]  # one per array at least
     assert abs(row["common_path"] - plain["common_path"]) <= 5
-    assert row["stack_in_loop"] == 0 and row["registers"] <= register_share(programs)
-    assert row["stack_bytes"] <= (8 if programs == 8 and triton.__version__.startswith("3.6") else 0)
+    assert row["registers"] <= register_share(programs) and row["stack_bytes"] == 0
 
 
-@pytest.mark.parametrize("tuning,programs", [
-    ([], 6), (["maxnreg=128", "BLOCK_EXACT=16", "EXACT_PADDED=0"], 8),
-    (["num_stages=3", "maxnreg=128", "BLOCK_EXACT=16", "EXACT_PADDED=0"], 8)])
+@pytest.mark.parametrize("tuning,programs", [(SIX_PROGRAMS, 6), (["num_stages=2"], 8), ([], 8)])
 def test_stacked_limbs_take_one_sign_product_a_bit_position(tmp_path, tuning, programs):
-    """``STACKED_LIMBS`` (the sweep's rows): one int8 product a bit position where two limbs took two, so 16 fewer
-    tensor-core products a tile (two a warp at each of the 8 positions) and at least as many fewer instructions,
-    within the registers of six or eight programs a multiprocessor (eight at two stages or three), no stack in the
-    tile loop, and (but Triton 3.6 at six, 8 bytes in the exact tokens' loop) none at all: at eight programs and two
-    stages the launch without it keeps 16 bytes on the stack with Triton 3.6."""
+    """``STACKED_LIMBS`` (the default at eight programs a multiprocessor): one int8 product a bit position where two
+    limbs took two, so 16 fewer tensor-core products a tile (two a warp at each of the 8 positions) and at least as
+    many fewer instructions, within the registers of six or eight programs (eight at two stages or three, the
+    default), no stack in the tile loop, and (but Triton 3.6 at six, 8 bytes in the exact tokens' loop) none at
+    all."""
     shapes = ["llama8b/3bit/exact/sketch256"]
-    plain = sass_rows(tmp_path, shapes, tuning)[shapes[0]]
+    plain = sass_rows(tmp_path, shapes, [*tuning, "STACKED_LIMBS=0"])[shapes[0]]
     row = sass_rows(tmp_path, shapes, [*tuning, "STACKED_LIMBS=1"])[shapes[0]]
     assert plain["mma"] - row["mma"] == 16
     assert row["common_path"] <= plain["common_path"] - 16
