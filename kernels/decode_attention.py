@@ -658,46 +658,47 @@ def launch_config(group: int, head_dim: int, sketch_dim: int, outlier_sketch_dim
     # 4: 201 and 444, Triton 3.6).
     queries = pow2(group // chunks)
     config = dict(CHUNKS=chunks, M=queries, M_PAD=pow2(queries, 16), D=head_dim,
-                D_PAD=pow2(head_dim, 16), DB_PAD=db_pad, BYTES=sketch_dim // 8,
-                BP=padded_bytes(sketch_dim), OBYTES=obytes, OBP=padded_bytes(8 * obytes), K=n_outliers,
-                # the sign product's rows: the queries and outlier channels, or (none) the scores' own M rows
-                R_PAD=pow2(queries + n_outliers, 16) if n_outliers else queries,
-                EXACT=bool(n_outliers and exact_outliers),
-                GROUP=group_size, STEP=step, BLOCK_N=pow2(step, 16),
-                CENTERED=centered, BITS=value_bits, VGROUP=value_group_size,
-                # Two planes and one scale per token: each value product's codes in one instruction (_tile_values).
-                PAIRS=pairs,
-                # The exact tokens' loop at eight programs a multiprocessor: 16 tokens a tile and the queries at their
-                # own count of rows, not padded to 16 (fewer registers and less shared memory, module docstring).
-                BLOCK_EXACT=16 if eight_programs else BLOCK_EXACT, EXACT_PADDED=not eight_programs,
-                # Both limbs of the queries' rows in one sign product a bit position (_stacked_sign_sums), set below
-                # where stackable: 16 tensor-core products a tile fewer; see the register cap.
-                STACKED_LIMBS=False,
-                PRECISE=precise,
-                LIMBS=limb_count(precise), ASM=asm,
-                # How many of the eight bit positions are unrolled: all, up to sketch 256 and head dim 128 (fastest);
-                # the table loads of the unrolled positions are hoisted and held, so wider sketches unroll as many as
-                # make 128 table columns (more of them spill, and so does a loop of single positions at sketch 512).
-                UNROLL=8 if narrow else max(1, 1024 // sketch_dim),
-                # Three pipeline stages and the per-token numbers a tile ahead where they fit in registers: three
-                # stages spill at head dim 256 and at sketch 512, the prefetch at head dim 256 with sketch 1024. Two
-                # where the register cap below makes room for six programs a multiprocessor.
-                num_stages=3 if narrow and (eight_programs or not six_programs) else 2,
-                PREFETCH=head_dim * sketch_dim < 256 * 1024,
-                # Two warps a program where they fit in registers: on the H100 at 31602b4, 27-33% faster than four at
-                # 32k and 128k tokens, batch 1 and 8, bf16 (fewer instructions a tile, four programs a multiprocessor
-                # in place of two). fp32 queries (two products per value pair, three limbs) spill with two on Triton
-                # 3.9, and at head dim 256 with four.
-                num_warps=(8 if head_dim >= 256 else 4) if precise else 2 if two_warps else 4,
-                # Eight programs of two warps a multiprocessor need at most 128 registers (65536 / (8 x 64)), six
-                # 168 (in steps of 8) and two stages' shared memory. Exact outliers at head dims 64 and 128 compile
-                # within six's without spills (Triton 3.6 and 3.9, sm_90 and sm_80), and within eight's where the
-                # values are paired (grouped value scales spill 16-48 bytes at 128, Triton 3.9, sm_90). On the H100
-                # at 43a6c51 (bf16, 3bit preset, Llama-3.1-8B shapes) eight took 0.91x, 0.80x, 0.78x and 0.75x the
-                # time of six at batch 1 with 32k and 128k tokens and batch 8 with 32k and 128k; six had taken
-                # 0.85-0.92x the time of four from 128k or at batch 8, and 1.00-1.05x at batch 1 and 32k
-                # (profiling/results/nvidia-h100/sweep-decode-43a6c51.txt and earlier).
-                maxnreg=128 if eight_programs else 168 if six_programs else 255)
+                  D_PAD=pow2(head_dim, 16), DB_PAD=db_pad, BYTES=sketch_dim // 8,
+                  BP=padded_bytes(sketch_dim), OBYTES=obytes, OBP=padded_bytes(8 * obytes), K=n_outliers,
+                  # the sign product's rows: the queries and outlier channels, or (none) the scores' own M rows
+                  R_PAD=pow2(queries + n_outliers, 16) if n_outliers else queries,
+                  EXACT=bool(n_outliers and exact_outliers),
+                  GROUP=group_size, STEP=step, BLOCK_N=pow2(step, 16),
+                  CENTERED=centered, BITS=value_bits, VGROUP=value_group_size,
+                  # Two planes and one scale per token: each value product's codes in one instruction (_tile_values).
+                  PAIRS=pairs,
+                  # The exact tokens' loop at eight programs a multiprocessor: 16 tokens a tile and the queries at their
+                  # own count of rows, not padded to 16 (fewer registers and less shared memory: the exact tokens'
+                  # branch of decode_split_kernel).
+                  BLOCK_EXACT=16 if eight_programs else BLOCK_EXACT, EXACT_PADDED=not eight_programs,
+                  # Both limbs of the queries' rows in one sign product a bit position (_stacked_sign_sums), set below
+                  # where stackable: 16 tensor-core products a tile fewer; see the register cap.
+                  STACKED_LIMBS=False,
+                  PRECISE=precise,
+                  LIMBS=limb_count(precise), ASM=asm,
+                  # How many of the eight bit positions are unrolled: all, up to sketch 256 and head dim 128 (fastest);
+                  # the table loads of the unrolled positions are hoisted and held, so wider sketches unroll as many as
+                  # make 128 table columns (more of them spill, and so does a loop of single positions at sketch 512).
+                  UNROLL=8 if narrow else max(1, 1024 // sketch_dim),
+                  # Three pipeline stages and the per-token numbers a tile ahead where they fit in registers: three
+                  # stages spill at head dim 256 and at sketch 512, the prefetch at head dim 256 with sketch 1024. Two
+                  # where the register cap below makes room for six programs a multiprocessor.
+                  num_stages=3 if narrow and (eight_programs or not six_programs) else 2,
+                  PREFETCH=head_dim * sketch_dim < 256 * 1024,
+                  # Two warps a program where they fit in registers: on the H100 at 31602b4, 27-33% faster than four at
+                  # 32k and 128k tokens, batch 1 and 8, bf16 (fewer instructions a tile, four programs a multiprocessor
+                  # in place of two). fp32 queries (two products per value pair, three limbs) spill with two on Triton
+                  # 3.9, and at head dim 256 with four.
+                  num_warps=(8 if head_dim >= 256 else 4) if precise else 2 if two_warps else 4,
+                  # Eight programs of two warps a multiprocessor need at most 128 registers (65536 / (8 x 64)), six
+                  # 168 (in steps of 8) and two stages' shared memory. Exact outliers at head dims 64 and 128 compile
+                  # within six's without spills (Triton 3.6 and 3.9, sm_90 and sm_80), and within eight's where the
+                  # values are paired (grouped value scales spill 16-48 bytes at 128, Triton 3.9, sm_90). On the H100
+                  # at 43a6c51 (bf16, 3bit preset, Llama-3.1-8B shapes) eight took 0.91x, 0.80x, 0.78x and 0.75x the
+                  # time of six at batch 1 with 32k and 128k tokens and batch 8 with 32k and 128k; six had taken
+                  # 0.85-0.92x the time of four from 128k or at batch 8, and 1.00-1.05x at batch 1 and 32k
+                  # (profiling/results/nvidia-h100/sweep-decode-43a6c51.txt and earlier).
+                  maxnreg=128 if eight_programs else 168 if six_programs else 255)
     config["STACKED_LIMBS"] = bool(eight_programs and stackable(config))
     return config
 
