@@ -2,12 +2,14 @@
 # One command for a short GPU slot: kernel tests on the GPU itself (whole-model decoding through the kernels against
 # the torch path included), the decode benchmark and one step's launches timed apart (decode_launches.py, into
 # bench.txt), the sweep of the fused decode kernel's launch choices (with the programs a multiprocessor holds for
-# each), Nsight Compute on one of its launches (its per-instruction samples in ncu-source.csv.gz) and on one of the
-# queries' projection (batch 1, 32k: what the step's fixed cost waits on), and last (it alone
-# builds the same code on a CPU machine) the sm_90 compile report (at the end of tests.txt). Everything lands in
-# OUTDIR (8 files, what a GPU slot returns at most); tests.txt also says when each step ended. At cb8154c the tests
-# took 74-84 s, the benchmark 40 s and the sweep 33 s; all of it took 449 s at 615d3fd (the tests 127 s), with a step
-# since dropped (decode_occupancy.py, about 20 s, whose resident counts the sweep now prints for every launch).
+# each), and Nsight Compute on one of its launches (its per-instruction samples in ncu-source.csv.gz) and on one of the
+# queries' projection (batch 1, 32k: what the step's fixed cost waits on). Everything lands in OUTDIR (7 files, what a
+# GPU slot returns at most); tests.txt also says when each step ended. At 43a6c51 the steps ended at 189 s (tests),
+# 230 (benchmark), 246 (launches), 303 (sweep) and 333 (Nsight Compute); the sm_90 compile report that came last
+# then (156 s more) builds the same code on a CPU machine, so it is run there, with the GPU box's Triton too:
+#   python -m venv V && V/bin/pip install torch==2.13.0 triton==3.6.0 numpy pytest "transformers>=5.17,<6"
+#   V/bin/python -m profiling kernels-compile --arch 90 --arch 80 --out DIR
+# which leaves most of a 15-minute slot for a second call (bench-kernels after a sweep row becomes the default).
 # Needs torch (CUDA), triton, transformers, pytest; not gradio, plotly or kaleido. Before the call, on this machine:
 # `bash scripts/gpu-wheels.sh` for transformers' QuantizedCache in the benchmark (carry ".whl"; untried on a GPU: its
 # first use may build optimum-quanto's CUDA extension), and, to time an earlier decode kernel on the same card,
@@ -37,9 +39,5 @@ timeout 120 bash scripts/ncu_decode.sh 1 32768 "$OUT/ncu-source.csv" > "$OUT/ncu
 timeout 60 env NCU_KERNEL=project_kernel bash scripts/ncu_decode.sh 1 32768 >> "$OUT/ncu.txt" 2>&1 || status=1
 gzip -f "$OUT/ncu-source.csv" || status=1
 ended ncu
-echo "--- kernels-compile --quick --arch 90" >> "$OUT/tests.txt"
-timeout 240 python -m profiling kernels-compile --quick --arch 90 --out "$OUT/kernels-compile" >> "$OUT/tests.txt" 2>&1 \
-  || status=1
-ended kernels-compile
 echo "gpu-check: exit $status; results in $OUT"
 exit $status
