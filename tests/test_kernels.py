@@ -6,9 +6,7 @@ sketched, kept exact (``exact_outliers``) or absent.
 """
 
 import dataclasses
-import importlib.util
 import os
-from pathlib import Path
 
 import pytest
 import torch
@@ -64,7 +62,6 @@ from qjl.runner import cache_kwarg  # noqa: E402
 from qjl.sketch import QJLSketch  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-ROOT = Path(__file__).resolve().parents[1]
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -239,14 +236,12 @@ def test_query_projection_launches_agree():
     a program each, give the very same limbs, scales and sums launch after launch (the last block to arrive makes
     them and sets the count of arrivals back to zero). Not always the default's very bits: on the H100 two blocks'
     differed from one program's at 43a6c51 (narrower products, which the compiler may lay out and sum otherwise)."""
-    spec = importlib.util.spec_from_file_location("decode_launches", ROOT / "scripts" / "decode_launches.py")
-    launches = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(launches)
+    from scripts.decode_launches import PROJECTION_TUNINGS
     sketch = QJLSketch(128, 256, 1, device=DEVICE)
     q = torch.randn(3, 4, 128, generator=torch.Generator().manual_seed(3)).to(DEVICE, torch.bfloat16)
     expected = project_queries(q, sketch.matrix, False)
     default = from_limbs(expected[0].transpose(0, 1), expected[1])
-    for tuning in launches.PROJECTION_TUNINGS:
+    for tuning in PROJECTION_TUNINGS:
         tables, scales, sums = project_queries(q, sketch.matrix, False, tuning=tuning)
         if "BLOCKS" in tuning:
             for _ in range(2):
@@ -412,9 +407,10 @@ def test_stacked_limbs_give_the_same_numbers(d, group, dtype, config):
         return decode_attention(*arguments, tuning=dict(tuning, programs_per_sm=6))
 
     assert torch.equal(launch(STACKED_LIMBS=True), launch(STACKED_LIMBS=False))
-    six_programs = dict(STACKED_LIMBS=False, maxnreg=168, BLOCK_EXACT=32, EXACT_PADDED=True, num_stages=2)
+    from scripts.sweep_decode import SIX_PROGRAMS
+
     atol = {"fp16": 2e-3, "bf16": 1e-2}[dtype]  # the exact tokens in other tiles, on a GPU other splits
-    torch.testing.assert_close(launch(), launch(**six_programs), rtol=atol, atol=atol)
+    torch.testing.assert_close(launch(), launch(**SIX_PROGRAMS), rtol=atol, atol=atol)
     with pytest.raises(ValueError, match="STACKED_LIMBS needs two limbs"):
         decode_attention(*decode_arguments(layer, query.float(), d ** -0.5), tuning=dict(STACKED_LIMBS=True))
 
