@@ -1,7 +1,9 @@
 """The three launches of one fused decode step timed apart, at Llama-3.1-8B attention shapes and the 3bit preset: the
 queries' projection (``kernels.decode_project``), the splits (``kernels.decode_attention``'s split kernel, the
 whole step less the other two) and their merge (``kernels.combine_splits``, on as many splits as the step makes),
-next to bf16 SDPA; CUDA-graph replays. At batch 1 the projection and the merge are a fixed cost that the splits'
+next to bf16 SDPA; CUDA-graph replays, each call of the step, SDPA and the projection on its own copy of the
+inputs in turn (the L2 cache cold, as ``bench-kernels`` times them: ``graph_ms``; the merge reads what the splits
+just wrote, so one copy). At batch 1 the projection and the merge are a fixed cost that the splits'
 work does not amortise. With programmatic launches (the default on Hopper, ``kernels.common``) the three overlap at
 their edges, so "splits about" is then the split kernel less that overlap; the step without them is timed too.
 The projection is also timed at other launches (``PROJECTION_TUNINGS``), for what its fixed cost is made of.
@@ -13,14 +15,23 @@ import sys
 from pathlib import Path
 
 import torch
-from triton.testing import do_bench_cudagraph
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kernels import decode_attention as da  # noqa: E402
 from kernels.combine_splits import combine_splits  # noqa: E402
 from kernels.decode_project import project_queries  # noqa: E402
-from profiling.cmd_bench_kernels import HEAD_DIM, KV_HEADS, Q_HEADS, decode_inputs, qjl_layer, sdpa_calls  # noqa: E402
+from profiling.cmd_bench_kernels import (  # noqa: E402
+    HEAD_DIM,
+    KV_HEADS,
+    Q_HEADS,
+    cold_copies,
+    decode_bytes,
+    decode_inputs,
+    graph_ms,
+    qjl_layer,
+    sdpa_calls,
+)
 from qjl.backend import decode_arguments  # noqa: E402
 from qjl.config import QJLConfig  # noqa: E402
 
@@ -40,10 +51,14 @@ def main():
     group = Q_HEADS // KV_HEADS
     for batch, context in ((1, 1024), (1, 32768), (1, 131072), (8, 32768)):
         q, k, v = decode_inputs(batch, context, device)
-        sdpa = min(do_bench_cudagraph(fn) for fn in sdpa_calls(q, k, v, HEAD_DIM ** -0.5).values())
-        layer = qjl_layer(config, k, v)
-        del k, v
-        args = decode_arguments(layer, q, HEAD_DIM ** -0.5)
+        nbytes = decode_bytes(config, batch, context)
+        copies = [(k, v)] + [(k.clone(), v.clone()) for _ in range(cold_copies(nbytes["full"], device) - 1)]
+        sdpa = min(graph_ms([sdpa_calls(q, *kv, HEAD_DIM ** -0.5)[name] for kv in copies])
+                   for name in ("gqa", "folded"))
+        layers = [qjl_layer(config, k, v) for _ in range(cold_copies(nbytes["qjl"], device))]
+        del k, v, copies
+        copies = [decode_arguments(layer, q, HEAD_DIM ** -0.5) for layer in layers]
+        layer, args = layers[0], copies[0]
         da.RESIDENT_PROGRAMS.clear()
         da.decode_attention(*args)
         # the driver's count, which the launcher just read (none under the interpreter, which takes its own)
@@ -54,17 +69,19 @@ def main():
         programs = batch * KV_HEADS
         splits = -(-layer.n_compressed // da.split_size(layer.n_compressed, programs, step, programs_per_sm,
                                                         device)) + 1
-        whole = do_bench_cudagraph(lambda: da.decode_attention(*args))
-        serial = do_bench_cudagraph(lambda: da.decode_attention(*args, tuning=dict(PDL=False)))
+        whole = graph_ms([lambda args=args: da.decode_attention(*args) for args in copies])
+        serial = graph_ms([lambda args=args: da.decode_attention(*args, tuning=dict(PDL=False)) for args in copies])
         queries = q.reshape(programs, group, HEAD_DIM)
-        project = do_bench_cudagraph(lambda: project_queries(queries, layer.sketch.matrix, False))
+        project = graph_ms([lambda layer=layer: project_queries(queries, layer.sketch.matrix, False)
+                            for layer in layers])
         variants = []
         for tuning in PROJECTION_TUNINGS:
-            ms = do_bench_cudagraph(lambda: project_queries(queries, layer.sketch.matrix, False, tuning=tuning))
+            ms = graph_ms([lambda layer=layer: project_queries(queries, layer.sketch.matrix, False, tuning=tuning)
+                           for layer in layers])
             variants.append(f"{tuning} {ms * 1e3:.1f}")
         part_m = torch.zeros(programs, splits, group, device=device)
         part_l, part_acc = torch.ones_like(part_m), torch.zeros(programs, splits, group, HEAD_DIM, device=device)
-        merge = do_bench_cudagraph(lambda: combine_splits(part_m, part_l, part_acc, torch.bfloat16))
+        merge = graph_ms([lambda: combine_splits(part_m, part_l, part_acc, torch.bfloat16)])
         print(f"batch {batch} context {context}: step {whole * 1e3:.1f} us (SDPA {sdpa * 1e3:.1f}): projection "
               f"{project * 1e3:.1f}, splits about {(whole - project - merge) * 1e3:.1f} ({splits - 1} splits a KV "
               f"head and one of exact tokens, {programs_per_sm} programs a multiprocessor), merge {merge * 1e3:.1f}; "

@@ -2,9 +2,10 @@
 prefetch of per-token numbers, the exact tokens' tile, programs per multiprocessor, the splits' L2 prefetch, the
 queries' projection in column blocks and both limbs in one sign product, at
 Llama-3.1-8B attention shapes (32 query heads, 8 KV heads, head dim 128, bf16) and the 3bit preset, next to bf16 SDPA
-(grouped-query, and with each KV head's queries folded into rows). Times are CUDA-graph replays
-(``triton.testing.do_bench_cudagraph``), as in ``bench-kernels``. Prints and writes JSON; ``max_diff`` is each
-choice's largest difference from the default launch, ``resident`` the programs a multiprocessor holds.
+(grouped-query, and with each KV head's queries folded into rows). Times are CUDA-graph replays with the L2 cache
+cold (each call on its own copy of the inputs, in turn), as in ``bench-kernels`` (``graph_ms``). Prints and writes
+JSON; ``max_diff`` is each choice's largest difference from the default launch, ``resident`` the programs a
+multiprocessor holds.
 
 A kernel to compare against, where one is wanted, goes beside the current one before the run (untracked files travel
 to a GPU machine; its history does not), and is timed at its own defaults on the same card:
@@ -21,7 +22,6 @@ import sys
 from pathlib import Path
 
 import torch
-from triton.testing import do_bench_cudagraph
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -30,8 +30,10 @@ from kernels.decode_attention import INTERPRETER_PROGRAMS_PER_SM, RESIDENT_PROGR
 from profiling.cmd_bench_kernels import (  # noqa: E402
     HEAD_DIM,
     KV_HEADS,
+    cold_copies,
     decode_bytes,
     decode_inputs,
+    graph_ms,
     qjl_layer,
     sdpa_calls,
 )
@@ -55,7 +57,7 @@ from qjl.config import QJLConfig  # noqa: E402
 #   432; sm_90, scripts/sass_decode.py --tuning maxnreg=112);
 # - each split asking the L2 cache for its first tokens before it waits for the projection (``l2_prefetch``, the
 #   share of the L2 cache all splits' requests may fill): 0.99-1.06x the time at six programs, 1.01-1.10x at eight
-#   unstacked (43a6c51);
+#   unstacked (43a6c51), timed then on one copy of the inputs, whose 23 MB at batch 1 and 32k were in L2 already;
 # - the queries' projection in four programs a KV head (``project_blocks``): 0.99-1.03x at six programs (43a6c51);
 # - no prefetch of the per-token numbers, and the step's three kernels launched one after another (not
 #   programmatically, kernels.common.programmatic_launch);
@@ -93,11 +95,14 @@ def main():
     for batch, context in itertools.product(map(int, args.batches.split(",")), map(int, args.contexts.split(","))):
         q, k, v = decode_inputs(batch, context, device)
         scale = HEAD_DIM ** -0.5
-        row = dict(batch=batch, context=context, bytes=decode_bytes(config, batch, context),
-                   **{f"sdpa_{name}_ms": do_bench_cudagraph(fn) for name, fn in sdpa_calls(q, k, v, scale).items()})
-        layer = qjl_layer(config, k, v)
+        row = dict(batch=batch, context=context, bytes=decode_bytes(config, batch, context))
+        copies = [(k, v)] + [(k.clone(), v.clone()) for _ in range(cold_copies(row["bytes"]["full"], device) - 1)]
+        for name in ("gqa", "folded"):
+            row[f"sdpa_{name}_ms"] = graph_ms([sdpa_calls(q, *kv, scale)[name] for kv in copies])
+        copies = [decode_arguments(qjl_layer(config, k, v), q, scale)
+                  for _ in range(cold_copies(row["bytes"]["qjl"], device))]
         del k, v
-        fused_args = decode_arguments(layer, q, scale)
+        fused_args = copies[0]
         RESIDENT_PROGRAMS.clear()
         reference = decode_attention(*fused_args).float()
         # the split count that keeps each KV head's exact-tokens program in the wave (the driver's count just read):
@@ -106,16 +111,16 @@ def main():
         row["default_resident"] = next(iter(RESIDENT_PROGRAMS.values()), INTERPRETER_PROGRAMS_PER_SM)
         slots = row["default_resident"] * multiprocessors(device)
         tunings = TUNINGS + [dict(splits=max(1, slots // (batch * KV_HEADS) - 1))]
-        row["default_ms"] = do_bench_cudagraph(lambda: decode_attention(*fused_args))
+        row["default_ms"] = graph_ms([lambda args=args: decode_attention(*args) for args in copies])
         if baseline is not None:
-            row["baseline_ms"] = do_bench_cudagraph(lambda: baseline(*fused_args))
+            row["baseline_ms"] = graph_ms([lambda args=args: baseline(*args) for args in copies])
             row["baseline_max_diff"] = (baseline(*fused_args).float() - reference).abs().max().item()
         row["tunings"] = []
         for tuning in tunings:
             RESIDENT_PROGRAMS.clear()
             out = decode_attention(*fused_args, tuning=tuning)
             resident = next(iter(RESIDENT_PROGRAMS.values()), None)  # none where the tuning gives programs_per_sm
-            ms = do_bench_cudagraph(lambda: decode_attention(*fused_args, tuning=tuning))
+            ms = graph_ms([lambda args=args: decode_attention(*args, tuning=tuning) for args in copies])
             row["tunings"].append(dict(tuning, resident=resident, ms=ms,
                                        max_diff=(out.float() - reference).abs().max().item()))
         best = min(row["tunings"], key=lambda t: t["ms"])
@@ -130,7 +135,7 @@ def main():
         for t in row["tunings"]:
             print("   ", t, flush=True)
         rows.append(row)
-        layer = fused_args = None  # frees the cache before empty_cache (a del would unbind names the lambdas read)
+        copies = fused_args = reference = out = None  # frees the caches before empty_cache
         torch.cuda.empty_cache()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(dict(device=torch.cuda.get_device_name(), preset=args.preset,

@@ -66,3 +66,23 @@ def test_bench_kernels_reports_a_failing_quantized_cache_and_goes_on(tmp_path, m
     assert row["qjl_torch_ms"] > 0 and "quantized_cache_ms" not in row
     assert row["quantized_cache_error"] == "RuntimeError: Ninja is required to load C++ extensions"
     assert result["quantized_cache"].startswith("failed in 1 of 1 rows: RuntimeError: Ninja")
+
+
+def test_graph_timings_take_copies_in_turn_enough_to_leave_the_l2_cold(monkeypatch):
+    """Each graph-timed call reads its own copy of the inputs, the copies in turn, and there are enough of them that
+    between two reads of one, three L2 caches' worth is read (50 MB off a GPU): a layer's cache is cold in a decoding
+    step, and one copy replayed would be read from L2 wherever it fits. Each runs once before the timing, so that
+    what a copy makes on its first call is not captured in the graph."""
+    import torch
+    import triton.testing
+
+    from profiling.cmd_bench_kernels import COLD_L2, cold_copies, graph_ms
+
+    cpu, l2 = torch.device("cpu"), 50 * 2 ** 20
+    for nbytes in (10 ** 5, 23 * 10 ** 6, 134 * 10 ** 6, 4 * 10 ** 9):
+        copies = cold_copies(nbytes, cpu)
+        assert copies * nbytes >= COLD_L2 * l2 > (copies - 1) * nbytes or copies == 1 and nbytes >= COLD_L2 * l2
+    called = []
+    monkeypatch.setattr(triton.testing, "do_bench_cudagraph", lambda fn, rep: [fn() for _ in range(7)] and 0.5)
+    assert graph_ms([lambda i=i: called.append(i) for i in range(3)]) == 0.5
+    assert called == [0, 1, 2] + [0, 1, 2, 0, 1, 2, 0]  # each once before the timing
