@@ -3,7 +3,8 @@ queries' projection (``kernels.decode_project``), the splits (``kernels.decode_a
 whole step less the other two) and their merge (``kernels.combine_splits``, on as many splits as the step makes),
 next to bf16 SDPA; CUDA-graph replays, each call of the step, SDPA and the projection on its own copy of the
 inputs in turn (the L2 cache cold, as ``bench-kernels`` times them: ``graph_ms``; the merge reads what the splits
-just wrote, so one copy). At batch 1 the projection and the merge are a fixed cost that the splits'
+just wrote, so one copy), and the step also on one copy replayed, as every timing was until 02932f7 (its bytes
+then stay in L2 where they fit). At batch 1 the projection and the merge are a fixed cost that the splits'
 work does not amortise. With programmatic launches (the default on Hopper, ``kernels.common``) the three overlap at
 their edges, so "splits about" is then the split kernel less that overlap; the step without them is timed too.
 The projection is also timed at other launches (``PROJECTION_TUNINGS``), for what its fixed cost is made of.
@@ -70,6 +71,7 @@ def main():
         splits = -(-layer.n_compressed // da.split_size(layer.n_compressed, programs, step, programs_per_sm,
                                                         device)) + 1
         whole = graph_ms([lambda args=args: da.decode_attention(*args) for args in copies])
+        warm = graph_ms([lambda: da.decode_attention(*args)])  # as timed until 02932f7
         serial = graph_ms([lambda args=args: da.decode_attention(*args, tuning=dict(PDL=False)) for args in copies])
         queries = q.reshape(programs, group, HEAD_DIM)
         project = graph_ms([lambda layer=layer: project_queries(queries, layer.sketch.matrix, False)
@@ -82,7 +84,8 @@ def main():
         part_m = torch.zeros(programs, splits, group, device=device)
         part_l, part_acc = torch.ones_like(part_m), torch.zeros(programs, splits, group, HEAD_DIM, device=device)
         merge = graph_ms([lambda: combine_splits(part_m, part_l, part_acc, torch.bfloat16)])
-        print(f"batch {batch} context {context}: step {whole * 1e3:.1f} us (SDPA {sdpa * 1e3:.1f}): projection "
+        print(f"batch {batch} context {context}: step {whole * 1e3:.1f} us (SDPA {sdpa * 1e3:.1f}; on one copy "
+              f"of its {nbytes['qjl'] / 1e6:.0f} MB replayed {warm * 1e3:.1f}): projection "
               f"{project * 1e3:.1f}, splits about {(whole - project - merge) * 1e3:.1f} ({splits - 1} splits a KV "
               f"head and one of exact tokens, {programs_per_sm} programs a multiprocessor), merge {merge * 1e3:.1f}; "
               f"the step's kernels launched one after another (PDL=False) {serial * 1e3:.1f}; the projection at "
