@@ -51,6 +51,10 @@ from qjl.config import QJLConfig  # noqa: E402
 #   (8, 32k) and 1.34x (8, 128k) the time of today's default on the H100 at 43a6c51;
 # - two stages at eight programs: 0.98x the time of three at batch 1 and 32k, 1.03x at 128k, 1.02-1.03x at batch 8
 #   (sweep-decode-43a6c51.txt);
+# - four stages at eight programs: with cold copies each tile comes from memory, and four keep eight copy groups in
+#   flight at the loop's wait, not four, for the same 426 instructions a tile, 128 registers, no stack and 13.5 KB of
+#   shared memory (Triton 3.6, sm_90; 3.9: 432 and 122); four had taken 1.08-1.30x the time of three at 20a307d (four
+#   programs, one copy replayed);
 # - nine programs a multiprocessor (a cap of 112 registers, 65536 / (9 x 64) in steps of 8): 18 warps in place of
 #   16 for a kernel that waits on latency; untimed. Triton 3.6 (the GPU box) keeps 16 bytes of stack, one access of
 #   it in the tile loop, and runs 461 instructions a tile where no max grows against 426 (3.9: no stack, 465 against
@@ -69,8 +73,8 @@ from qjl.config import QJLConfig  # noqa: E402
 # (``programs_per_sm=8`` at six: 1.23-1.35x), cb8154c's launch (1.07-1.16x) and the interpreter's element-wise
 # unpacking in place of the PTX (1.35-1.54x; the kernel tests check the PTX against the reference on the GPU).
 SIX_PROGRAMS = dict(num_stages=2, maxnreg=168, BLOCK_EXACT=32, EXACT_PADDED=True, STACKED_LIMBS=False)
-TUNINGS = [SIX_PROGRAMS, dict(num_stages=2), dict(maxnreg=112), dict(l2_prefetch=0.5), dict(project_blocks=4),
-           dict(PREFETCH=False), dict(PDL=False)]
+TUNINGS = [SIX_PROGRAMS, dict(num_stages=2), dict(num_stages=4), dict(maxnreg=112), dict(l2_prefetch=0.5),
+           dict(project_blocks=4), dict(PREFETCH=False), dict(PDL=False)]
 BASELINE = "kernels.decode_attention_baseline"
 
 

@@ -101,10 +101,10 @@ SIX_PROGRAMS = ["num_stages=2", "maxnreg=168", "BLOCK_EXACT=32", "EXACT_PADDED=1
 
 
 @pytest.mark.parametrize("tuning,programs", [
-    ([], 8), (["maxnreg=144", "EXACT_PADDED=1"], 7), ([*SIX_PROGRAMS, "num_stages=3"], 6)])
+    ([], 8), (["num_stages=4"], 8), (["maxnreg=144", "EXACT_PADDED=1"], 7), ([*SIX_PROGRAMS, "num_stages=3"], 6)])
 def test_sweep_launches_fit_without_stack(tmp_path, tuning, programs):
-    """The default launch at the benchmark's shapes and the sweep's (``scripts/sweep_decode.py``) at three stages
-    keep copies in flight at the tile loop's wait, within the registers (``register_share``) and shared memory that
+    """The default launch at the benchmark's shapes and the sweep's (``scripts/sweep_decode.py``) at three or four
+    stages keep copies in flight at the tile loop's wait, within the registers (``register_share``) and shared memory that
     let eight programs share a multiprocessor (the default: the exact tokens 16 at a time with their queries
     unpadded, both limbs in one sign product), seven with the exact tokens' queries padded, or six as before
     1014fa3, and without stack (the next tile's key norms carried as float32: as fp16 pairs ptxas kept them on the
