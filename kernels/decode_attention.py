@@ -1,8 +1,8 @@
-"""Fused QJL decode attention, flash-decoding style: each program takes one (batch, KV head) and a range of
-compressed tokens, scores them from the packed signs, takes their values from the packed codes, and keeps an online
-softmax (the accumulators rescaled only in a tile where some query's max grows, a branch the other tiles skip); one
-extra program per (batch, KV head) does the exact sink and buffer tokens. Partial maxima, sums and outputs go to
-``kernels.combine_splits``. A decode step reads each compressed byte once.
+"""Fused QJL decode attention, flash-decoding style: each program takes one (batch, KV head) and a range of compressed
+tokens, scores them from the packed signs, takes their values from the packed codes, and keeps an online softmax (the
+accumulators rescaled only in a tile where some query's max grows, a branch the other tiles skip); extra programs per
+(batch, KV head) do the exact sink and buffer tokens, as many as the wave has room for. Partial maxima, sums and outputs
+go to ``kernels.combine_splits``. A decode step reads each compressed byte once.
 
 The bits reach the tensor cores one bit position at a time, so unpacking is a shift and a mask of the packed bytes in
 the products' operand layout (no reshape):
@@ -51,7 +51,8 @@ INTERPRETER_PROGRAMS_PER_SM = 6
 # Short contexts split down to two tiles a program, not scores' 256 tokens (which amortise a projection each of its
 # programs makes; here one kernel makes it for all): at 1k tokens the H100 took 4.3x SDPA's time with 4 programs per
 # KV head, each walking its 8 tiles one after another.
-MIN_TOKENS = 2 * BLOCK_TOKENS
+MIN_TILES = 2
+MIN_TOKENS = MIN_TILES * BLOCK_TOKENS
 LOG2E = 1.4426950408889634
 
 
@@ -450,15 +451,17 @@ def _value_columns(accs, PAIRS: tl.constexpr, SUBNORMAL_CODES: tl.constexpr):
 
 
 @triton.jit
-def _exact_tokens(q, k_ptr, v_ptr, bh, n, qk_scale, m_i, l_i, acc, D: tl.constexpr, D_PAD: tl.constexpr,
-                  BLOCK_N: tl.constexpr):
+def _exact_tokens(q, k_ptr, v_ptr, bh, n, first, last, qk_scale, m_i, l_i, acc, D: tl.constexpr,
+                  D_PAD: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The online softmax state ``m_i``, ``l_i``, ``acc`` taking tokens ``first .. last - 1`` of the ``n`` that
+    ``k_ptr`` and ``v_ptr`` hold for KV head ``bh``."""
     offs_d = tl.arange(0, D_PAD)
     # Two stages whatever the launch's: this loop's buffers (keys and values of 32 tokens, bf16) would otherwise set
     # the kernel's shared memory, 43 KB a program at three stages where the tile loop takes 27 KB (Triton 3.6, sm_90,
     # Llama-3.1-8B shapes), five programs a multiprocessor in place of six.
-    for start in tl.range(0, n, BLOCK_N, num_stages=2):
+    for start in tl.range(first, last, BLOCK_N, num_stages=2):
         tokens = start + tl.arange(0, BLOCK_N)
-        ok = tokens < n
+        ok = tokens < last
         inside = ok[:, None] & (offs_d[None, :] < D)
         offsets = (bh * n + tokens[:, None]) * D + offs_d[None, :]
         k = tl.load(k_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
@@ -510,7 +513,7 @@ def decode_split_kernel(q_ptr, tables_ptr, table_scales_ptr, table_sums_ptr, sp_
                         vscales_ptr, vmins_ptr,
                         sink_k_ptr, sink_v_ptr, buf_k_ptr, buf_v_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, n_tokens,
                         n_groups, tokens_per_split, n_sink, n_buffer, scale, oscale, qk_scale, prefetch_tokens,
-                        M: tl.constexpr,
+                        exact_programs, exact_per_program, M: tl.constexpr,
                         M_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
                         DB_PAD: tl.constexpr,
                         BYTES: tl.constexpr, BP: tl.constexpr, OBYTES: tl.constexpr, OBP: tl.constexpr,
@@ -523,8 +526,9 @@ def decode_split_kernel(q_ptr, tables_ptr, table_scales_ptr, table_sums_ptr, sp_
                         L2_PREFETCH: tl.constexpr = False, STACKED_LIMBS: tl.constexpr = False):
     """Program ``(bh, split)``: ``bh`` stands for ``M`` queries (a power of two, the last ones zero where the launcher
     padded), chunk ``bh % CHUNKS`` of the group of (batch row and) KV head ``bh // CHUNKS``. Splits ``0 .. S-1`` take
-    compressed tokens, split ``S`` the exact ones. Writes the split's max and sum (log2 units) ``[BH, S + 1, M]`` and
-    unnormalised output ``[BH, S + 1, M, D]``.
+    compressed tokens, splits ``S .. S + E - 1`` (``E``: ``exact_programs``) the exact ones, ``exact_per_program``
+    each, the sink's before the buffer's. Writes the split's max and sum (log2 units) ``[BH, S + E, M]`` and
+    unnormalised output ``[BH, S + E, M, D]``.
     ``tables``, ``table_scales``, ``table_sums``: ``kernels.decode_project``'s limbs of the queries' projections,
     their rows' scales and sums; ``sp``, ``sp_scales``, ``sp_sums`` (``spo_*``): those of the (outlier) sketch's
     rows, ``sketch_tables`` (the sums of the first ``LIMBS`` limbs). ``PDL``: launched while the kernel before it
@@ -537,16 +541,16 @@ def decode_split_kernel(q_ptr, tables_ptr, table_scales_ptr, table_sums_ptr, sp_
         gdc_launch_dependents()
     bh, split = tl.program_id(0), tl.program_id(1)
     kv = bh // CHUNKS
-    n_splits = tl.num_programs(1)
+    n_splits = tl.num_programs(1) - exact_programs  # the compressed tokens' splits
     if L2_PREFETCH and ASM:
-        if split < n_splits - 1:
+        if split < n_splits:
             first = split * tokens_per_split
             _prefetch_tokens(kv, first, tl.minimum(prefetch_tokens, n_tokens - first), n_tokens, n_groups, signs_ptr,
                              norms_ptr, idx_ptr, osigns_ptr, onorms_ptr, oresiduals_ptr, vpacked_ptr, vscales_ptr,
                              vmins_ptr, D, BYTES, OBYTES, K, EXACT, GROUP, BITS, VGROUP)
     if PDL:
         gdc_wait()
-    if split < n_splits - 1:
+    if split < n_splits:
         m_i = tl.full((M,), float("-inf"), dtype=tl.float32)
         zeros = tl.zeros((M, DB_PAD), dtype=tl.float32)
         accs = (zeros, zeros, zeros, zeros, zeros, zeros, zeros, zeros)
@@ -611,10 +615,15 @@ def decode_split_kernel(q_ptr, tables_ptr, table_scales_ptr, table_sums_ptr, sp_
         exact_m = tl.full((ROWS,), float("-inf"), dtype=tl.float32)
         exact_l = tl.zeros((ROWS,), dtype=tl.float32)
         exact_acc = tl.zeros((ROWS, D_PAD), dtype=tl.float32)
-        exact_m, exact_l, exact_acc = _exact_tokens(q, sink_k_ptr, sink_v_ptr, kv, n_sink, qk_scale, exact_m, exact_l,
-                                                    exact_acc, D, D_PAD, BLOCK_EXACT)
-        exact_m, exact_l, exact_acc = _exact_tokens(q, buf_k_ptr, buf_v_ptr, kv, n_buffer, qk_scale, exact_m, exact_l,
-                                                    exact_acc, D, D_PAD, BLOCK_EXACT)
+        first = (split - n_splits) * exact_per_program  # of the sink's tokens and the buffer's, in that order
+        last = first + exact_per_program
+        exact_m, exact_l, exact_acc = _exact_tokens(q, sink_k_ptr, sink_v_ptr, kv, n_sink, tl.minimum(first, n_sink),
+                                                    tl.minimum(last, n_sink), qk_scale, exact_m, exact_l, exact_acc,
+                                                    D, D_PAD, BLOCK_EXACT)
+        exact_m, exact_l, exact_acc = _exact_tokens(q, buf_k_ptr, buf_v_ptr, kv, n_buffer,
+                                                    tl.maximum(first - n_sink, 0),
+                                                    tl.minimum(tl.maximum(last - n_sink, 0), n_buffer), qk_scale,
+                                                    exact_m, exact_l, exact_acc, D, D_PAD, BLOCK_EXACT)
         _store_partial(part_m_ptr, part_l_ptr, part_acc_ptr, _part_index(bh, ASM), exact_m, exact_l, exact_acc,
                        M, D)
 
@@ -731,6 +740,19 @@ def split_size(n_tokens: int, heads: int, step: int, programs_per_sm: int, devic
     return triton.cdiv(tokens, step) * step
 
 
+def exact_split(n_exact: int, block: int, room: int, per_program: int | None = None) -> tuple[int, int]:
+    """(programs, tokens each) for a (batch, KV head)'s ``n_exact`` sink and buffer tokens: as many programs as the
+    wave has ``room`` for beside the compressed splits, each at least ``MIN_TILES`` tiles of ``block`` tokens, one
+    where there is no room; or, where a benchmark gives ``per_program``, that many tokens each. One program walking a
+    whole buffer (128 tokens, eight tiles) outlasts splits of two tiles, those of short contexts."""
+    if per_program is None:
+        per_program = max(MIN_TILES * block, triton.cdiv(n_exact, max(room, 1)))
+    elif per_program < 1:
+        raise ValueError(f"tuning exact_tokens must be at least 1, got {per_program}")
+    per_program = triton.cdiv(per_program, block) * block
+    return max(1, triton.cdiv(n_exact, per_program)), per_program
+
+
 def l2_prefetch_tokens(budget: float, token_bytes: float, programs: int, per_split: int, step: int) -> int:
     """Tokens each of ``programs`` splits asks the L2 cache for as it starts (``L2_PREFETCH``), whole tiles of
     ``step``: as many as keep all their requests, ``token_bytes`` a token, within ``budget`` bytes, and no more than
@@ -750,8 +772,9 @@ def decode_attention(query: torch.Tensor, keys, values, value_bits: int, matrix:
     (``num_warps``, ``num_stages``, ``maxnreg``, ``UNROLL``, ``PREFETCH``, ``ASM``, ``BLOCK_EXACT``: the exact
     tokens' tile, ``EXACT_PADDED``: their queries padded to 16 rows, ``STACKED_LIMBS``: both limbs in one sign
     product, ``PDL``: programmatic launches, ``programs_per_sm``, ``min_tokens``, ``splits``: compressed splits per
-    (batch, KV head), ``l2_prefetch``: the share of the L2 cache the splits' first tokens may fill, asked for as each
-    split starts, ``project_blocks``: programs a KV head in the queries' projection) for benchmarks."""
+    (batch, KV head), ``exact_tokens``: sink and buffer tokens a program, ``l2_prefetch``: the share of the L2 cache
+    the splits' first tokens may fill, asked for as each split starts, ``project_blocks``: programs a KV head in the
+    queries' projection) for benchmarks."""
     signs, norms, idx, osigns, onorms, oresiduals = keys
     b, hq, _, d = query.shape
     h, n = signs.shape[1], signs.shape[2]
@@ -797,28 +820,31 @@ def decode_attention(query: torch.Tensor, keys, values, value_bits: int, matrix:
     mean = key_mean.float().contiguous() if key_mean is not None else q
     oscale = sketch_scale(outlier_matrix) if outlier_matrix is not None else 0.0
 
-    def arguments(parts, per_split, prefetch=0):
+    def arguments(parts, per_split, prefetch=0, exact=(1, 1)):
         return (q, *query_rows, *sketch_rows, *outlier_rows, mean, signs.contiguous(), norms.contiguous(),
                 present(idx), present(osigns), present(onorms), present(oresiduals), packed, scales, minimums, sink_k,
                 sink_v, buf_k, buf_v, *parts, n, idx.shape[2] if k else 0, per_split, sink_k.shape[2],
-                buf_k.shape[2], sketch_scale(matrix), oscale, scaling * LOG2E, prefetch)
+                buf_k.shape[2], sketch_scale(matrix), oscale, scaling * LOG2E, prefetch, *exact)
 
     if "programs_per_sm" in tuning or interpreting():
         programs_per_sm = tuning.pop("programs_per_sm", INTERPRETER_PROGRAMS_PER_SM)
     else:
         programs_per_sm = resident(config, query.dtype, query.device, lambda: decode_split_kernel.warmup(
             *arguments([q.new_empty(1, dtype=torch.float32)] * 3, config["STEP"]), grid=(1,), **config))
+    exact_tokens = tuning.pop("exact_tokens", None)
     per_split = split_size(n, programs, config["STEP"], programs_per_sm, query.device, **tuning)
     splits = triton.cdiv(n, per_split) if n else 0
+    room = programs_per_sm * multiprocessors(query.device) // programs - splits
+    exact = exact_split(sink_k.shape[2] + buf_k.shape[2], config["BLOCK_EXACT"], room, exact_tokens)
     prefetch = 0
     if l2_share and splits:
         compressed = sum(t.numel() * t.element_size() for t in (*keys, *values) if t is not None)
         prefetch = l2_prefetch_tokens(l2_share * l2_cache_bytes(query.device), compressed / (b * h * n),
                                       programs * splits, per_split, config["STEP"])
-    part_m = q.new_empty(programs, splits + 1, config["M"], dtype=torch.float32)
+    part_m = q.new_empty(programs, splits + exact[0], config["M"], dtype=torch.float32)
     part_l = torch.empty_like(part_m)
-    part_acc = q.new_empty(programs, splits + 1, config["M"], d, dtype=torch.float32)
-    decode_split_kernel[(programs, splits + 1)](*arguments((part_m, part_l, part_acc), per_split, prefetch),
-                                                **config)
+    part_acc = q.new_empty(programs, splits + exact[0], config["M"], d, dtype=torch.float32)
+    decode_split_kernel[(programs, splits + exact[0])](*arguments((part_m, part_l, part_acc), per_split, prefetch,
+                                                                 exact), **config)
     out = combine_splits(part_m, part_l, part_acc, query.dtype, pdl)  # [b h chunks, M, d], zero queries' rows last
     return out[:, :m].reshape(b, 1, hq, d)

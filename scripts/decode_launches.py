@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kernels import decode_attention as da  # noqa: E402
 from kernels.combine_splits import combine_splits  # noqa: E402
+from kernels.common import multiprocessors  # noqa: E402
 from kernels.decode_project import project_queries  # noqa: E402
 from profiling.cmd_bench_kernels import (  # noqa: E402
     HEAD_DIM,
@@ -64,12 +65,15 @@ def main():
         da.decode_attention(*args)
         # the driver's count, which the launcher just read (none under the interpreter, which takes its own)
         programs_per_sm = next(iter(da.RESIDENT_PROGRAMS.values()), da.INTERPRETER_PROGRAMS_PER_SM)
-        step = da.launch_config(group, HEAD_DIM, config.sketch_dim, 16, config.n_outliers, config.group_size,
-                                config.center_keys, config.value_bits, config.value_group_size,
-                                config.exact_outliers)["STEP"]
+        launch = da.launch_config(group, HEAD_DIM, config.sketch_dim, 16, config.n_outliers, config.group_size,
+                                  config.center_keys, config.value_bits, config.value_group_size,
+                                  config.exact_outliers)
         programs = batch * KV_HEADS
-        splits = -(-layer.n_compressed // da.split_size(layer.n_compressed, programs, step, programs_per_sm,
-                                                        device)) + 1
+        compressed = -(-layer.n_compressed // da.split_size(layer.n_compressed, programs, launch["STEP"],
+                                                            programs_per_sm, device))
+        exact, _ = da.exact_split(layer.sink_keys.shape[2] + layer.buffer_keys.shape[2], launch["BLOCK_EXACT"],
+                                  programs_per_sm * multiprocessors(device) // programs - compressed)
+        splits = compressed + exact
         whole = graph_ms([lambda args=args: da.decode_attention(*args) for args in copies])
         warm = graph_ms([lambda: da.decode_attention(*args)])  # as timed until 02932f7
         serial = graph_ms([lambda args=args: da.decode_attention(*args, tuning=dict(PDL=False)) for args in copies])
@@ -86,8 +90,9 @@ def main():
         merge = graph_ms([lambda: combine_splits(part_m, part_l, part_acc, torch.bfloat16)])
         print(f"batch {batch} context {context}: step {whole * 1e3:.1f} us (SDPA {sdpa * 1e3:.1f}; on one copy "
               f"of its {nbytes['qjl'] / 1e6:.0f} MB replayed {warm * 1e3:.1f}): projection "
-              f"{project * 1e3:.1f}, splits about {(whole - project - merge) * 1e3:.1f} ({splits - 1} splits a KV "
-              f"head and one of exact tokens, {programs_per_sm} programs a multiprocessor), merge {merge * 1e3:.1f}; "
+              f"{project * 1e3:.1f}, splits about {(whole - project - merge) * 1e3:.1f} ({compressed} splits a KV "
+              f"head and {exact} of exact tokens, {programs_per_sm} programs a multiprocessor), merge "
+              f"{merge * 1e3:.1f}; "
               f"the step's kernels launched one after another (PDL=False) {serial * 1e3:.1f}; the projection at "
               f"other launches: {', '.join(variants)}", flush=True)
 

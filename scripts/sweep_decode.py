@@ -63,6 +63,9 @@ from qjl.config import QJLConfig  # noqa: E402
 #   share of the L2 cache all splits' requests may fill): 0.99-1.06x the time at six programs, 1.01-1.10x at eight
 #   unstacked (43a6c51), timed then on one copy of the inputs, whose 23 MB at batch 1 and 32k were in L2 already;
 # - the queries' projection in four programs a KV head (``project_blocks``): 0.99-1.03x at six programs (43a6c51);
+# - one program a KV head for the sink and buffer tokens (``exact_tokens=4096``), as until this row was added: the
+#   default now spreads them over the wave's room beside the splits (``exact_split``: four programs of 32 tokens at
+#   batch 1 and 32k, one at batch 8, where the wave is full), untimed;
 # - no prefetch of the per-token numbers, and the step's three kernels launched one after another (not
 #   programmatically, kernels.common.programmatic_launch);
 # - and, per shape, one split fewer a KV head than the wave holds.
@@ -74,7 +77,7 @@ from qjl.config import QJLConfig  # noqa: E402
 # unpacking in place of the PTX (1.35-1.54x; the kernel tests check the PTX against the reference on the GPU).
 SIX_PROGRAMS = dict(num_stages=2, maxnreg=168, BLOCK_EXACT=32, EXACT_PADDED=True, STACKED_LIMBS=False)
 TUNINGS = [SIX_PROGRAMS, dict(num_stages=2), dict(num_stages=4), dict(maxnreg=112), dict(l2_prefetch=0.5),
-           dict(project_blocks=4), dict(PREFETCH=False), dict(PDL=False)]
+           dict(project_blocks=4), dict(exact_tokens=4096), dict(PREFETCH=False), dict(PDL=False)]
 BASELINE = "kernels.decode_attention_baseline"
 
 

@@ -48,7 +48,13 @@ if not interpreter_runs_dynamic_loops():
 
 from kernels.combine_splits import combine_splits  # noqa: E402
 from kernels.common import multiprocessors  # noqa: E402
-from kernels.decode_attention import decode_attention, l2_prefetch_tokens, query_chunks, split_size  # noqa: E402
+from kernels.decode_attention import (  # noqa: E402
+    decode_attention,
+    exact_split,
+    l2_prefetch_tokens,
+    query_chunks,
+    split_size,
+)
 from kernels.decode_project import LIMB_BASE, from_limbs, project_queries, sketch_halves, sketch_tables  # noqa: E402
 from kernels.quantize_keys import quantize_keys  # noqa: E402
 from kernels.quantize_values import quantize_values  # noqa: E402
@@ -459,6 +465,55 @@ def test_fused_decode_takes_a_split_count(monkeypatch):
         torch.testing.assert_close(decode_attention(*arguments, tuning=dict(splits=splits)), default, rtol=1e-5,
                                    atol=1e-5)
     assert launched == [2, 4, 10]  # the splits and the exact tokens' part
+
+
+def test_exact_tokens_split_over_the_room_the_wave_leaves():
+    """A (batch, KV head)'s sink and buffer tokens go to as many programs as the wave has room for beside the
+    compressed splits (128 buffered tokens at batch 1 and 32k on the H100: four of 32), two tiles each at least, one
+    where the wave is full (batch 8); a benchmark may give the tokens a program."""
+    assert exact_split(128, 16, room=4) == (4, 32)
+    assert exact_split(128, 16, room=0) == (1, 128)
+    assert exact_split(128, 16, room=100) == (4, 32)
+    assert exact_split(128, 32, room=3) == (2, 64)
+    assert exact_split(40, 16, room=3) == (2, 32)
+    assert exact_split(0, 16, room=5) == (1, 32)  # one program, with nothing to do
+    assert exact_split(128, 16, room=0, per_program=20) == (4, 32)
+    with pytest.raises(ValueError, match="exact_tokens must be at least 1"):
+        exact_split(128, 16, room=0, per_program=0)
+
+
+@pytest.mark.parametrize("dtype,config,default_programs", [
+    # 33 exact tokens: tiles of 32, so one program (two tiles at least); of 16 where eight programs share a
+    # multiprocessor (bf16, exact outliers, paired values), so two
+    ("fp32", QJLConfig(sketch_dim=64, n_outliers=0, buffer_size=64, group_size=32, sink_tokens=5), 1),
+    ("bf16", dataclasses.replace(QJLConfig.preset("3bit", head_dim=64), sink_tokens=5), 2),
+])
+def test_fused_decode_takes_the_exact_tokens_in_several_programs(monkeypatch, dtype, config, default_programs):
+    """The sink and buffer tokens in one program or several (``exact_tokens`` a program) give the same output, and
+    the reference's, wherever a program's tokens start and end: in the sink, across its end into the buffer, inside
+    the buffer, at its last token. By default, where the wave has room (the interpreter's has), as many programs as
+    take two tiles each."""
+    import kernels.decode_attention as fused
+
+    layer = filled_layer(config, 2, 2, 64, prompt=190, steps=3, dtype=DTYPES[dtype])
+    n_exact = layer.sink_keys.shape[2] + layer.buffer_keys.shape[2]
+    assert layer.sink_keys.shape[2] == 5 and n_exact == 33 and layer.n_compressed
+    query = torch.randn(2, 6, 1, 64, generator=torch.Generator().manual_seed(8)).to(DEVICE, DTYPES[dtype])
+    arguments = decode_arguments(layer, query, 0.125)
+    launched = []
+    monkeypatch.setattr(fused, "combine_splits", lambda part_m, *rest: launched.append(part_m.shape[1])
+                        or combine_splits(part_m, *rest))
+    one = decode_attention(*arguments, tuning=dict(BLOCK_EXACT=16, exact_tokens=1024))
+    atol = {"fp32": 1e-5, "bf16": 1e-2}[dtype]
+    monkeypatch.setenv("QJL_BACKEND", "torch")
+    torch.testing.assert_close(one, layer.attend(query, None, 0.125), rtol=atol, atol=atol)
+    for tokens in (16, 32):
+        torch.testing.assert_close(decode_attention(*arguments, tuning=dict(BLOCK_EXACT=16, exact_tokens=tokens)),
+                                   one, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(decode_attention(*arguments), one, rtol=1e-5, atol=1e-5)
+    compressed = launched[0] - 1
+    assert launched[1:3] == [compressed + triton.cdiv(n_exact, 16), compressed + triton.cdiv(n_exact, 32)]
+    assert launched[3] == compressed + default_programs
 
 
 def test_query_chunks_keep_rows_below_the_value_columns():
