@@ -742,11 +742,12 @@ def split_size(n_tokens: int, heads: int, step: int, programs_per_sm: int, devic
 
 def exact_split(n_exact: int, block: int, room: int, per_program: int | None = None) -> tuple[int, int]:
     """(programs, tokens each) for a (batch, KV head)'s ``n_exact`` sink and buffer tokens: as many programs as the
-    wave has ``room`` for beside the compressed splits, each at least ``MIN_TILES`` tiles of ``block`` tokens, one
-    where there is no room; or, where a benchmark gives ``per_program``, that many tokens each. One program walking a
-    whole buffer (128 tokens, eight tiles) outlasts splits of two tiles, those of short contexts."""
+    wave has ``room`` for beside the compressed splits, each at least ``MIN_TILES`` tiles of ``block`` tokens; or,
+    where a benchmark gives ``per_program``, that many tokens each. One program walking a whole buffer (128 tokens,
+    eight tiles) outlasts splits of two tiles, those of short contexts. Where the wave is full (no room) the exact
+    tokens' programs come last and wait for splits to finish, so the smallest, which end soonest."""
     if per_program is None:
-        per_program = max(MIN_TILES * block, triton.cdiv(n_exact, max(room, 1)))
+        per_program = MIN_TILES * block if room < 1 else max(MIN_TILES * block, triton.cdiv(n_exact, room))
     elif per_program < 1:
         raise ValueError(f"tuning exact_tokens must be at least 1, got {per_program}")
     per_program = triton.cdiv(per_program, block) * block

@@ -65,7 +65,7 @@ from qjl.config import QJLConfig  # noqa: E402
 # - the queries' projection in four programs a KV head (``project_blocks``): 0.99-1.03x at six programs (43a6c51);
 # - one program a KV head for the sink and buffer tokens (``exact_tokens=4096``), as until this row was added: the
 #   default now spreads them over the wave's room beside the splits (``exact_split``: four programs of 32 tokens at
-#   batch 1 and 32k, one at batch 8, where the wave is full), untimed;
+#   batch 1 and 32k; at batch 8, where the wave is full, as many, which wait for splits to end), untimed;
 # - no prefetch of the per-token numbers, and the step's three kernels launched one after another (not
 #   programmatically, kernels.common.programmatic_launch);
 # - and, per shape, one split fewer a KV head than the wave holds.

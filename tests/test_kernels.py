@@ -469,15 +469,18 @@ def test_fused_decode_takes_a_split_count(monkeypatch):
 
 def test_exact_tokens_split_over_the_room_the_wave_leaves():
     """A (batch, KV head)'s sink and buffer tokens go to as many programs as the wave has room for beside the
-    compressed splits (128 buffered tokens at batch 1 and 32k on the H100: four of 32), two tiles each at least, one
-    where the wave is full (batch 8); a benchmark may give the tokens a program."""
+    compressed splits (128 buffered tokens at batch 1 and 32k on the H100: four of 32), two tiles each at least, as
+    small as that where the wave is full (batch 8: they wait for splits to end); a benchmark may give the tokens a
+    program."""
     assert exact_split(128, 16, room=4) == (4, 32)
-    assert exact_split(128, 16, room=0) == (1, 128)
+    assert exact_split(128, 16, room=1) == (1, 128)
+    assert exact_split(128, 16, room=0) == (4, 32)
+    assert exact_split(128, 16, room=-3) == (4, 32)
     assert exact_split(128, 16, room=100) == (4, 32)
     assert exact_split(128, 32, room=3) == (2, 64)
     assert exact_split(40, 16, room=3) == (2, 32)
     assert exact_split(0, 16, room=5) == (1, 32)  # one program, with nothing to do
-    assert exact_split(128, 16, room=0, per_program=20) == (4, 32)
+    assert exact_split(128, 16, room=1, per_program=20) == (4, 32)
     with pytest.raises(ValueError, match="exact_tokens must be at least 1"):
         exact_split(128, 16, room=0, per_program=0)
 
