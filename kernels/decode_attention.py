@@ -506,7 +506,10 @@ def _store_partial(part_m_ptr, part_l_ptr, part_acc_ptr, part, m_i, l_i, acc, M:
              mask=(rows[:, None] < M) & (offs_d[None, :] < D))
 
 
-@triton.jit
+# Not specialized on the exact tokens' program count: one of them would compile a kernel of its own (Triton
+# specializes an integer of 1), whose registers need not be those the launcher's count of programs a multiprocessor
+# read (``resident``).
+@triton.jit(do_not_specialize=["exact_programs"])
 def decode_split_kernel(q_ptr, tables_ptr, table_scales_ptr, table_sums_ptr, sp_ptr, sp_scales_ptr, sp_sums_ptr,
                         spo_ptr, spo_scales_ptr, spo_sums_ptr,
                         mean_ptr, signs_ptr, norms_ptr, idx_ptr, osigns_ptr, onorms_ptr, oresiduals_ptr, vpacked_ptr,

@@ -63,9 +63,9 @@ POINTERS = {
 FP32_MODEL_POINTERS = ("q_ptr", "sink_k_ptr", "sink_v_ptr", "buf_k_ptr", "buf_v_ptr")
 LAUNCH_OPTIONS = ("num_warps", "num_stages", "maxnreg")  # launch options a launch_config may set, not constexprs
 # Integer arguments that are multiples of 16 at the usual launches, which Triton specializes on (it compiles such a
-# launch apart): the decode kernel's token count (whole groups of 32 tokens are compressed) and tokens per split (a
-# multiple of its tile). Each such kernel is compiled both ways.
-LAUNCH_MULTIPLES_OF_16 = {"decode_split": ("n_tokens", "tokens_per_split")}
+# launch apart): the decode kernel's token count (whole groups of 32 tokens are compressed), tokens per split (a
+# multiple of its tile) and exact tokens a program (always whole tiles). Each such kernel is compiled both ways.
+LAUNCH_MULTIPLES_OF_16 = {"decode_split": ("n_tokens", "tokens_per_split", "exact_per_program")}
 
 
 def add_arguments(parser):
