@@ -41,7 +41,8 @@ def test_every_kernel_compiles_for_hopper_and_ampere_without_spills(tmp_path):
         assert {k["config"]["LIMBS"] for k in compiled if k["name"] == "decode_project"} == {2, 3}
         # the decode kernel also as launched with token counts that are multiples of 16 (Triton specializes on them)
         decode = [k for k in compiled if k["name"] == "decode_split"]
-        assert {tuple(k["multiples_of_16"]) for k in decode} == {(), ("n_tokens", "tokens_per_split")}
+        assert {tuple(k["multiples_of_16"]) for k in decode} == {(), ("n_tokens", "tokens_per_split",
+                                                                      "exact_per_program")}
         assert len(decode) == 2 * len({k["shapes"] for k in decode if not k["multiples_of_16"]})
         assert max(k["config"]["SKETCH"] for k in compiled if k["name"] == "scores") == 512
         for name in ("quantize_keys", "scores", "decode_split"):  # outliers sketched and exact, at every head dim
