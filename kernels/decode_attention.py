@@ -757,6 +757,18 @@ def exact_split(n_exact: int, block: int, room: int, per_program: int | None = N
     return max(1, triton.cdiv(n_exact, per_program)), per_program
 
 
+def split_plan(n_tokens: int, n_exact: int, programs: int, config: dict, programs_per_sm: int, device: torch.device,
+               exact_tokens: int | None = None, **split_tuning) -> tuple[int, int, tuple[int, int]]:
+    """How a launch at ``config`` splits ``programs`` (batch, KV head) rows of ``n_tokens`` compressed and
+    ``n_exact`` sink and buffer tokens, ``programs_per_sm`` a multiprocessor: (tokens per split, splits,
+    ``exact_split``'s programs and tokens each). ``exact_tokens`` and ``split_tuning`` (``split_size``'s
+    ``min_tokens`` and ``splits``): a benchmark's choices."""
+    per_split = split_size(n_tokens, programs, config["STEP"], programs_per_sm, device, **split_tuning)
+    splits = triton.cdiv(n_tokens, per_split) if n_tokens else 0
+    room = programs_per_sm * multiprocessors(device) // programs - splits
+    return per_split, splits, exact_split(n_exact, config["BLOCK_EXACT"], room, exact_tokens)
+
+
 def l2_prefetch_tokens(budget: float, token_bytes: float, programs: int, per_split: int, step: int) -> int:
     """Tokens each of ``programs`` splits asks the L2 cache for as it starts (``L2_PREFETCH``), whole tiles of
     ``step``: as many as keep all their requests, ``token_bytes`` a token, within ``budget`` bytes, and no more than
@@ -835,11 +847,8 @@ def decode_attention(query: torch.Tensor, keys, values, value_bits: int, matrix:
     else:
         programs_per_sm = resident(config, query.dtype, query.device, lambda: decode_split_kernel.warmup(
             *arguments([q.new_empty(1, dtype=torch.float32)] * 3, config["STEP"]), grid=(1,), **config))
-    exact_tokens = tuning.pop("exact_tokens", None)
-    per_split = split_size(n, programs, config["STEP"], programs_per_sm, query.device, **tuning)
-    splits = triton.cdiv(n, per_split) if n else 0
-    room = programs_per_sm * multiprocessors(query.device) // programs - splits
-    exact = exact_split(sink_k.shape[2] + buf_k.shape[2], config["BLOCK_EXACT"], room, exact_tokens)
+    per_split, splits, exact = split_plan(n, sink_k.shape[2] + buf_k.shape[2], programs, config, programs_per_sm,
+                                          query.device, **tuning)
     prefetch = 0
     if l2_share and splits:
         compressed = sum(t.numel() * t.element_size() for t in (*keys, *values) if t is not None)

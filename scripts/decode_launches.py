@@ -21,7 +21,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kernels import decode_attention as da  # noqa: E402
 from kernels.combine_splits import combine_splits  # noqa: E402
-from kernels.common import multiprocessors  # noqa: E402
 from kernels.decode_project import project_queries  # noqa: E402
 from profiling.cmd_bench_kernels import (  # noqa: E402
     HEAD_DIM,
@@ -69,10 +68,9 @@ def main():
                                   config.center_keys, config.value_bits, config.value_group_size,
                                   config.exact_outliers)
         programs = batch * KV_HEADS
-        compressed = -(-layer.n_compressed // da.split_size(layer.n_compressed, programs, launch["STEP"],
-                                                            programs_per_sm, device))
-        exact, _ = da.exact_split(layer.sink_keys.shape[2] + layer.buffer_keys.shape[2], launch["BLOCK_EXACT"],
-                                  programs_per_sm * multiprocessors(device) // programs - compressed)
+        _, compressed, (exact, _) = da.split_plan(layer.n_compressed,
+                                                  layer.sink_keys.shape[2] + layer.buffer_keys.shape[2], programs,
+                                                  launch, programs_per_sm, device)
         splits = compressed + exact
         whole = graph_ms([lambda args=args: da.decode_attention(*args) for args in copies])
         warm = graph_ms([lambda: da.decode_attention(*args)])  # as timed until 02932f7
