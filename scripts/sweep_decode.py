@@ -52,9 +52,9 @@ from qjl.config import QJLConfig  # noqa: E402
 # - two stages at eight programs: 0.98x the time of three at batch 1 and 32k, 1.03x at 128k, 1.02-1.03x at batch 8
 #   (sweep-decode-43a6c51.txt);
 # - four stages at eight programs: with cold copies each tile comes from memory, and four keep eight copy groups in
-#   flight at the loop's wait, not four, for the same 426 instructions a tile, 128 registers, no stack and 13.5 KB of
-#   shared memory (Triton 3.6, sm_90; 3.9: 432 and 122); four had taken 1.08-1.30x the time of three at 20a307d (four
-#   programs, one copy replayed);
+#   flight at the loop's wait, not four, for the same instructions a tile as three (426 at b8ba81d), 128 registers,
+#   no stack and 13.5 KB of shared memory (Triton 3.6, sm_90; 3.9: 432 and 122); four had taken 1.08-1.30x the time
+#   of three at 20a307d (four programs, one copy replayed);
 # - nine programs a multiprocessor (a cap of 112 registers, 65536 / (9 x 64) in steps of 8): 18 warps in place of
 #   16 for a kernel that waits on latency; untimed. Triton 3.6 (the GPU box) keeps 16 bytes of stack, one access of
 #   it in the tile loop, and runs 461 instructions a tile where no max grows against 426 (3.9: no stack, 465 against
