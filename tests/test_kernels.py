@@ -510,10 +510,11 @@ def test_fused_decode_takes_the_exact_tokens_in_several_programs(monkeypatch, dt
     atol = {"fp32": 1e-5, "bf16": 1e-2}[dtype]
     monkeypatch.setenv("QJL_BACKEND", "torch")
     torch.testing.assert_close(one, layer.attend(query, None, 0.125), rtol=atol, atol=atol)
+    # the partials merged in another order: fp32 sums round alike to 1e-5; a bf16 output may round a step apart
     for tokens in (16, 32):
         torch.testing.assert_close(decode_attention(*arguments, tuning=dict(BLOCK_EXACT=16, exact_tokens=tokens)),
-                                   one, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(decode_attention(*arguments), one, rtol=1e-5, atol=1e-5)
+                                   one, rtol=atol, atol=atol)
+    torch.testing.assert_close(decode_attention(*arguments), one, rtol=atol, atol=atol)
     compressed = launched[0] - 1
     assert launched[1:3] == [compressed + triton.cdiv(n_exact, 16), compressed + triton.cdiv(n_exact, 32)]
     assert launched[3] == compressed + default_programs
