@@ -70,6 +70,13 @@ def cold_copies(nbytes: int, device) -> int:
     return max(1, math.ceil(COLD_L2 * l2_cache_bytes(device) / nbytes))
 
 
+def cold_inputs(make, nbytes: int, device, first=None) -> list:
+    """``cold_copies`` copies of inputs of ``nbytes``: ``first`` (the inputs themselves, where given) and calls of
+    ``make`` for the rest."""
+    count = cold_copies(nbytes, device)
+    return [first if first is not None else make()] + [make() for _ in range(count - 1)]
+
+
 def graph_ms(calls) -> float | None:
     """Milliseconds of one of ``calls`` replayed from a CUDA graph, the calls in turn (each on its own copy of the
     inputs, ``cold_copies``): GPU time without Python's launch overhead, as a decoding loop captured in a graph runs,
@@ -210,7 +217,7 @@ def measure_row(config, batch, context, device, measure, timed: bool, prefill: b
     if device.type == "cuda":
         row["cold_copies"] = dict(sdpa=cold_copies(row["bytes"]["full"], device),
                                   qjl_fused=cold_copies(row["bytes"]["qjl"], device))
-        copies = [(k, v)] + [(k.clone(), v.clone()) for _ in range(row["cold_copies"]["sdpa"] - 1)]
+        copies = cold_inputs(lambda: (k.clone(), v.clone()), row["bytes"]["full"], device, first=(k, v))
         row["sdpa_graph_ms"] = graph_ms([sdpa_calls(q, *kv, scale)[fastest] for kv in copies])
         copies = None
     layer = None
@@ -225,7 +232,7 @@ def measure_row(config, batch, context, device, measure, timed: bool, prefill: b
         if backend.use_triton(q):
             row["qjl_fused_ms"] = measure(lambda: layer.attend(q, None, scale))
         if backend.use_triton(q) and device.type == "cuda":
-            layers = [layer] + [qjl_layer(config, k, v) for _ in range(row["cold_copies"]["qjl_fused"] - 1)]
+            layers = cold_inputs(lambda: qjl_layer(config, k, v), row["bytes"]["qjl"], device, first=layer)
             row["qjl_fused_graph_ms"] = graph_ms([lambda layer=layer: layer.attend(q, None, scale)
                                                   for layer in layers])
             layers = None

@@ -26,7 +26,7 @@ from profiling.cmd_bench_kernels import (  # noqa: E402
     HEAD_DIM,
     KV_HEADS,
     Q_HEADS,
-    cold_copies,
+    cold_inputs,
     decode_bytes,
     decode_inputs,
     graph_ms,
@@ -53,11 +53,11 @@ def main():
     for batch, context in ((1, 1024), (1, 32768), (1, 131072), (8, 32768)):
         q, k, v = decode_inputs(batch, context, device)
         nbytes = decode_bytes(config, batch, context)
-        copies = [(k, v)] + [(k.clone(), v.clone()) for _ in range(cold_copies(nbytes["full"], device) - 1)]
+        copies = cold_inputs(lambda: (k.clone(), v.clone()), nbytes["full"], device, first=(k, v))
         sdpa = min(graph_ms([sdpa_calls(q, *kv, HEAD_DIM ** -0.5)[name] for kv in copies])
                    for name in ("gqa", "folded"))
-        layers = [qjl_layer(config, k, v) for _ in range(cold_copies(nbytes["qjl"], device))]
-        del k, v, copies
+        layers = cold_inputs(lambda: qjl_layer(config, k, v), nbytes["qjl"], device)
+        k = v = copies = None  # frees the bf16 caches (a del would unbind names the copies' lambdas read)
         copies = [decode_arguments(layer, q, HEAD_DIM ** -0.5) for layer in layers]
         layer, args = layers[0], copies[0]
         da.RESIDENT_PROGRAMS.clear()

@@ -30,7 +30,7 @@ from kernels.decode_attention import INTERPRETER_PROGRAMS_PER_SM, RESIDENT_PROGR
 from profiling.cmd_bench_kernels import (  # noqa: E402
     HEAD_DIM,
     KV_HEADS,
-    cold_copies,
+    cold_inputs,
     decode_bytes,
     decode_inputs,
     graph_ms,
@@ -103,12 +103,12 @@ def main():
         q, k, v = decode_inputs(batch, context, device)
         scale = HEAD_DIM ** -0.5
         row = dict(batch=batch, context=context, bytes=decode_bytes(config, batch, context))
-        copies = [(k, v)] + [(k.clone(), v.clone()) for _ in range(cold_copies(row["bytes"]["full"], device) - 1)]
+        copies = cold_inputs(lambda: (k.clone(), v.clone()), row["bytes"]["full"], device, first=(k, v))
         for name in ("gqa", "folded"):
             row[f"sdpa_{name}_ms"] = graph_ms([sdpa_calls(q, *kv, scale)[name] for kv in copies])
-        copies = [decode_arguments(qjl_layer(config, k, v), q, scale)
-                  for _ in range(cold_copies(row["bytes"]["qjl"], device))]
-        del k, v
+        copies = cold_inputs(lambda: decode_arguments(qjl_layer(config, k, v), q, scale), row["bytes"]["qjl"],
+                             device)
+        k = v = None  # frees the bf16 caches (a del would unbind names the copies' lambdas read)
         fused_args = copies[0]
         RESIDENT_PROGRAMS.clear()
         reference = decode_attention(*fused_args).float()

@@ -76,12 +76,14 @@ def test_graph_timings_take_copies_in_turn_enough_to_leave_the_l2_cold(monkeypat
     import torch
     import triton.testing
 
-    from profiling.cmd_bench_kernels import COLD_L2, cold_copies, graph_ms
+    from profiling.cmd_bench_kernels import COLD_L2, cold_copies, cold_inputs, graph_ms
 
     cpu, l2 = torch.device("cpu"), 50 * 2 ** 20
     for nbytes in (10 ** 5, 23 * 10 ** 6, 134 * 10 ** 6, 4 * 10 ** 9):
         copies = cold_copies(nbytes, cpu)
         assert copies * nbytes >= COLD_L2 * l2 > (copies - 1) * nbytes or copies == 1 and nbytes >= COLD_L2 * l2
+    assert cold_inputs(lambda: "made", 23 * 10 ** 6, cpu, first="own") == ["own"] + ["made"] * 6
+    assert cold_inputs(lambda: "made", 4 * 10 ** 9, cpu) == ["made"]
     called = []
     monkeypatch.setattr(triton.testing, "do_bench_cudagraph", lambda fn, rep: [fn() for _ in range(7)] and 0.5)
     assert graph_ms([lambda i=i: called.append(i) for i in range(3)]) == 0.5
