@@ -39,24 +39,23 @@ def dot_exact_lhs(a, b):
 
 
 @triton.jit
-def dot3(a, b):
-    """fp32 ``a @ b`` from three fp16 products (the lo x lo term is below fp32 rounding)."""
-    a_hi, a_lo = split_fp16(a)
-    b_hi, b_lo = split_fp16(b)
-    return tl.dot(a_hi, b_hi) + tl.dot(a_lo, b_hi) + tl.dot(a_hi, b_lo)
-
-
-@triton.jit
 def dot_split(a, b_hi, b_lo):
     """fp32 ``a @ b`` for ``b`` given as its fp16 high part and remainder (``split_fp16``, made once beforehand): two
     fp16 products for fp16 or bf16 ``a`` (exact in fp16 above its subnormals, as ``dot_exact_lhs`` takes it), three
-    for fp32 ``a`` (as ``dot3``)."""
+    for fp32 ``a``."""
     if a.dtype == tl.float32:
         a_hi, a_lo = split_fp16(a)
         return tl.dot(a_hi, b_hi) + tl.dot(a_lo, b_hi) + tl.dot(a_hi, b_lo)
     else:
         a16 = a.to(tl.float16)
         return tl.dot(a16, b_hi) + tl.dot(a16, b_lo)
+
+
+@triton.jit
+def dot3(a, b):
+    """fp32 ``a @ b`` from three fp16 products (the lo x lo term is below fp32 rounding), whatever ``a``'s dtype."""
+    b_hi, b_lo = split_fp16(b)
+    return dot_split(a.to(tl.float32), b_hi, b_lo)
 
 
 @triton.jit
