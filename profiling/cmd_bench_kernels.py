@@ -196,6 +196,13 @@ def sdpa_calls(q, k, v, scale: float) -> dict:
             "folded": lambda: F.scaled_dot_product_attention(folded, k, v, scale=scale)}
 
 
+def sdpa_graph_ms(q, k, v, scale: float, names=("gqa", "folded")) -> dict:
+    """``graph_ms`` of ``sdpa_calls``' ``names``, each call on its own copy of the bf16 cache (``cold_inputs``)."""
+    nbytes = sum(t.numel() * t.element_size() for t in (k, v))
+    copies = cold_inputs(lambda: (k.clone(), v.clone()), nbytes, k.device, first=(k, v))
+    return {name: graph_ms([sdpa_calls(q, *kv, scale)[name] for kv in copies]) for name in names}
+
+
 def measure_row(config, batch, context, device, measure, timed: bool, prefill: bool) -> dict:
     import torch
     import torch.nn.functional as F
@@ -217,9 +224,7 @@ def measure_row(config, batch, context, device, measure, timed: bool, prefill: b
     if device.type == "cuda":
         row["cold_copies"] = dict(sdpa=cold_copies(row["bytes"]["full"], device),
                                   qjl_fused=cold_copies(row["bytes"]["qjl"], device))
-        copies = cold_inputs(lambda: (k.clone(), v.clone()), row["bytes"]["full"], device, first=(k, v))
-        row["sdpa_graph_ms"] = graph_ms([sdpa_calls(q, *kv, scale)[fastest] for kv in copies])
-        copies = None
+        row["sdpa_graph_ms"] = sdpa_graph_ms(q, k, v, scale, (fastest,))[fastest]
     layer = None
     try:
         start = time.perf_counter()

@@ -31,7 +31,7 @@ from profiling.cmd_bench_kernels import (  # noqa: E402
     decode_inputs,
     graph_ms,
     qjl_layer,
-    sdpa_calls,
+    sdpa_graph_ms,
 )
 from qjl.backend import decode_arguments  # noqa: E402
 from qjl.config import QJLConfig  # noqa: E402
@@ -53,11 +53,9 @@ def main():
     for batch, context in ((1, 1024), (1, 32768), (1, 131072), (8, 32768)):
         q, k, v = decode_inputs(batch, context, device)
         nbytes = decode_bytes(config, batch, context)
-        copies = cold_inputs(lambda: (k.clone(), v.clone()), nbytes["full"], device, first=(k, v))
-        sdpa = min(graph_ms([sdpa_calls(q, *kv, HEAD_DIM ** -0.5)[name] for kv in copies])
-                   for name in ("gqa", "folded"))
+        sdpa = min(sdpa_graph_ms(q, k, v, HEAD_DIM ** -0.5).values())
         layers = cold_inputs(lambda: qjl_layer(config, k, v), nbytes["qjl"], device)
-        k = v = copies = None  # frees the bf16 caches (a del would unbind names the copies' lambdas read)
+        k = v = None  # frees the bf16 caches (a del would unbind names the copies' lambdas read)
         copies = [decode_arguments(layer, q, HEAD_DIM ** -0.5) for layer in layers]
         layer, args = layers[0], copies[0]
         da.RESIDENT_PROGRAMS.clear()

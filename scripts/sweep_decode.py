@@ -35,7 +35,7 @@ from profiling.cmd_bench_kernels import (  # noqa: E402
     decode_inputs,
     graph_ms,
     qjl_layer,
-    sdpa_calls,
+    sdpa_graph_ms,
 )
 from qjl.backend import decode_arguments  # noqa: E402
 from qjl.config import QJLConfig  # noqa: E402
@@ -103,9 +103,7 @@ def main():
         q, k, v = decode_inputs(batch, context, device)
         scale = HEAD_DIM ** -0.5
         row = dict(batch=batch, context=context, bytes=decode_bytes(config, batch, context))
-        copies = cold_inputs(lambda: (k.clone(), v.clone()), row["bytes"]["full"], device, first=(k, v))
-        for name in ("gqa", "folded"):
-            row[f"sdpa_{name}_ms"] = graph_ms([sdpa_calls(q, *kv, scale)[name] for kv in copies])
+        row.update({f"sdpa_{name}_ms": ms for name, ms in sdpa_graph_ms(q, k, v, scale).items()})
         copies = cold_inputs(lambda: decode_arguments(qjl_layer(config, k, v), q, scale), row["bytes"]["qjl"],
                              device)
         k = v = None  # frees the bf16 caches (a del would unbind names the copies' lambdas read)
