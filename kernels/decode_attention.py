@@ -836,7 +836,7 @@ def decode_attention(query: torch.Tensor, keys, values, value_bits: int, matrix:
     mean = key_mean.float().contiguous() if key_mean is not None else q
     oscale = sketch_scale(outlier_matrix) if outlier_matrix is not None else 0.0
 
-    def arguments(parts, per_split, prefetch=0, exact=(1, 1)):
+    def arguments(parts, per_split, exact, prefetch=0):
         return (q, *query_rows, *sketch_rows, *outlier_rows, mean, signs.contiguous(), norms.contiguous(),
                 present(idx), present(osigns), present(onorms), present(oresiduals), packed, scales, minimums, sink_k,
                 sink_v, buf_k, buf_v, *parts, n, idx.shape[2] if k else 0, per_split, sink_k.shape[2],
@@ -845,8 +845,11 @@ def decode_attention(query: torch.Tensor, keys, values, value_bits: int, matrix:
     if "programs_per_sm" in tuning or interpreting():
         programs_per_sm = tuning.pop("programs_per_sm", INTERPRETER_PROGRAMS_PER_SM)
     else:
+        # Exact tokens a program in whole tiles, as every launch gives them: Triton compiles a 1 into the kernel
+        # (and a multiple of 16 as one), so a 1 here would build a kernel no launch runs and count its programs.
         programs_per_sm = resident(config, query.dtype, query.device, lambda: decode_split_kernel.warmup(
-            *arguments([q.new_empty(1, dtype=torch.float32)] * 3, config["STEP"]), grid=(1,), **config))
+            *arguments([q.new_empty(1, dtype=torch.float32)] * 3, config["STEP"], (1, config["BLOCK_EXACT"])),
+            grid=(1,), **config))
     per_split, splits, exact = split_plan(n, sink_k.shape[2] + buf_k.shape[2], programs, config, programs_per_sm,
                                           query.device, **tuning)
     prefetch = 0
@@ -857,7 +860,7 @@ def decode_attention(query: torch.Tensor, keys, values, value_bits: int, matrix:
     part_m = q.new_empty(programs, splits + exact[0], config["M"], dtype=torch.float32)
     part_l = torch.empty_like(part_m)
     part_acc = q.new_empty(programs, splits + exact[0], config["M"], d, dtype=torch.float32)
-    decode_split_kernel[(programs, splits + exact[0])](*arguments((part_m, part_l, part_acc), per_split, prefetch,
-                                                                 exact), **config)
+    decode_split_kernel[(programs, splits + exact[0])](*arguments((part_m, part_l, part_acc), per_split, exact,
+                                                                 prefetch), **config)
     out = combine_splits(part_m, part_l, part_acc, query.dtype, pdl)  # [b h chunks, M, d], zero queries' rows last
     return out[:, :m].reshape(b, 1, hq, d)

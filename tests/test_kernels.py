@@ -520,6 +520,48 @@ def test_fused_decode_takes_the_exact_tokens_in_several_programs(monkeypatch, dt
     assert launched[3] == compressed + default_programs
 
 
+def test_fused_decode_counts_the_programs_of_the_kernel_it_launches(monkeypatch):
+    """On a GPU the launcher counts the programs a multiprocessor holds from a warm-up compile of the split kernel
+    (``resident``), which the launch then reuses. Triton compiles a launch apart where an integer argument
+    specializes otherwise (a 1 into the kernel, a multiple of 16 as one), so every integer the kernel specializes on
+    must specialize in the warm-up as in the launch; ``exact_programs`` is not specialized on."""
+    import kernels.decode_attention as fused
+    from triton._C.libtriton import native_specialize_impl
+    from triton.backends.compiler import BaseBackend
+
+    names = fused.decode_split_kernel.arg_names
+    calls = {}
+
+    class Launched(Exception):
+        pass
+
+    class SplitKernel:
+        def warmup(self, *args, grid, **config):
+            calls["warmup"] = args
+
+        def __getitem__(self, grid):
+            def launch(*args, **config):
+                calls["launch"] = args
+                raise Launched
+
+            return launch
+
+    monkeypatch.setattr(fused, "decode_split_kernel", SplitKernel())
+    monkeypatch.setattr(fused, "interpreting", lambda: False)
+    monkeypatch.setattr(fused, "resident", lambda config, dtype, device, compile_kernel: compile_kernel() or 8)
+    layer = filled_layer(QJLConfig.preset("3bit", head_dim=64), 2, 2, 64, prompt=190, steps=3, dtype=torch.bfloat16)
+    query = torch.randn(2, 6, 1, 64, generator=torch.Generator().manual_seed(8)).to(DEVICE, torch.bfloat16)
+    with pytest.raises(Launched):
+        decode_attention(*decode_arguments(layer, query, 0.125))
+
+    def specialized(args):
+        return {name: native_specialize_impl(BaseBackend, arg, False, True, True) for name, arg in zip(names, args)
+                if type(arg) is int and name != "exact_programs"}
+
+    assert specialized(calls["warmup"]) == specialized(calls["launch"])
+    assert {"exact_per_program", "tokens_per_split", "n_tokens"} <= specialized(calls["launch"]).keys()
+
+
 def test_query_chunks_keep_rows_below_the_value_columns():
     """A KV head's queries split into the fewest equal chunks of fewer rows (padded to a power of two) than the value
     products' columns: 16 at head dims 64 and 128, 32 at 256."""
