@@ -524,12 +524,17 @@ def test_fused_decode_counts_the_programs_of_the_kernel_it_launches(monkeypatch)
     """On a GPU the launcher counts the programs a multiprocessor holds from a warm-up compile of the split kernel
     (``resident``), which the launch then reuses. Triton compiles a launch apart where an integer argument
     specializes otherwise (a 1 into the kernel, a multiple of 16 as one), so every integer the kernel specializes on
-    must specialize in the warm-up as in the launch; ``exact_programs`` is not specialized on."""
+    must specialize in the warm-up as in the launch, but for those the kernel is not specialized on
+    (``do_not_specialize``: ``exact_programs``)."""
     import kernels.decode_attention as fused
     from triton._C.libtriton import native_specialize_impl
     from triton.backends.compiler import BaseBackend
 
-    names = fused.decode_split_kernel.arg_names
+    kernel = fused.decode_split_kernel  # the interpreter keeps the decorator's arguments apart
+    names = kernel.arg_names
+    unspecialized = set((kernel.kwargs["do_not_specialize"] if fused.interpreting() else kernel.do_not_specialize)
+                        or ())
+    assert unspecialized == {"exact_programs"}  # the warm-up's 1 program and a launch's several: one kernel
     calls = {}
 
     class Launched(Exception):
@@ -556,7 +561,7 @@ def test_fused_decode_counts_the_programs_of_the_kernel_it_launches(monkeypatch)
 
     def specialized(args):
         return {name: native_specialize_impl(BaseBackend, arg, False, True, True) for name, arg in zip(names, args)
-                if type(arg) is int and name != "exact_programs"}
+                if type(arg) is int and name not in unspecialized}
 
     assert specialized(calls["warmup"]) == specialized(calls["launch"])
     assert {"exact_per_program", "tokens_per_split", "n_tokens"} <= specialized(calls["launch"]).keys()
