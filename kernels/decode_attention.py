@@ -37,7 +37,7 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from .combine_splits import combine_splits
-from .common import (dot3, interpreting, l2_cache_bytes, multiprocessors, pow2, programmatic_launch,
+from .common import (dot3, interpreting, multiprocessors, pow2, programmatic_launch,
                      programmatic_options, resident_programs, sketch_scale)
 from .decode_project import LIMB_BASE, limb_count, padded_bytes, project_queries, sketch_tables
 from .scores import BLOCK_TOKENS, load_queries, query_mean
@@ -184,46 +184,6 @@ def _token_numbers(norms_ptr, scales_ptr, mins_ptr, rows, ok, scale, VGROUP: tl.
         scales = tl.zeros_like(weights)
         minimums = tl.zeros_like(weights)
     return weights, scales, minimums
-
-
-@triton.jit
-def _prefetch_l2(ptr, first, count, LANES: tl.constexpr):
-    """Asks the L2 cache for elements ``first .. first + count - 1`` of ``ptr``: a 128-byte line a lane and step, and
-    the range's last byte, so that every line of it is asked for. A hint with no result (``prefetch.global.L2``):
-    the memory system fetches while the program goes on."""
-    base = (ptr + first).to(tl.pointer_type(tl.uint8))
-    size = count * (ptr.dtype.element_ty.primitive_bitwidth // 8)
-    for start in range(0, size + 128, LANES * 128):
-        lines = start + tl.arange(0, LANES) * 128
-        wanted = (lines < size + 128) & (size > 0)
-        tl.inline_asm_elementwise("{ .reg .pred p; setp.ne.b32 p, $2, 0; @p prefetch.global.L2 [$1]; mov.b32 $0, 0; }",
-                                  "=r,l,r", [base + tl.minimum(lines, size - 1), wanted.to(tl.int32)],
-                                  dtype=tl.int32, is_pure=False, pack=1)
-
-
-@triton.jit(noinline=True)
-def _prefetch_tokens(kv, first, count, n_tokens, n_groups, signs_ptr, norms_ptr, idx_ptr, osigns_ptr, onorms_ptr,
-                     oresiduals_ptr, vpacked_ptr, vscales_ptr, vmins_ptr, D: tl.constexpr, BYTES: tl.constexpr,
-                     OBYTES: tl.constexpr, K: tl.constexpr, EXACT: tl.constexpr, GROUP: tl.constexpr,
-                     BITS: tl.constexpr, VGROUP: tl.constexpr):
-    """Asks the L2 cache for everything the tile loop reads of KV head ``kv``'s ``count`` compressed tokens from
-    ``first``: each array holds a head's tokens in one contiguous range. A function of its own (a call), so that the
-    tile loop compiles as without it: inlined, Triton 3.9 gave the loop 9 more instructions (sm_90, the benchmark's
-    shapes)."""
-    LANES: tl.constexpr = 64
-    row = kv * n_tokens + first
-    _prefetch_l2(signs_ptr, row * BYTES, count * BYTES, LANES)
-    _prefetch_l2(norms_ptr, row, count, LANES)
-    _prefetch_l2(vpacked_ptr, row * (BITS * D // 8), count * (BITS * D // 8), LANES)
-    _prefetch_l2(vscales_ptr, row * (D // VGROUP), count * (D // VGROUP), LANES)
-    _prefetch_l2(vmins_ptr, row * (D // VGROUP), count * (D // VGROUP), LANES)
-    if K > 0:
-        _prefetch_l2(idx_ptr, (kv * n_groups + first // GROUP) * K, tl.cdiv(count, GROUP) * K, LANES)
-        if EXACT:
-            _prefetch_l2(oresiduals_ptr, row * K, count * K, LANES)
-        else:
-            _prefetch_l2(osigns_ptr, row * OBYTES, count * OBYTES, LANES)
-            _prefetch_l2(onorms_ptr, row, count, LANES)
 
 
 @triton.jit
@@ -515,7 +475,7 @@ def decode_split_kernel(q_ptr, tables_ptr, table_scales_ptr, table_sums_ptr, sp_
                         mean_ptr, signs_ptr, norms_ptr, idx_ptr, osigns_ptr, onorms_ptr, oresiduals_ptr, vpacked_ptr,
                         vscales_ptr, vmins_ptr,
                         sink_k_ptr, sink_v_ptr, buf_k_ptr, buf_v_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, n_tokens,
-                        n_groups, tokens_per_split, n_sink, n_buffer, scale, oscale, qk_scale, prefetch_tokens,
+                        n_groups, tokens_per_split, n_sink, n_buffer, scale, oscale, qk_scale,
                         exact_programs, exact_per_program, M: tl.constexpr,
                         M_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
                         DB_PAD: tl.constexpr,
@@ -526,7 +486,7 @@ def decode_split_kernel(q_ptr, tables_ptr, table_scales_ptr, table_sums_ptr, sp_
                         BLOCK_EXACT: tl.constexpr, PRECISE: tl.constexpr, LIMBS: tl.constexpr,
                         UNROLL: tl.constexpr, ASM: tl.constexpr, PREFETCH: tl.constexpr, CHUNKS: tl.constexpr,
                         PAIRS: tl.constexpr, EXACT_PADDED: tl.constexpr, PDL: tl.constexpr = False,
-                        L2_PREFETCH: tl.constexpr = False, STACKED_LIMBS: tl.constexpr = False):
+                        STACKED_LIMBS: tl.constexpr = False):
     """Program ``(bh, split)``: ``bh`` stands for ``M`` queries (a power of two, the last ones zero where the launcher
     padded), chunk ``bh % CHUNKS`` of the group of (batch row and) KV head ``bh // CHUNKS``. Splits ``0 .. S-1`` take
     compressed tokens, splits ``S .. S + E - 1`` (``E``: ``exact_programs``) the exact ones, ``exact_per_program``
@@ -536,21 +496,13 @@ def decode_split_kernel(q_ptr, tables_ptr, table_scales_ptr, table_sums_ptr, sp_
     their rows' scales and sums; ``sp``, ``sp_scales``, ``sp_sums`` (``spo_*``): those of the (outlier) sketch's
     rows, ``sketch_tables`` (the sums of the first ``LIMBS`` limbs). ``PDL``: launched while the kernel before it
     (the projection, or a copy of some input the launcher made) still runs, it waits for it before it reads
-    anything; and it lets the merge start at once. ``L2_PREFETCH`` (on a GPU, ``ASM``): a split first asks the L2
-    cache for its first ``prefetch_tokens`` tokens, before that wait, so that they come from memory while the
-    projection still runs, and the tile loop finds them there. ``STACKED_LIMBS``: the sign products take both limbs
-    of the queries' rows at once (``_stacked_sign_sums``)."""
+    anything; and it lets the merge start at once. ``STACKED_LIMBS``: the sign products take both limbs of the
+    queries' rows at once (``_stacked_sign_sums``)."""
     if PDL:
         gdc_launch_dependents()
     bh, split = tl.program_id(0), tl.program_id(1)
     kv = bh // CHUNKS
     n_splits = tl.num_programs(1) - exact_programs  # the compressed tokens' splits
-    if L2_PREFETCH and ASM:
-        if split < n_splits:
-            first = split * tokens_per_split
-            _prefetch_tokens(kv, first, tl.minimum(prefetch_tokens, n_tokens - first), n_tokens, n_groups, signs_ptr,
-                             norms_ptr, idx_ptr, osigns_ptr, onorms_ptr, oresiduals_ptr, vpacked_ptr, vscales_ptr,
-                             vmins_ptr, D, BYTES, OBYTES, K, EXACT, GROUP, BITS, VGROUP)
     if PDL:
         gdc_wait()
     if split < n_splits:
@@ -769,15 +721,6 @@ def split_plan(n_tokens: int, n_exact: int, programs: int, config: dict, program
     return per_split, splits, exact_split(n_exact, config["BLOCK_EXACT"], room, exact_tokens)
 
 
-def l2_prefetch_tokens(budget: float, token_bytes: float, programs: int, per_split: int, step: int) -> int:
-    """Tokens each of ``programs`` splits asks the L2 cache for as it starts (``L2_PREFETCH``), whole tiles of
-    ``step``: as many as keep all their requests, ``token_bytes`` a token, within ``budget`` bytes, and no more than
-    a split's ``per_split`` (the first tokens of each split then wait in L2 for its tile loop; more would evict
-    those not yet read)."""
-    tokens = min(per_split, int(budget / (programs * token_bytes)))
-    return tokens - tokens % step
-
-
 def decode_attention(query: torch.Tensor, keys, values, value_bits: int, matrix: torch.Tensor,
                      outlier_matrix: torch.Tensor | None, group_size: int, key_mean: torch.Tensor | None,
                      exact_keys, exact_values, scaling: float, tuning: dict | None = None) -> torch.Tensor:
@@ -788,9 +731,8 @@ def decode_attention(query: torch.Tensor, keys, values, value_bits: int, matrix:
     (``num_warps``, ``num_stages``, ``maxnreg``, ``UNROLL``, ``PREFETCH``, ``ASM``, ``BLOCK_EXACT``: the exact
     tokens' tile, ``EXACT_PADDED``: their queries padded to 16 rows, ``STACKED_LIMBS``: both limbs in one sign
     product, ``PDL``: programmatic launches, ``programs_per_sm``, ``min_tokens``, ``splits``: compressed splits per
-    (batch, KV head), ``exact_tokens``: sink and buffer tokens a program, ``l2_prefetch``: the share of the L2 cache
-    the splits' first tokens may fill, asked for as each split starts, ``project_blocks``: programs a KV head in the
-    queries' projection) for benchmarks."""
+    (batch, KV head), ``exact_tokens``: sink and buffer tokens a program, ``project_blocks``: programs a KV head in
+    the queries' projection) for benchmarks."""
     signs, norms, idx, osigns, onorms, oresiduals = keys
     b, hq, _, d = query.shape
     h, n = signs.shape[1], signs.shape[2]
@@ -808,10 +750,7 @@ def decode_attention(query: torch.Tensor, keys, values, value_bits: int, matrix:
                          "sketched outliers")
     pdl = tuning.pop("PDL", programmatic_launch(query.device))
     config.update(programmatic_options(pdl))
-    l2_share = tuning.pop("l2_prefetch", 0.0)
     project_tuning = dict(BLOCKS=tuning.pop("project_blocks", 1))
-    if l2_share:
-        config["L2_PREFETCH"] = True
     programs, m = b * h * config["CHUNKS"], group // config["CHUNKS"]
     q = query.reshape(programs, m, d)
     # zero queries up to a power of two (launch_config), a copy only where some are missing
@@ -836,11 +775,11 @@ def decode_attention(query: torch.Tensor, keys, values, value_bits: int, matrix:
     mean = key_mean.float().contiguous() if key_mean is not None else q
     oscale = sketch_scale(outlier_matrix) if outlier_matrix is not None else 0.0
 
-    def arguments(parts, per_split, exact, prefetch=0):
+    def arguments(parts, per_split, exact):
         return (q, *query_rows, *sketch_rows, *outlier_rows, mean, signs.contiguous(), norms.contiguous(),
                 present(idx), present(osigns), present(onorms), present(oresiduals), packed, scales, minimums, sink_k,
                 sink_v, buf_k, buf_v, *parts, n, idx.shape[2] if k else 0, per_split, sink_k.shape[2],
-                buf_k.shape[2], sketch_scale(matrix), oscale, scaling * LOG2E, prefetch, *exact)
+                buf_k.shape[2], sketch_scale(matrix), oscale, scaling * LOG2E, *exact)
 
     if "programs_per_sm" in tuning or interpreting():
         programs_per_sm = tuning.pop("programs_per_sm", INTERPRETER_PROGRAMS_PER_SM)
@@ -852,15 +791,10 @@ def decode_attention(query: torch.Tensor, keys, values, value_bits: int, matrix:
             grid=(1,), **config))
     per_split, splits, exact = split_plan(n, sink_k.shape[2] + buf_k.shape[2], programs, config, programs_per_sm,
                                           query.device, **tuning)
-    prefetch = 0
-    if l2_share and splits:
-        compressed = sum(t.numel() * t.element_size() for t in (*keys, *values) if t is not None)
-        prefetch = l2_prefetch_tokens(l2_share * l2_cache_bytes(query.device), compressed / (b * h * n),
-                                      programs * splits, per_split, config["STEP"])
     part_m = q.new_empty(programs, splits + exact[0], config["M"], dtype=torch.float32)
     part_l = torch.empty_like(part_m)
     part_acc = q.new_empty(programs, splits + exact[0], config["M"], d, dtype=torch.float32)
-    decode_split_kernel[(programs, splits + exact[0])](*arguments((part_m, part_l, part_acc), per_split, exact,
-                                                                 prefetch), **config)
+    decode_split_kernel[(programs, splits + exact[0])](*arguments((part_m, part_l, part_acc), per_split, exact),
+                                                    **config)
     out = combine_splits(part_m, part_l, part_acc, query.dtype, pdl)  # [b h chunks, M, d], zero queries' rows last
     return out[:, :m].reshape(b, 1, hq, d)

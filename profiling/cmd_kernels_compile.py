@@ -54,7 +54,7 @@ POINTERS = {
                          vscales_ptr="*fp16", vmins_ptr="*fp16", sink_k_ptr="*bf16", sink_v_ptr="*bf16",
                          buf_k_ptr="*bf16", buf_v_ptr="*bf16", part_m_ptr="*fp32", part_l_ptr="*fp32",
                          part_acc_ptr="*fp32", n_tokens="i32", n_groups="i32", tokens_per_split="i32", n_sink="i32",
-                         n_buffer="i32", scale="fp32", oscale="fp32", qk_scale="fp32", prefetch_tokens="i32",
+                         n_buffer="i32", scale="fp32", oscale="fp32", qk_scale="fp32",
                          exact_programs="i32", exact_per_program="i32"),
     "combine_splits": dict(part_m_ptr="*fp32", part_l_ptr="*fp32", part_acc_ptr="*fp32", out_ptr="*bf16",
                            n_splits="i32"),

@@ -108,19 +108,6 @@ def copies_in_flight(body: list[str]) -> int | None:
     return min(waits) if waits else None
 
 
-def l2_prefetches(instructions: list[tuple[int, str, str | None]]) -> tuple[int, bool]:
-    """The L2 prefetches (``CCTL.E.PF2``, ``L2_PREFETCH``) in the cubin, and whether the kernel reaches them (the
-    first of them, or the call of the function that holds them, which follows the kernel in the cubin) before its
-    first wait for the launch before it (``ACQBULK``, ``griddepcontrol.wait``)."""
-    texts = [text for _, text, _ in instructions]
-
-    def first(pattern):
-        return next((i for i, text in enumerate(texts) if re.search(pattern, text)), len(texts))
-
-    prefetches = sum(bool(re.search(r"\bCCTL\S*\.PF2\b", text)) for text in texts)
-    return prefetches, prefetches > 0 and first(r"\bCCTL\S*\.PF2\b|\bCALL\b") < first(r"\bACQBULK\b")
-
-
 def count(module, config: dict, group: int, arch: int, top: int = 0, tuning: dict | None = None) -> dict:
     """Registers, stack, shared memory and main-loop counts of ``module``'s decode kernel at the launch of
     ``config``'s shapes (``group`` queries a KV head), with ``tuning``'s launch choices in place of the launcher's (as
@@ -136,7 +123,6 @@ def count(module, config: dict, group: int, arch: int, top: int = 0, tuning: dic
     cubin = compiled.asm["cubin"]
     instructions = disassemble(cubin)
     body = loop_body(instructions)
-    prefetches, before_wait = l2_prefetches(instructions)
     texts = [text for _, text, _ in body]
     ops = collections.Counter(text.split()[0].split(".")[0] for text in texts)
     usage = resource_usage(cubin)
@@ -144,8 +130,7 @@ def count(module, config: dict, group: int, arch: int, top: int = 0, tuning: dic
                 instructions=sum(ops.values()), common_path=len(common_path(body)), barriers=ops["BAR"],
                 shared_or_shuffle=sum(n for op, n in ops.items() if op in SHARED_OR_SHUFFLE),
                 mma=ops["HMMA"] + ops["IMMA"], global_loads=ops["LDG"], stack_in_loop=ops["LDL"] + ops["STL"],
-                copies_in_flight=copies_in_flight(texts),
-                l2_prefetches=prefetches, l2_prefetch_before_wait=before_wait, source_lines=source_lines(body, top))
+                copies_in_flight=copies_in_flight(texts), source_lines=source_lines(body, top))
 
 
 def main():
@@ -184,9 +169,7 @@ def main():
                   f"{row['instructions']} instructions ({row['common_path']} in a tile where no max grows), "
                   f"{row['barriers']} barriers, {row['shared_or_shuffle']} shared-memory/shuffle, {row['mma']} "
                   f"tensor-core products, {row['global_loads']} global loads, {row['copies_in_flight']} copy groups in "
-                  f"flight at the wait" + (f", {row['l2_prefetches']} L2 prefetches, reached "
-                                           f"{'before' if row['l2_prefetch_before_wait'] else 'after'} the wait for "
-                                           f"the projection" if row["l2_prefetches"] else ""), flush=True)
+                  f"flight at the wait", flush=True)
             for n, where, text in row["source_lines"]:
                 print(f"    {n:4d} {where:34s} {text[:100]}")
     if args.json:

@@ -47,37 +47,30 @@ from qjl.config import QJLConfig  # noqa: E402
 # programs a multiprocessor holds by the driver's count (``resident``). The ones worth re-timing when the kernel
 # changes:
 # - the launch that was the default until 1014fa3 (six programs: a cap of 168, two stages, the exact tokens 32 at a
-#   time with padded queries, a sign product a limb), which took 1.11x (batch 1, 32k), 1.25x (1, 128k), 1.28x
-#   (8, 32k) and 1.34x (8, 128k) the time of today's default on the H100 at 43a6c51;
-# - two stages at eight programs: 0.98x the time of three at batch 1 and 32k, 1.03x at 128k, 1.02-1.03x at batch 8
-#   (sweep-decode-43a6c51.txt);
-# - four stages at eight programs: with cold copies each tile comes from memory, and four keep eight copy groups in
-#   flight at the loop's wait, not four, for the same instructions a tile as three (426 at b8ba81d), 128 registers,
-#   no stack and 13.5 KB of shared memory (Triton 3.6, sm_90; 3.9: 432 and 122); four had taken 1.08-1.30x the time
-#   of three at 20a307d (four programs, one copy replayed);
-# - nine programs a multiprocessor (a cap of 112 registers, 65536 / (9 x 64) in steps of 8): 18 warps in place of
-#   16 for a kernel that waits on latency; untimed. Triton 3.6 (the GPU box) keeps 16 bytes of stack, one access of
-#   it in the tile loop, and runs 461 instructions a tile where no max grows against 426 (3.9: no stack, 465 against
-#   432; sm_90, scripts/sass_decode.py --tuning maxnreg=112);
-# - each split asking the L2 cache for its first tokens before it waits for the projection (``l2_prefetch``, the
-#   share of the L2 cache all splits' requests may fill): 0.99-1.06x the time at six programs, 1.01-1.10x at eight
-#   unstacked (43a6c51), timed then on one copy of the inputs, whose 23 MB at batch 1 and 32k were in L2 already;
-# - the queries' projection in four programs a KV head (``project_blocks``): 0.99-1.03x at six programs (43a6c51);
-# - one program a KV head for the sink and buffer tokens (``exact_tokens=4096``), as until this row was added: the
-#   default now spreads them over the wave's room beside the splits (``exact_split``: four programs of 32 tokens at
-#   batch 1 and 32k; at batch 8, where the wave is full, as many, which wait for splits to end), untimed;
-# - no prefetch of the per-token numbers, and the step's three kernels launched one after another (not
-#   programmatically, kernels.common.programmatic_launch);
-# - and, per shape, one split fewer a KV head than the wave holds.
+#   time with padded queries, a sign product a limb), which took 1.15x (batch 1, 32k), 1.24x (1, 128k), 1.30x
+#   (8, 32k) and 1.34x (8, 128k) the time of today's default on the H100 at e057ae0;
+# - two stages at eight programs: 1.00x, 1.03x, 1.04x, 1.05x the time of three at batch 1 with 32k and 128k tokens
+#   and batch 8 with 32k and 128k, each call on its own copy of the inputs (sweep-decode-e057ae0.txt, as below);
+# - four stages at eight programs (eight copy groups in flight at the loop's wait, not four; same instructions a
+#   tile): 1.03x, 1.01x, 1.00x, 1.01x;
+# - the queries' projection in four programs a KV head (``project_blocks``): 1.02x, 1.00x, 1.01x, 1.01x;
+# - one program a KV head for the sink and buffer tokens (``exact_tokens=4096``), as before ``exact_split`` spread
+#   them over the wave's room beside the splits: 0.98x, 1.02x, 1.00x, 1.01x;
+# - no prefetch of the per-token numbers (1.06x, 1.11x, 1.12x, 1.14x), and the step's three kernels launched one
+#   after another, not programmatically (kernels.common.programmatic_launch; 1.00x, 1.01x, 1.01x, 1.01x);
+# - and, per shape, one split fewer a KV head than the wave holds: 0.98x, 1.00x, 1.07x, 1.07x.
 # Dropped from the list as consistently slower on the H100 (sweep-decode-*.txt, against the default of the same run at
-# the four shapes): seven programs (a cap of 144; at three stages and stacked 1.02-1.12x the time of eight at
-# 43a6c51), eight without the stacked limbs (1.08-1.16x), no register cap (as the cap of 200, four programs) and four
-# warps (1.27-1.66x the six programs' time at 615d3fd), one stage (1.04-1.32x), more programs than fit
-# (``programs_per_sm=8`` at six: 1.23-1.35x), cb8154c's launch (1.07-1.16x) and the interpreter's element-wise
-# unpacking in place of the PTX (1.35-1.54x; the kernel tests check the PTX against the reference on the GPU).
+# the four shapes): the L2 prefetch (each split asking the L2 cache for its first tokens before it waited for the
+# projection; removed from the kernel after 1.11x, 1.08x, 1.08x, 1.08x with cold copies at e057ae0), nine programs
+# a multiprocessor (a cap of 112: 1.07x, 1.14x, 1.15x, 1.17x at e057ae0), seven programs (a cap of 144; at three
+# stages and stacked 1.02-1.12x the time of eight at 43a6c51), eight without the stacked limbs (1.08-1.16x), no
+# register cap (as the cap of 200, four programs) and four warps (1.27-1.66x the six programs' time at 615d3fd), one
+# stage (1.04-1.32x), more programs than fit (``programs_per_sm=8`` at six: 1.23-1.35x), cb8154c's launch
+# (1.07-1.16x) and the interpreter's element-wise unpacking in place of the PTX (1.35-1.54x; the kernel tests check
+# the PTX against the reference on the GPU).
 SIX_PROGRAMS = dict(num_stages=2, maxnreg=168, BLOCK_EXACT=32, EXACT_PADDED=True, STACKED_LIMBS=False)
-TUNINGS = [SIX_PROGRAMS, dict(num_stages=2), dict(num_stages=4), dict(maxnreg=112), dict(l2_prefetch=0.5),
-           dict(project_blocks=4), dict(exact_tokens=4096), dict(PREFETCH=False), dict(PDL=False)]
+TUNINGS = [SIX_PROGRAMS, dict(num_stages=2), dict(num_stages=4), dict(project_blocks=4), dict(exact_tokens=4096),
+           dict(PREFETCH=False), dict(PDL=False)]
 BASELINE = "kernels.decode_attention_baseline"
 
 

@@ -51,7 +51,6 @@ from kernels.common import multiprocessors  # noqa: E402
 from kernels.decode_attention import (  # noqa: E402
     decode_attention,
     exact_split,
-    l2_prefetch_tokens,
     query_chunks,
     split_size,
 )
@@ -377,8 +376,7 @@ def test_fused_decode_launch_choices_agree():
     compressed tokens here), take the bit positions one or two at a time, load the per-token numbers a tile ahead or
     not, pipeline the tiles' copies over three stages, take the 17 buffered tokens 16 at a time (their queries padded
     to 16 rows or not), (on a Hopper GPU, where they are by default) launch the step's kernels programmatically or
-    not, (on a GPU) ask the L2 cache for each split's first tokens, all of them or (a budget short of a tile) none,
-    and project the queries in four programs a KV head, and change nothing in the result."""
+    not, and project the queries in four programs a KV head, and change nothing in the result."""
     config = QJLConfig.preset("3bit", head_dim=64)
     layer = filled_layer(config, 1, 2, 64, prompt=300, steps=9, dtype=torch.float32)
     assert layer.n_compressed == 288 and layer.buffer_keys.shape[2] == 17
@@ -388,7 +386,7 @@ def test_fused_decode_launch_choices_agree():
     for tuning in (dict(programs_per_sm=1, min_tokens=64), dict(programs_per_sm=64, min_tokens=32, num_stages=1),
                    dict(UNROLL=2, num_warps=4, maxnreg=128), dict(UNROLL=1, PREFETCH=False), dict(num_stages=3),
                    dict(BLOCK_EXACT=16, maxnreg=144), dict(BLOCK_EXACT=16, EXACT_PADDED=False), dict(PDL=False),
-                   dict(l2_prefetch=0.5), dict(l2_prefetch=1e-4, PDL=False), dict(project_blocks=4)):
+                   dict(project_blocks=4)):
         torch.testing.assert_close(decode_attention(*arguments, tuning=tuning), default, rtol=1e-5, atol=1e-5)
 
 
@@ -419,20 +417,6 @@ def test_stacked_limbs_give_the_same_numbers(d, group, dtype, config):
     torch.testing.assert_close(launch(), launch(**SIX_PROGRAMS), rtol=atol, atol=atol)
     with pytest.raises(ValueError, match="STACKED_LIMBS needs two limbs"):
         decode_attention(*decode_arguments(layer, query.float(), d ** -0.5), tuning=dict(STACKED_LIMBS=True))
-
-
-def test_l2_prefetch_stays_within_its_budget():
-    """Each split asks the L2 cache for whole tiles, never more than the split holds, and all splits' requests stay
-    within the budget: at Llama-3.1-8B shapes and the 3bit preset (88 bytes a compressed token) and batch 1, half
-    the H100's 50 MB takes every split's tokens at 32k, part of them at 128k."""
-    budget, token_bytes, step = 0.5 * 50 * 2 ** 20, 88.0, 32
-    for programs, per_split in ((8 * 94, 352), (8 * 98, 1344), (64 * 12, 2752), (8, 32), (10 ** 6, 352)):
-        tokens = l2_prefetch_tokens(budget, token_bytes, programs, per_split, step)
-        assert tokens % step == 0 and 0 <= tokens <= per_split
-        assert programs * tokens * token_bytes <= budget
-        assert tokens == per_split or programs * (tokens + step) * token_bytes > budget
-    assert l2_prefetch_tokens(budget, token_bytes, 8 * 94, 352, step) == 352
-    assert 0 < l2_prefetch_tokens(budget, token_bytes, 8 * 98, 1344, step) < 1344
 
 
 def test_decode_splits_fill_one_wave():

@@ -118,23 +118,6 @@ def test_sweep_launches_fit_without_stack(tmp_path, tuning, programs):
     assert programs * (row["shared_bytes"] + 1024) <= 228 * 1024  # the H100's 228 KB, 1 KB of it reserved a program
 
 
-@pytest.mark.parametrize("tuning,programs", [([], 8), (SIX_PROGRAMS, 6)])
-def test_l2_prefetch_comes_before_the_wait_and_leaves_the_tile_loop_alone(tmp_path, tuning, programs):
-    """With ``L2_PREFETCH`` (the sweep's ``l2_prefetch`` rows) the decode kernel reaches its L2 prefetches before it
-    waits for the projection (programmatic launches, sm_90), so memory serves them while the projection runs. The
-    prefetch is a function of its own, so the tile loop compiles about as without it: at most 5 more instructions
-    (Triton 3.6 at eight programs: 13, 439 against 426 in a tile where no max grows). Registers within those of
-    eight (the default) or six programs a multiprocessor, and no stack."""
-    shapes = ["llama8b/3bit/exact/sketch256"]
-    plain = sass_rows(tmp_path, shapes, tuning)[shapes[0]]
-    row = sass_rows(tmp_path, shapes, [*tuning, "L2_PREFETCH=1"])[shapes[0]]
-    assert plain["l2_prefetches"] == 0
-    assert row["l2_prefetches"] >= 5 and row["l2_prefetch_before_wait"]  # one per array at least
-    assert abs(row["common_path"] - plain["common_path"]) <= (13 if programs == 8 and triton.__version__.startswith(
-        "3.6") else 5)
-    assert row["registers"] <= register_share(programs) and row["stack_bytes"] == 0
-
-
 @pytest.mark.parametrize("tuning,programs", [(SIX_PROGRAMS, 6), (["num_stages=2"], 8), ([], 8)])
 def test_stacked_limbs_take_one_sign_product_a_bit_position(tmp_path, tuning, programs):
     """``STACKED_LIMBS`` (the default at eight programs a multiprocessor): one int8 product a bit position where two
