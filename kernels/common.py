@@ -96,7 +96,7 @@ def multiprocessors(device: torch.device) -> int:
 
 
 def l2_cache_bytes(device: torch.device) -> int:
-    """The GPU's L2 cache; the H100's 50 MB off a GPU, where the decode kernel's L2 prefetch is compiled away."""
+    """The GPU's L2 cache; the H100's 50 MB off a GPU (what sizes the benchmark's cold copies there)."""
     return torch.cuda.get_device_properties(device).L2_cache_size if device.type == "cuda" else 50 * 2 ** 20
 
 

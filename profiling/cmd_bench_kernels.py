@@ -107,14 +107,19 @@ def copy_bandwidth_gbs(device, measure) -> float:
 
 
 def decode_bytes(config, batch: int, context: int) -> dict:
-    """Bytes one decode step of one layer reads: the full bf16 cache, and QJL's compressed state plus its exact
-    tokens (sink and buffer, bf16), from the config's own bit counts."""
-    exact = min(context, config.sink_tokens + (context - config.sink_tokens) % config.buffer_size)
-    compressed = context - exact
+    """Bytes one decode step of one layer reads: the full bf16 cache, and QJL's compressed state (with the keys'
+    mean, read where there are compressed tokens) plus its exact tokens (sink and buffer, bf16), from the config's
+    own bit counts, for the tokens a layer holds once it took the ``context``-token prompt
+    (``qjl.layer.prompt_split``), as the layers this benchmark times do."""
+    from qjl.layer import prompt_split
+
+    compressed, exact = prompt_split(context, config.sink_tokens, config.buffer_size, config.group_size,
+                                     config.buffer_keep)
     per_token_bits = config.key_bits_per_token(config.initial_layers) + config.value_bits_per_token(HEAD_DIM)
     heads = batch * KV_HEADS
     full = heads * context * HEAD_DIM * 2 * 2
-    qjl = heads * (compressed * per_token_bits / 8 + exact * HEAD_DIM * 2 * 2)
+    mean = HEAD_DIM * 2 if config.center_keys and compressed else 0
+    qjl = heads * (compressed * per_token_bits / 8 + mean + exact * HEAD_DIM * 2 * 2)
     return dict(full=int(full), qjl=int(math.ceil(qjl)), compressed_tokens=compressed, exact_tokens=exact)
 
 

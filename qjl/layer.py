@@ -23,6 +23,22 @@ def tensors_nbytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
+def flushed_tokens(n_compressed: int, n_buffered: int, buffer_keep: int, group_size: int) -> int:
+    """Tokens a flush compresses: the oldest of ``n_buffered`` but the newest ``buffer_keep``, as many as leave the
+    compressed count a multiple of the group."""
+    n = n_buffered - buffer_keep
+    return max(n - (n_compressed + n) % group_size, 0)
+
+
+def prompt_split(n_tokens: int, sink_tokens: int, buffer_size: int, group_size: int,
+                 buffer_keep: int = 0) -> tuple[int, int]:
+    """(compressed, exact) tokens of a layer that took an ``n_tokens`` prompt in one ``update``: the first
+    ``sink_tokens`` to the sink, the rest to the buffer, which flushes once if it reached ``buffer_size``."""
+    buffered = max(n_tokens - sink_tokens, 0)
+    compressed = flushed_tokens(0, buffered, buffer_keep, group_size) if buffered >= buffer_size else 0
+    return compressed, n_tokens - compressed
+
+
 class CompressedLayer(DynamicLayer):
     """Sink and buffer bookkeeping, and attention over ``sink | compressed | buffer``; subclasses compress."""
 
@@ -105,9 +121,8 @@ class CompressedLayer(DynamicLayer):
     def flush(self) -> None:
         """Compresses the oldest buffered tokens but ``buffer_keep``, as many as leave the compressed count a multiple
         of the group."""
-        n = self.buffer_keys.shape[-2] - self.buffer_keep
-        n -= (self.n_compressed + n) % self.group_size
-        if n <= 0:
+        n = flushed_tokens(self.n_compressed, self.buffer_keys.shape[-2], self.buffer_keep, self.group_size)
+        if not n:
             return
         self.compress(self.buffer_keys[:, :, :n], self.buffer_values[:, :, :n])
         self.n_compressed += n

@@ -88,3 +88,29 @@ def test_graph_timings_take_copies_in_turn_enough_to_leave_the_l2_cold(monkeypat
     monkeypatch.setattr(triton.testing, "do_bench_cudagraph", lambda fn, rep: [fn() for _ in range(7)] and 0.5)
     assert graph_ms([lambda i=i: called.append(i) for i in range(3)]) == 0.5
     assert called == [0, 1, 2] + [0, 1, 2, 0, 1, 2, 0]  # each once before the timing
+
+
+@pytest.mark.parametrize("sliding", [False, True])
+def test_decode_bytes_count_what_the_timed_layer_holds(sliding):
+    """The bytes model (bytes, GB/s) counts the tokens a layer holds after the prompt, as ``flush`` leaves them: a
+    remainder of the group exact, not of the buffer (at 32k, 4 sink and 28 buffered tokens, not 128). Where a step
+    reads every tensor the layer holds (some tokens compressed) the bytes are ``nbytes``' to the byte; below a full
+    buffer only the exact tokens are read (the layer also holds the keys' mean). Around the sink, the buffer's size and
+    the group's size, batch 2; and a sliding buffer (``buffer_keep``)."""
+    import torch
+
+    from profiling.cmd_bench_kernels import HEAD_DIM, KV_HEADS, decode_bytes, qjl_layer
+    from qjl.config import QJLConfig
+
+    config = QJLConfig.preset("3bit", head_dim=HEAD_DIM)
+    config = config.sliding() if sliding else config
+    for context in (3, 4, 100, 131, 132, 133, 163, 164, 1024, 2077):
+        keys = torch.randn(2, KV_HEADS, context, HEAD_DIM, generator=torch.Generator().manual_seed(context))
+        layer = qjl_layer(config, keys.bfloat16(), keys.flip(-1).bfloat16())
+        model = decode_bytes(config, 2, context)
+        exact = layer.sink_keys.shape[2] + layer.buffer_keys.shape[2]
+        assert (model["compressed_tokens"], model["exact_tokens"]) == (layer.n_compressed, exact), context
+        exact_bytes = 2 * KV_HEADS * exact * HEAD_DIM * 2 * 2  # batch 2, keys and values, bf16
+        held = layer.nbytes() if layer.n_compressed else exact_bytes
+        assert model["qjl"] == held, context
+    assert decode_bytes(QJLConfig.preset("3bit", head_dim=HEAD_DIM), 1, 32768)["exact_tokens"] == 32
