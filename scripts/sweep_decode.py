@@ -54,11 +54,14 @@ from qjl.config import QJLConfig  # noqa: E402
 # - four stages at eight programs (eight copy groups in flight at the loop's wait, not four; same instructions a
 #   tile): 1.03x, 1.01x, 1.00x, 1.01x;
 # - the queries' projection in four programs a KV head (``project_blocks``): 1.02x, 1.00x, 1.01x, 1.01x;
-# - one program a KV head for the sink and buffer tokens (``exact_tokens=4096``), as before ``exact_split`` spread
-#   them over the wave's room beside the splits: 0.98x, 1.02x, 1.00x, 1.01x;
 # - no prefetch of the per-token numbers (1.06x, 1.11x, 1.12x, 1.14x), and the step's three kernels launched one
 #   after another, not programmatically (kernels.common.programmatic_launch; 1.00x, 1.01x, 1.01x, 1.01x);
-# - and, per shape, one split fewer a KV head than the wave holds: 0.98x, 1.00x, 1.07x, 1.07x.
+# - and, per shape, the splits that leave each KV head's exact-tokens program room in the wave: one fewer than the
+#   default at batch 8 (1.07x, 1.07x); at batch 1 the default's own launch (128 splits), timed again: 0.98x, 1.00x.
+# The layers hold 32 exact tokens (the prompt's remainder of the group, 4 sink and 28 buffered), one program a KV head
+# whatever ``exact_split`` is given, so the row ``exact_tokens=4096`` (one program, as before ``exact_split``) was the
+# default's launch too: 0.98x, 1.02x, 1.00x, 1.01x at e057ae0 and 0.98x, 1.02x, 1.00x, 1.00x at 92a46ce. Those
+# re-timings are the sweep's noise: about 2%, and the default (timed first) 2% slower at batch 1 and 32k in both runs.
 # Dropped from the list as consistently slower on the H100 (sweep-decode-*.txt, against the default of the same run at
 # the four shapes): the L2 prefetch (each split asking the L2 cache for its first tokens before it waited for the
 # projection; removed from the kernel after 1.11x, 1.08x, 1.08x, 1.08x with cold copies at e057ae0), nine programs
@@ -69,8 +72,8 @@ from qjl.config import QJLConfig  # noqa: E402
 # (1.07-1.16x) and the interpreter's element-wise unpacking in place of the PTX (1.35-1.54x; the kernel tests check
 # the PTX against the reference on the GPU).
 SIX_PROGRAMS = dict(num_stages=2, maxnreg=168, BLOCK_EXACT=32, EXACT_PADDED=True, STACKED_LIMBS=False)
-TUNINGS = [SIX_PROGRAMS, dict(num_stages=2), dict(num_stages=4), dict(project_blocks=4), dict(exact_tokens=4096),
-           dict(PREFETCH=False), dict(PDL=False)]
+TUNINGS = [SIX_PROGRAMS, dict(num_stages=2), dict(num_stages=4), dict(project_blocks=4), dict(PREFETCH=False),
+           dict(PDL=False)]
 BASELINE = "kernels.decode_attention_baseline"
 
 
