@@ -187,15 +187,27 @@ def _token_numbers(norms_ptr, scales_ptr, mins_ptr, rows, ok, scale, VGROUP: tl.
 
 
 @triton.jit
-def _tile_scores(tables_ptr, table_scales_ptr, table_sums_ptr, q_ptr, bh, kv, start, n_groups, rows, ok, weight,
-                 signs_ptr, idx_ptr, osigns_ptr, onorms_ptr, oresiduals_ptr, sp_ptr, sp_scales_ptr, sp_sums_ptr,
+def _outlier_channels(idx_ptr, kv, start, end, n_groups, M: tl.constexpr, K: tl.constexpr, R_PAD: tl.constexpr,
+                      GROUP: tl.constexpr):
+    """The outlier channels of the group that holds token ``start``, on the sign product's rows ``M .. M + K - 1``
+    (int32 ``[R_PAD]``; 0 on the other rows, and on all from the split's ``end`` on)."""
+    r = tl.arange(0, R_PAD)
+    if K == 0:
+        return tl.zeros((R_PAD,), dtype=tl.int32)
+    wanted = (r >= M) & (r < M + K) & (r * 0 + start < end)  # a block: the interpreter takes no scalar in a mask
+    return tl.load(idx_ptr + (kv * n_groups + start // GROUP) * K + (r - M), mask=wanted, other=0).to(tl.int32)
+
+
+@triton.jit
+def _tile_scores(tables_ptr, table_scales_ptr, table_sums_ptr, q_ptr, bh, channel, rows, ok, weight,
+                 signs_ptr, osigns_ptr, onorms_ptr, oresiduals_ptr, sp_ptr, sp_scales_ptr, sp_sums_ptr,
                  spo_ptr, spo_scales_ptr, spo_sums_ptr, scale, oscale, M: tl.constexpr, M_PAD: tl.constexpr,
                  D: tl.constexpr, BYTES: tl.constexpr, BP: tl.constexpr, OBYTES: tl.constexpr,
-                 OBP: tl.constexpr, K: tl.constexpr, R_PAD: tl.constexpr, EXACT: tl.constexpr, GROUP: tl.constexpr,
-                 STEP: tl.constexpr, BLOCK_N: tl.constexpr, LIMBS: tl.constexpr, PRECISE: tl.constexpr,
-                 UNROLL: tl.constexpr, ASM: tl.constexpr, STACKED: tl.constexpr):
-    """Estimated scores ``[M, BLOCK_N]`` of the tile from token ``start`` (within one outlier group of ``GROUP``
-    tokens; global rows ``rows``, real where ``ok``) whose keys' norms times ``scale`` are ``weight``.
+                 OBP: tl.constexpr, K: tl.constexpr, R_PAD: tl.constexpr, EXACT: tl.constexpr,
+                 BLOCK_N: tl.constexpr, LIMBS: tl.constexpr, PRECISE: tl.constexpr, UNROLL: tl.constexpr,
+                 ASM: tl.constexpr, STACKED: tl.constexpr):
+    """Estimated scores ``[M, BLOCK_N]`` of the tile of global rows ``rows`` (real where ``ok``; within one outlier
+    group, whose channels are ``channel``, ``_outlier_channels``) whose keys' norms times ``scale`` are ``weight``.
 
     Rows ``r < M`` of the sign product ``u = T . sign`` are the queries' (``S q . sign``); with sketched outliers,
     rows ``M + k`` are the sketch's column ``idx_k`` (``S[:, idx_k]``, bit order) in the same product, and ``Y``
@@ -221,8 +233,6 @@ def _tile_scores(tables_ptr, table_scales_ptr, table_sums_ptr, q_ptr, bh, kv, st
                             BLOCK_N, LIMBS, UNROLL, ASM, True) * weight[None, :]
     else:
         is_outlier = (r >= M) & (r < M + K)
-        group_idx = idx_ptr + (kv * n_groups + start // GROUP) * K
-        channel = tl.load(group_idx + (r - M), mask=is_outlier, other=0).to(tl.int32)
         if EXACT:  # the queries' rows alone: the residuals already hold the outlier rows' share
             if not STACKED:
                 u = _sign_sums(signs_ptr, table, M_PAD * 8 * BP, table_scales, table_sums, r < M, rows, ok, BYTES,
@@ -486,7 +496,7 @@ def decode_split_kernel(q_ptr, tables_ptr, table_scales_ptr, table_sums_ptr, sp_
                         BLOCK_EXACT: tl.constexpr, PRECISE: tl.constexpr, LIMBS: tl.constexpr,
                         UNROLL: tl.constexpr, ASM: tl.constexpr, PREFETCH: tl.constexpr, CHUNKS: tl.constexpr,
                         PAIRS: tl.constexpr, EXACT_PADDED: tl.constexpr, PDL: tl.constexpr = False,
-                        STACKED_LIMBS: tl.constexpr = False):
+                        STACKED_LIMBS: tl.constexpr = False, PREFETCH_CHANNELS: tl.constexpr = False):
     """Program ``(bh, split)``: ``bh`` stands for ``M`` queries (a power of two, the last ones zero where the launcher
     padded), chunk ``bh % CHUNKS`` of the group of (batch row and) KV head ``bh // CHUNKS``. Splits ``0 .. S-1`` take
     compressed tokens, splits ``S .. S + E - 1`` (``E``: ``exact_programs``) the exact ones, ``exact_per_program``
@@ -497,7 +507,8 @@ def decode_split_kernel(q_ptr, tables_ptr, table_scales_ptr, table_sums_ptr, sp_
     rows, ``sketch_tables`` (the sums of the first ``LIMBS`` limbs). ``PDL``: launched while the kernel before it
     (the projection, or a copy of some input the launcher made) still runs, it waits for it before it reads
     anything; and it lets the merge start at once. ``STACKED_LIMBS``: the sign products take both limbs of the
-    queries' rows at once (``_stacked_sign_sums``)."""
+    queries' rows at once (``_stacked_sign_sums``). ``PREFETCH_CHANNELS``: each group's outlier channels load a tile
+    ahead (a sweep's choice, untimed)."""
     if PDL:
         gdc_launch_dependents()
     bh, split = tl.program_id(0), tl.program_id(1)
@@ -523,6 +534,11 @@ def decode_split_kernel(q_ptr, tables_ptr, table_scales_ptr, table_sums_ptr, sp_
             rows, ok = _tile_rows(kv, first, last, n_tokens, STEP, BLOCK_N)
             key_weights, token_scales, token_minimums = _token_numbers(norms_ptr, vscales_ptr, vmins_ptr, rows, ok,
                                                                        scale, VGROUP, D, ASM)
+        # With PREFETCH_CHANNELS the next group's outlier channels load a tile ahead too: loaded at the tile, their
+        # first use waits for memory, the kernel's most sampled instruction on the H100 at e057ae0 (8.7% of the
+        # split kernel's stall samples, batch 1 and 32k, ncu-source-e057ae0.csv.gz).
+        if PREFETCH_CHANNELS:
+            channels = _outlier_channels(idx_ptr, kv, first, last, n_groups, M, K, R_PAD, GROUP)
         for start in range(first, last, STEP):
             rows, ok = _tile_rows(kv, start, last, n_tokens, STEP, BLOCK_N)
             if PREFETCH:
@@ -532,11 +548,15 @@ def decode_split_kernel(q_ptr, tables_ptr, table_scales_ptr, table_sums_ptr, sp_
             else:
                 key_weights, token_scales, token_minimums = _token_numbers(norms_ptr, vscales_ptr, vmins_ptr, rows,
                                                                            ok, scale, VGROUP, D, ASM)
-            scores = _tile_scores(tables_ptr, table_scales_ptr, table_sums_ptr, q_ptr, bh, kv, start, n_groups, rows,
-                                  ok, key_weights, signs_ptr, idx_ptr, osigns_ptr, onorms_ptr, oresiduals_ptr, sp_ptr,
+            if PREFETCH_CHANNELS:
+                next_channels = _outlier_channels(idx_ptr, kv, start + STEP, last, n_groups, M, K, R_PAD, GROUP)
+            else:
+                channels = _outlier_channels(idx_ptr, kv, start, last, n_groups, M, K, R_PAD, GROUP)
+            scores = _tile_scores(tables_ptr, table_scales_ptr, table_sums_ptr, q_ptr, bh, channels, rows, ok,
+                                  key_weights, signs_ptr, osigns_ptr, onorms_ptr, oresiduals_ptr, sp_ptr,
                                   sp_scales_ptr, sp_sums_ptr, spo_ptr, spo_scales_ptr, spo_sums_ptr, scale, oscale, M,
-                                  M_PAD, D, BYTES, BP, OBYTES, OBP, K, R_PAD, EXACT, GROUP, STEP, BLOCK_N, LIMBS,
-                                  PRECISE, UNROLL, ASM, STACKED_LIMBS)
+                                  M_PAD, D, BYTES, BP, OBYTES, OBP, K, R_PAD, EXACT, BLOCK_N, LIMBS, PRECISE, UNROLL,
+                                  ASM, STACKED_LIMBS)
             scores = tl.where(ok[None, :], scores * qk_scale + bias[:, None], float("-inf"))
             m_tile = tl.max(scores, axis=1)
             # The old terms are rescaled only when some query's max grew: rarely, once the maxima settle (every row
@@ -557,6 +577,8 @@ def decode_split_kernel(q_ptr, tables_ptr, table_scales_ptr, table_sums_ptr, sp_
                 minimum_sums += p * token_minimums[None, :]
             if PREFETCH:
                 key_weights, token_scales, token_minimums = next_weights, next_scales, next_minimums
+            if PREFETCH_CHANNELS:
+                channels = next_channels
         l_i = tl.sum(weight_sums, axis=1)
         out = _value_columns(accs, PAIRS, VGROUP == D and not PRECISE) + tl.sum(minimum_sums, axis=1)[:, None]
         _store_partial(part_m_ptr, part_l_ptr, part_acc_ptr, _part_index(bh, ASM), m_i, l_i, out, M, D)
@@ -730,9 +752,9 @@ def decode_attention(query: torch.Tensor, keys, values, value_bits: int, matrix:
     buffer) ``[b, h, *, d]``. Returns ``[b, 1, hq, d]`` in the query's dtype. ``tuning`` overrides launch choices
     (``num_warps``, ``num_stages``, ``maxnreg``, ``UNROLL``, ``PREFETCH``, ``ASM``, ``BLOCK_EXACT``: the exact
     tokens' tile, ``EXACT_PADDED``: their queries padded to 16 rows, ``STACKED_LIMBS``: both limbs in one sign
-    product, ``PDL``: programmatic launches, ``programs_per_sm``, ``min_tokens``, ``splits``: compressed splits per
-    (batch, KV head), ``exact_tokens``: sink and buffer tokens a program, ``project_blocks``: programs a KV head in
-    the queries' projection) for benchmarks."""
+    product, ``PREFETCH_CHANNELS``: outlier channels a tile ahead, ``PDL``: programmatic launches,
+    ``programs_per_sm``, ``min_tokens``, ``splits``: compressed splits per (batch, KV head), ``exact_tokens``: sink
+    and buffer tokens a program, ``project_blocks``: programs a KV head in the queries' projection) for benchmarks."""
     signs, norms, idx, osigns, onorms, oresiduals = keys
     b, hq, _, d = query.shape
     h, n = signs.shape[1], signs.shape[2]
@@ -743,7 +765,8 @@ def decode_attention(query: torch.Tensor, keys, values, value_bits: int, matrix:
                            k, group_size, key_mean is not None, value_bits, d // values[1].shape[-1],
                            oresiduals is not None, query.dtype == torch.float32, asm=not interpreting())
     config.update({name: tuning.pop(name) for name in ("num_warps", "num_stages", "maxnreg", "UNROLL", "PREFETCH",
-                                                           "ASM", "BLOCK_EXACT", "EXACT_PADDED", "STACKED_LIMBS")
+                                                           "ASM", "BLOCK_EXACT", "EXACT_PADDED", "STACKED_LIMBS",
+                                                           "PREFETCH_CHANNELS")
                    if name in tuning})
     if config["STACKED_LIMBS"] and not stackable(config):
         raise ValueError("STACKED_LIMBS needs two limbs (bf16 or fp16 queries), at most 8 queries a program and no "

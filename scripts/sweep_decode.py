@@ -56,6 +56,10 @@ from qjl.config import QJLConfig  # noqa: E402
 # - the queries' projection in four programs a KV head (``project_blocks``): 1.02x, 1.00x, 1.01x, 1.01x;
 # - no prefetch of the per-token numbers (1.06x, 1.11x, 1.12x, 1.14x), and the step's three kernels launched one
 #   after another, not programmatically (kernels.common.programmatic_launch; 1.00x, 1.01x, 1.01x, 1.01x);
+# - each group's outlier channels loaded a tile ahead (``PREFETCH_CHANNELS``): loaded at the tile, their first use
+#   was the split kernel's most sampled instruction at e057ae0 (8.7% of its stall samples, batch 1 and 32k,
+#   ncu-source-e057ae0.csv.gz); 430 instructions a tile where no max grows against 425, 128 registers, no stack
+#   (Triton 3.6, sm_90; 3.9: 452 against 432); untimed;
 # - and, per shape, the splits that leave each KV head's exact-tokens program room in the wave: one fewer than the
 #   default at batch 8 (1.07x, 1.07x); at batch 1 the default's own launch (128 splits), timed again: 0.98x, 1.00x.
 # The layers hold 32 exact tokens (the prompt's remainder of the group, 4 sink and 28 buffered), one program a KV head
@@ -73,7 +77,7 @@ from qjl.config import QJLConfig  # noqa: E402
 # the PTX against the reference on the GPU).
 SIX_PROGRAMS = dict(num_stages=2, maxnreg=168, BLOCK_EXACT=32, EXACT_PADDED=True, STACKED_LIMBS=False)
 TUNINGS = [SIX_PROGRAMS, dict(num_stages=2), dict(num_stages=4), dict(project_blocks=4), dict(PREFETCH=False),
-           dict(PDL=False)]
+           dict(PDL=False), dict(PREFETCH_CHANNELS=True)]
 BASELINE = "kernels.decode_attention_baseline"
 
 

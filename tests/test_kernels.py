@@ -392,6 +392,29 @@ def test_fused_decode_launch_choices_agree():
 
 @pytest.mark.parametrize("d,group,dtype,config", [
     (128, 4, "bf16", QJLConfig.preset("3bit", head_dim=128)),  # the benchmark's path, exact outliers
+    (128, 4, "bf16", QJLConfig.preset("paper", head_dim=128)),  # sketched outliers
+    (64, 3, "fp32", QJLConfig(sketch_dim=136, outlier_sketch_dim=40, n_outliers=5, group_size=16, value_bits=4,
+                              value_group_size=64, buffer_size=48, sink_tokens=3, center_keys=True)),
+    (64, 1, "fp16", QJLConfig(sketch_dim=72, n_outliers=0, value_bits=3, value_group_size=16, buffer_size=32)),
+])
+def test_outlier_channels_a_tile_ahead_give_the_same_numbers(d, group, dtype, config):
+    """``PREFETCH_CHANNELS`` loads each group's outlier channels a tile ahead (a split's last tile asks for none past
+    its end) and computes as before, so the step's output is the same to the bit: exact, sketched and no outliers,
+    with the per-token numbers ahead or not, in splits of one tile and of several."""
+    layer = filled_layer(config, 1, 2, d, prompt=170, steps=1, dtype=DTYPES[dtype])
+    assert layer.n_compressed == 160
+    query = torch.randn(1, 2 * group, 1, d, generator=torch.Generator().manual_seed(9)).to(DEVICE, DTYPES[dtype])
+    arguments = decode_arguments(layer, query, d ** -0.5)
+    # fixed splits (on a GPU the two launches' registers, so the programs a multiprocessor holds, may differ): of
+    # 64 tokens and more, with the per-token numbers ahead or not, and of one tile
+    for launch in (dict(programs_per_sm=1, min_tokens=64), dict(programs_per_sm=1, min_tokens=64, PREFETCH=False),
+                   dict(programs_per_sm=64, min_tokens=16)):
+        assert torch.equal(decode_attention(*arguments, tuning=dict(launch, PREFETCH_CHANNELS=True)),
+                           decode_attention(*arguments, tuning=launch))
+
+
+@pytest.mark.parametrize("d,group,dtype,config", [
+    (128, 4, "bf16", QJLConfig.preset("3bit", head_dim=128)),  # the benchmark's path, exact outliers
     (128, 12, "bf16", QJLConfig.preset("3bit", head_dim=128)),  # 8 queries a program (6 and 2 zero ones)
     (64, 1, "fp16", QJLConfig(sketch_dim=72, n_outliers=0, value_bits=3, value_group_size=16, buffer_size=32)),
     (64, 3, "fp16", QJLConfig(sketch_dim=64, n_outliers=2, exact_outliers=True, value_bits=8, value_group_size=64,

@@ -102,13 +102,13 @@ SIX_PROGRAMS = ["num_stages=2", "maxnreg=168", "BLOCK_EXACT=32", "EXACT_PADDED=1
 
 
 @pytest.mark.parametrize("tuning,programs", [
-    ([], 8), (["num_stages=4"], 8), (["maxnreg=144", "EXACT_PADDED=1"], 7)])
+    ([], 8), (["num_stages=4"], 8), (["maxnreg=144", "EXACT_PADDED=1"], 7), (["PREFETCH_CHANNELS=1"], 8)])
 def test_sweep_launches_fit_without_stack(tmp_path, tuning, programs):
     """The default launch at the benchmark's shapes and the sweep's (``scripts/sweep_decode.py``) at three or four
-    stages keep copies in flight at the tile loop's wait, within the registers (``register_share``) and shared
-    memory that let eight programs share a multiprocessor (the default: the exact tokens 16 at a time with their
-    queries unpadded, both limbs in one sign product), or seven with the exact tokens' queries padded, and without
-    stack (the next tile's key norms carried as float32: as fp16 pairs ptxas kept them on the stack at every cap
+    stages, and with the outlier channels a tile ahead, keep copies in flight at the tile loop's wait, within the
+    registers (``register_share``) and shared memory that let eight programs share a multiprocessor (the default:
+    the exact tokens 16 at a time with their queries unpadded, both limbs in one sign product), or seven with the
+    exact tokens' queries padded, and without stack (the next tile's key norms carried as float32: as fp16 pairs ptxas kept them on the stack at every cap
     tried). Six programs at three stages, a launch of neither since 1014fa3, keep 8 bytes of stack on Triton 3.6
     since the exact tokens' programs take a range of them (one store before their loop, one load after it)."""
     row = sass_rows(tmp_path, ["llama8b/3bit/exact/sketch256"], tuning)["llama8b/3bit/exact/sketch256"]
