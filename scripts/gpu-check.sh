@@ -4,9 +4,9 @@
 # bench.txt), the sweep of the fused decode kernel's launch choices (with the programs a multiprocessor holds for
 # each), and Nsight Compute on one of its launches (its per-instruction samples in ncu-source.csv.gz) and on one of the
 # queries' projection (batch 1, 32k: what the step's fixed cost waits on). Everything lands in OUTDIR (7 files, what a
-# GPU slot returns at most); tests.txt also says when each step ended. At 43a6c51 the steps ended at 189 s (tests),
-# 230 (benchmark), 246 (launches), 303 (sweep) and 333 (Nsight Compute); the sm_90 compile report that came last
-# then (156 s more) builds the same code on a CPU machine, so it is run there, with the GPU box's Triton too:
+# GPU slot returns at most); tests.txt also says when each step ended. At e057ae0 the steps ended at 220 s (tests),
+# 265 (benchmark), 291 (launches), 340 (sweep) and 372 (Nsight Compute); the sm_90 compile report (156 s at 43a6c51,
+# when it came last here) builds the same code on a CPU machine, so it is run there, with the GPU box's Triton too:
 #   python -m venv V && V/bin/pip install torch==2.13.0 triton==3.6.0 numpy pytest "transformers>=5.17,<6"
 #   V/bin/python -m profiling kernels-compile --arch 90 --arch 80 --out DIR
 # which leaves most of a 15-minute slot for a second call (bench-kernels after a sweep row becomes the default).
