@@ -28,6 +28,10 @@ def add_arguments(parser):
     parser.add_argument("--cpu-max-context", type=int, default=1024, help="largest context timed on a CPU")
     parser.add_argument("--prefill-max-context", type=int, default=32768, help="largest context of the prefill timing")
     parser.add_argument("--out", type=Path, default=Path("profiling/results/bench-kernels"))
+    parser.add_argument("--quanto-built-only", action="store_true",
+                        help="on a GPU, time transformers' QuantizedCache only in rows that find optimum-quanto's CUDA "
+                             "extension built (its first use builds it, minutes of nvcc; scripts/gpu-check.sh builds "
+                             "it beside the tests)")
     parser.add_argument("--figure-from", type=Path, metavar="RESULTS_JSON",
                         help="only draw the figure of an earlier run's results.json (written where plotly was "
                              "missing, as on a bare GPU box) into --out")
@@ -77,12 +81,12 @@ def cold_inputs(make, nbytes: int, device, first=None) -> list:
     return [first if first is not None else make()] + [make() for _ in range(count - 1)]
 
 
-def graph_ms(calls) -> float | None:
+def graph_ms(calls, rep: int = 100) -> float | None:
     """Milliseconds of one of ``calls`` replayed from a CUDA graph, the calls in turn (each on its own copy of the
     inputs, ``cold_copies``): GPU time without Python's launch overhead, as a decoding loop captured in a graph runs,
     with the L2 cache as cold as a layer finds it. Each call runs once first, so that what a copy makes on its first
     call (a sketch's tables, ``kernels.decode_project.sketch_tables``) is not captured and replayed. None where the
-    calls cannot be captured."""
+    calls cannot be captured. ``rep``: milliseconds each of do_bench_cudagraph's replays takes."""
     import itertools
 
     import torch
@@ -92,7 +96,7 @@ def graph_ms(calls) -> float | None:
     try:
         for call in calls:
             call()
-        return do_bench_cudagraph(lambda: next(turn)(), rep=100)
+        return do_bench_cudagraph(lambda: next(turn)(), rep=rep)
     except (RuntimeError, torch.cuda.CudaError):  # not capturable
         torch.cuda.synchronize()
         return None
@@ -106,30 +110,50 @@ def copy_bandwidth_gbs(device, measure) -> float:
     return 2 * src.numel() / measure(lambda: dst.copy_(src)) / 1e6
 
 
-def decode_bytes(config, batch: int, context: int) -> dict:
+def decode_bytes(config, batch: int, context: int, decoded: int = 0) -> dict:
     """Bytes one decode step of one layer reads: the full bf16 cache, and QJL's compressed state (with the keys'
     mean, read where there are compressed tokens) plus its exact tokens (sink and buffer, bf16), from the config's
-    own bit counts, for the tokens a layer holds once it took the ``context``-token prompt
-    (``qjl.layer.prompt_split``), as the layers this benchmark times do."""
+    own bit counts, for the tokens a layer holds once it took the ``context``-token prompt and ``decoded`` tokens
+    after it (``qjl.layer.prompt_split``), as the layers this benchmark times do."""
     from qjl.layer import prompt_split
 
     compressed, exact = prompt_split(context, config.sink_tokens, config.buffer_size, config.group_size,
-                                     config.buffer_keep)
+                                     config.buffer_keep, decoded)
     per_token_bits = config.key_bits_per_token(config.initial_layers) + config.value_bits_per_token(HEAD_DIM)
     heads = batch * KV_HEADS
-    full = heads * context * HEAD_DIM * 2 * 2
+    full = heads * (context + decoded) * HEAD_DIM * 2 * 2
     mean = HEAD_DIM * 2 if config.center_keys and compressed else 0
     qjl = heads * (compressed * per_token_bits / 8 + mean + exact * HEAD_DIM * 2 * 2)
     return dict(full=int(full), qjl=int(math.ceil(qjl)), compressed_tokens=compressed, exact_tokens=exact)
 
 
-def qjl_layer(config, keys, values):
-    """A layer holding ``keys``/``values`` as the prompt (quantized through the active backend)."""
+def qjl_layer(config, keys, values, decoded: int = 0):
+    """A layer holding ``keys``/``values`` as the prompt (quantized through the active backend), then ``decoded``
+    random tokens of the same dtype, one ``update`` each, as decoding appends them."""
+    import torch
+
     from qjl.cache import QJLLayer
 
     layer = QJLLayer(config, layer_idx=config.initial_layers)
     layer.update(keys, values)
+    gen = torch.Generator(device=keys.device).manual_seed(decoded)
+    b, h, _, d = keys.shape
+    for _ in range(decoded):
+        token_k, token_v = (torch.randn(b, h, 1, d, generator=gen, device=keys.device, dtype=keys.dtype)
+                            for _ in range(2))
+        layer.update(token_k, token_v)
     return layer
+
+
+def buffer_filling(config, context: int) -> int:
+    """Tokens to decode after a ``context``-token prompt until the buffer holds one short of a flush: the most exact
+    tokens a decoding step reads (from the first flush on, steps cycle through buffers of up to ``buffer_size - 1``
+    tokens; the prompt leaves fewer, a remainder of the group)."""
+    from qjl.layer import prompt_split
+
+    _, exact = prompt_split(context, config.sink_tokens, config.buffer_size, config.group_size, config.buffer_keep)
+    sink = min(context, config.sink_tokens)
+    return config.sink_tokens - sink + max(config.buffer_size - 1 - (exact - sink), 0)
 
 
 def quantized_cache_step_ms(k, v, q, scale: float) -> float:
@@ -163,8 +187,21 @@ def quantized_cache_step_ms(k, v, q, scale: float) -> float:
     return (time.perf_counter() - start) * 1e3 / config.buffer_size
 
 
+def quanto_extension_built() -> bool:
+    """Whether optimum-quanto's CUDA extension is built for this torch: quanto (0.2.7) builds it on its first CUDA
+    use, then writes the torch version into its build folder."""
+    import importlib.util
+
+    import torch
+
+    spec = importlib.util.find_spec("optimum.quanto")
+    version = Path(spec.origin).parent / "library" / "extensions" / "cuda" / "build" / "pytorch_version.txt"
+    return version.is_file() and version.read_text().strip() == torch.__version__
+
+
 def quantized_cache_note(rows) -> str:
-    """What the rows say about transformers' QuantizedCache: measured, failed (the first error), or not installed."""
+    """What the rows say about transformers' QuantizedCache: measured (in how many rows), failed (the first error),
+    or not installed."""
     from qjl.presets import quanto_available
 
     if not quanto_available():
@@ -172,7 +209,12 @@ def quantized_cache_note(rows) -> str:
     errors = [r["quantized_cache_error"] for r in rows if "quantized_cache_error" in r]
     if errors:
         return f"failed in {len(errors)} of {len(rows)} rows: {errors[0]}"
-    return "quantized_cache_ms: transformers' QuantizedCache on optimum-quanto, 4 bits"
+    skipped = sum("quantized_cache_skipped" in r for r in rows)
+    measured = "quantized_cache_ms: transformers' QuantizedCache on optimum-quanto, 4 bits"
+    if skipped:
+        return (f"{measured}, in {len(rows) - skipped} of {len(rows)} rows: the others ran before optimum-quanto's "
+                "CUDA extension was built (--quanto-built-only)")
+    return measured
 
 
 def decode_inputs(batch: int, context: int, device, gen=None):
@@ -208,7 +250,8 @@ def sdpa_graph_ms(q, k, v, scale: float, names=("gqa", "folded")) -> dict:
     return {name: graph_ms([sdpa_calls(q, *kv, scale)[name] for kv in copies]) for name in names}
 
 
-def measure_row(config, batch, context, device, measure, timed: bool, prefill: bool) -> dict:
+def measure_row(config, batch, context, device, measure, timed: bool, prefill: bool,
+                quanto_built_only: bool = False) -> dict:
     import torch
     import torch.nn.functional as F
 
@@ -252,7 +295,9 @@ def measure_row(config, batch, context, device, measure, timed: bool, prefill: b
         row["oom"] = True
     finally:
         os.environ.pop("QJL_BACKEND", None)
-    if quanto_available():
+    if quanto_available() and quanto_built_only and device.type == "cuda" and not quanto_extension_built():
+        row["quantized_cache_skipped"] = "optimum-quanto's CUDA extension not built yet"
+    elif quanto_available():
         try:
             row["quantized_cache_ms"] = quantized_cache_step_ms(k, v, q, scale)
         except Exception as error:  # noqa: BLE001  third-party: e.g. quanto's CUDA extension needs ninja and nvcc
@@ -342,7 +387,7 @@ def run(args) -> int:
         for context in [int(c) for c in args.contexts.split(",")]:
             timed = device.type == "cuda" or context <= args.cpu_max_context
             prefill = batch == 1 and context <= args.prefill_max_context
-            row = measure_row(config, batch, context, device, measure, timed, prefill)
+            row = measure_row(config, batch, context, device, measure, timed, prefill, args.quanto_built_only)
             for key in ("full", "qjl"):
                 row[f"{key}_bytes_at_bandwidth_ms"] = row["bytes"][key] / bandwidth / 1e6
             rows.append(row)

@@ -30,13 +30,19 @@ def flushed_tokens(n_compressed: int, n_buffered: int, buffer_keep: int, group_s
     return max(n - (n_compressed + n) % group_size, 0)
 
 
-def prompt_split(n_tokens: int, sink_tokens: int, buffer_size: int, group_size: int,
-                 buffer_keep: int = 0) -> tuple[int, int]:
-    """(compressed, exact) tokens of a layer that took an ``n_tokens`` prompt in one ``update``: the first
-    ``sink_tokens`` to the sink, the rest to the buffer, which flushes once if it reached ``buffer_size``."""
-    buffered = max(n_tokens - sink_tokens, 0)
-    compressed = flushed_tokens(0, buffered, buffer_keep, group_size) if buffered >= buffer_size else 0
-    return compressed, n_tokens - compressed
+def prompt_split(n_tokens: int, sink_tokens: int, buffer_size: int, group_size: int, buffer_keep: int = 0,
+                 n_decoded: int = 0) -> tuple[int, int]:
+    """(compressed, exact) tokens of a layer that took an ``n_tokens`` prompt in one ``update``, then ``n_decoded``
+    tokens one ``update`` each: each fills the sink first, then the buffer, which flushes whenever it reaches
+    ``buffer_size``."""
+    compressed, sink, buffered = 0, 0, 0
+    for arriving in [n_tokens] + [1] * n_decoded:
+        to_sink = min(arriving, sink_tokens - sink)
+        sink, buffered = sink + to_sink, buffered + arriving - to_sink
+        if buffered >= buffer_size:
+            flushed = flushed_tokens(compressed, buffered, buffer_keep, group_size)
+            compressed, buffered = compressed + flushed, buffered - flushed
+    return compressed, sink + buffered
 
 
 class CompressedLayer(DynamicLayer):

@@ -1,11 +1,14 @@
 """Launch choices of the fused QJL decode kernel on this GPU: pipeline stages, warps per program, register cap,
-prefetch of per-token numbers, the exact tokens' tile, programs per multiprocessor, the splits' L2 prefetch, the
-queries' projection in column blocks and both limbs in one sign product, at
-Llama-3.1-8B attention shapes (32 query heads, 8 KV heads, head dim 128, bf16) and the 3bit preset, next to bf16 SDPA
-(grouped-query, and with each KV head's queries folded into rows). Times are CUDA-graph replays with the L2 cache
-cold (each call on its own copy of the inputs, in turn), as in ``bench-kernels`` (``graph_ms``). Prints and writes
-JSON; ``max_diff`` is each choice's largest difference from the default launch, ``resident`` the programs a
-multiprocessor holds.
+prefetch of per-token numbers and outlier channels, the exact tokens' tile and programs, programs per multiprocessor,
+the queries' projection in column blocks and both limbs in one sign product, at Llama-3.1-8B attention shapes (32
+query heads, 8 KV heads, head dim 128, bf16) and the 3bit preset, next to bf16 SDPA (grouped-query, and with each KV
+head's queries folded into rows). Times are CUDA-graph replays with the L2 cache cold (each call on its own copy of
+the inputs, in turn), as in ``bench-kernels`` (``graph_ms``), in ``ROUNDS`` rounds whose order of launches turns a
+place each round, the median of a launch's rounds reported. Each shape has two decode states: the layer as the
+prompt leaves it (4 sink and 28 buffered tokens at 32k, what ``bench-kernels`` times), and the same layer with its
+buffer one token short of a flush (``buffer_filling``: 131 exact tokens, the most a step reads), timed at the
+launches that place the exact tokens. Prints and writes JSON; ``max_diff`` is each choice's largest difference
+from the default launch, ``resident`` the programs a multiprocessor holds.
 
 A kernel to compare against, where one is wanted, goes beside the current one before the run (untracked files travel
 to a GPU machine; its history does not), and is timed at its own defaults on the same card:
@@ -18,6 +21,7 @@ import argparse
 import importlib
 import itertools
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -30,6 +34,7 @@ from kernels.decode_attention import INTERPRETER_PROGRAMS_PER_SM, RESIDENT_PROGR
 from profiling.cmd_bench_kernels import (  # noqa: E402
     HEAD_DIM,
     KV_HEADS,
+    buffer_filling,
     cold_inputs,
     decode_bytes,
     decode_inputs,
@@ -78,6 +83,13 @@ from qjl.config import QJLConfig  # noqa: E402
 SIX_PROGRAMS = dict(num_stages=2, maxnreg=168, BLOCK_EXACT=32, EXACT_PADDED=True, STACKED_LIMBS=False)
 TUNINGS = [SIX_PROGRAMS, dict(num_stages=2), dict(num_stages=4), dict(project_blocks=4), dict(PREFETCH=False),
            dict(PDL=False), dict(PREFETCH_CHANNELS=True)]
+# With a full buffer (131 exact tokens a KV head) the exact tokens spread over as many programs as the wave has room
+# for (``exact_split``: three of 48 tokens at batch 1 and 32k, five of 32 at batch 8, after the wave's last split);
+# against them, one program a KV head (as before ``exact_split``), and (per shape) one split fewer.
+FULL_BUFFER_TUNINGS = [dict(exact_tokens=4096)]
+# The rounds' order turns so that no launch is always timed first: in two runs with one round (92a46ce and before),
+# the default, timed first, came out 2% slower at batch 1 and 32k than identical launches timed later.
+ROUNDS = 3
 BASELINE = "kernels.decode_attention_baseline"
 
 
@@ -88,14 +100,73 @@ def baseline_kernel():
         return None
 
 
-def main():
+def timed_in_rounds(launches: list, rounds: int = ROUNDS) -> list:
+    """The median over ``rounds`` of each launch's ``graph_ms`` (``launches``: lists of calls, one per copy of the
+    inputs), round ``r`` timing them from launch ``r`` on, in a circle; None for a launch that cannot be captured."""
+    times = [[] for _ in launches]
+    for r in range(rounds):
+        for i in range(len(launches)):
+            turn = (r + i) % len(launches)
+            times[turn].append(graph_ms(launches[turn], rep=100 // rounds))
+    return [None if None in ms else statistics.median(ms) for ms in times]
+
+
+def fewer_splits(resident: int, batch: int, device: torch.device) -> dict:
+    """The split count that keeps each KV head's exact-tokens programs in the wave of ``resident`` programs a
+    multiprocessor: at batch 8 one fewer than the default, whose exact programs wait for a split to finish; at batch 1
+    the default's own, once tokens per split round up to whole tiles."""
+    return dict(splits=max(1, resident * multiprocessors(device) // (batch * KV_HEADS) - 1))
+
+
+def sweep_state(fused_copies, tunings, baseline=None) -> dict:
+    """The default launch and each launch of ``tunings(resident)`` (``resident``: the default's programs a
+    multiprocessor) on one decode state (``fused_copies``: the fused kernel's arguments, one tuple per copy of the
+    inputs): their times (``timed_in_rounds``), the programs a multiprocessor holds, and each launch's largest
+    difference from the default's output; the baseline kernel's too, where given."""
+    RESIDENT_PROGRAMS.clear()
+    reference = decode_attention(*fused_copies[0]).float()
+    state = dict(default_resident=next(iter(RESIDENT_PROGRAMS.values()), INTERPRETER_PROGRAMS_PER_SM), tunings=[])
+    launches = [[lambda args=args: decode_attention(*args) for args in fused_copies]]
+    for tuning in tunings(state["default_resident"]):
+        RESIDENT_PROGRAMS.clear()
+        out = decode_attention(*fused_copies[0], tuning=tuning)
+        resident = next(iter(RESIDENT_PROGRAMS.values()), None)  # none where the tuning gives programs_per_sm
+        state["tunings"].append(dict(tuning, resident=resident, max_diff=(out.float() - reference).abs().max().item()))
+        launches.append([lambda args=args, tuning=tuning: decode_attention(*args, tuning=tuning)
+                         for args in fused_copies])
+    if baseline is not None:
+        state["baseline_max_diff"] = (baseline(*fused_copies[0]).float() - reference).abs().max().item()
+        launches.append([lambda args=args: baseline(*args) for args in fused_copies])
+    times = timed_in_rounds(launches)
+    state["default_ms"] = times[0]
+    for tuning, ms in zip(state["tunings"], times[1:]):
+        tuning["ms"] = ms
+    if baseline is not None:
+        state["baseline_ms"] = times[-1]
+    return state
+
+
+def report(title: str, state: dict, sdpa: float, nbytes: int):
+    """Prints one state's line and its launches' rows, each with its time against the default's."""
+    print(f"{title}: default {state['default_ms']:.4f} ms ({state['default_resident']} resident, "
+          f"{sdpa / state['default_ms']:.2f}x sdpa, {nbytes / state['default_ms'] / 1e6:.0f} GB/s)", flush=True)
+    if state.get("baseline_ms"):
+        print(f"    baseline {state['baseline_ms']:.4f} ms ({state['baseline_ms'] / state['default_ms']:.3f}x the "
+              "default's time)", flush=True)
+    for t in state["tunings"]:
+        against = f" ({t['ms'] / state['default_ms']:.3f}x the default's time)" if t["ms"] else " (not captured)"
+        print("   ", t, against, flush=True)
+
+
+def main(argv=None):
     parser = argparse.ArgumentParser()
     parser.add_argument("out", type=Path)
     parser.add_argument("--contexts", default="32768,131072")
     parser.add_argument("--batches", default="1,8")
     parser.add_argument("--preset", default="3bit")
-    args = parser.parse_args()
-    device = torch.device("cuda")
+    parser.add_argument("--device", default="cuda", help="cuda; cpu only under Triton's interpreter, for tests")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
     config = QJLConfig.preset(args.preset, head_dim=HEAD_DIM)
     baseline = baseline_kernel()
     rows = []
@@ -104,46 +175,30 @@ def main():
         scale = HEAD_DIM ** -0.5
         row = dict(batch=batch, context=context, bytes=decode_bytes(config, batch, context))
         row.update({f"sdpa_{name}_ms": ms for name, ms in sdpa_graph_ms(q, k, v, scale).items()})
+        sdpa = min(row["sdpa_gqa_ms"], row["sdpa_folded_ms"])
+        filling = buffer_filling(config, context)
+        full_bytes = decode_bytes(config, batch, context, filling)
         copies = cold_inputs(lambda: decode_arguments(qjl_layer(config, k, v), q, scale), row["bytes"]["qjl"],
                              device)
+        full_copies = cold_inputs(lambda: decode_arguments(qjl_layer(config, k, v, filling), q, scale),
+                                  full_bytes["qjl"], device)
         k = v = None  # frees the bf16 caches (a del would unbind names the copies' lambdas read)
-        fused_args = copies[0]
-        RESIDENT_PROGRAMS.clear()
-        reference = decode_attention(*fused_args).float()
-        # the split count that keeps each KV head's exact-tokens program in the wave (the driver's count just read):
-        # at batch 8 one fewer than the default, whose exact programs wait for a split to finish; at batch 1 the
-        # default's own once tokens per split round up to whole tiles
-        row["default_resident"] = next(iter(RESIDENT_PROGRAMS.values()), INTERPRETER_PROGRAMS_PER_SM)
-        slots = row["default_resident"] * multiprocessors(device)
-        tunings = TUNINGS + [dict(splits=max(1, slots // (batch * KV_HEADS) - 1))]
-        row["default_ms"] = graph_ms([lambda args=args: decode_attention(*args) for args in copies])
-        if baseline is not None:
-            row["baseline_ms"] = graph_ms([lambda args=args: baseline(*args) for args in copies])
-            row["baseline_max_diff"] = (baseline(*fused_args).float() - reference).abs().max().item()
-        row["tunings"] = []
-        for tuning in tunings:
-            RESIDENT_PROGRAMS.clear()
-            out = decode_attention(*fused_args, tuning=tuning)
-            resident = next(iter(RESIDENT_PROGRAMS.values()), None)  # none where the tuning gives programs_per_sm
-            ms = graph_ms([lambda args=args: decode_attention(*args, tuning=tuning) for args in copies])
-            row["tunings"].append(dict(tuning, resident=resident, ms=ms,
-                                       max_diff=(out.float() - reference).abs().max().item()))
-        best = min(row["tunings"], key=lambda t: t["ms"])
-        sdpa = min(row["sdpa_gqa_ms"], row["sdpa_folded_ms"])
-        against = (f" baseline {row['baseline_ms']:.4f} ms ({row['baseline_ms'] / row['default_ms']:.2f}x the "
-                   f"default's time)" if baseline is not None else "")
-        print(f"batch {batch} context {context}: sdpa gqa {row['sdpa_gqa_ms']:.4f} folded {row['sdpa_folded_ms']:.4f}"
-              f" default {row['default_ms']:.4f} ms ({row['default_resident']} resident, "
-              f"{sdpa / row['default_ms']:.2f}x sdpa, "
-              f"{row['bytes']['qjl'] / row['default_ms'] / 1e6:.0f} GB/s){against}; best {best} "
-              f"({sdpa / best['ms']:.2f}x sdpa)", flush=True)
-        for t in row["tunings"]:
-            print("   ", t, flush=True)
+        row.update(sweep_state(copies, lambda resident: TUNINGS + [fewer_splits(resident, batch, device)], baseline))
+        report(f"batch {batch} context {context}: sdpa gqa {row['sdpa_gqa_ms']:.4f} folded "
+               f"{row['sdpa_folded_ms']:.4f}", row, sdpa, row["bytes"]["qjl"])
+        copies = None
+        row["full_buffer"] = dict(decoded=filling, bytes=full_bytes,
+                                  **sweep_state(full_copies, lambda resident: FULL_BUFFER_TUNINGS
+                                                + [fewer_splits(resident, batch, device)]))
+        report(f"  {full_bytes['exact_tokens']} exact tokens (buffer one short of a flush)", row["full_buffer"],
+               sdpa, full_bytes["qjl"])
         rows.append(row)
-        copies = fused_args = reference = out = None  # frees the caches before empty_cache
-        torch.cuda.empty_cache()
+        full_copies = None  # frees the caches before empty_cache
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(dict(device=torch.cuda.get_device_name(), preset=args.preset,
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    args.out.write_text(json.dumps(dict(device=name, preset=args.preset, rounds=ROUNDS,
                                         baseline=baseline is not None, rows=rows), indent=1))
 
 

@@ -637,3 +637,61 @@ def test_whole_model_decoding_through_kernels_matches_torch(monkeypatch, tiny_ll
     assert cache.nbytes() == ref_cache.nbytes()
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
     assert torch.equal(out.argmax(-1), ref.argmax(-1))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU scripts/gpu-check.sh runs the sweep itself")
+def test_sweep_times_every_launch_in_turning_rounds_at_both_decode_states(tmp_path, monkeypatch):
+    """``scripts/sweep_decode.py`` end to end (a 140-token prompt, batch 1) with its CUDA-graph timer replaced by one
+    that records the launch each timed call makes: every launch timed once a round, round ``r`` from launch ``r`` on
+    (a timer's lambdas bound late would all make the last launch); the full-buffer state holds the buffer one short of
+    a flush; every launch's numbers are the default's; the JSON holds both states with their medians."""
+    import json
+
+    import profiling.cmd_bench_kernels as bench
+    import scripts.sweep_decode as sweep
+    from qjl.config import QJLConfig
+
+    launched, timing = [], []
+    kernel = sweep.decode_attention
+
+    def recorded(*args, tuning=None):
+        if timing:
+            launched.append(tuning or {})
+            return None
+        return kernel(*args, tuning=tuning)
+
+    def timer(calls, rep=100):
+        timing.append(True)
+        for call in calls:
+            call()
+        timing.clear()
+        return float(len(launched))  # the calls made so far: each launch's time says when it was timed
+
+    def one_copy(make, nbytes, device, first=None):
+        return [first if first is not None else make()]
+
+    monkeypatch.setattr(sweep, "decode_attention", recorded)
+    monkeypatch.setattr(sweep, "graph_ms", timer)
+    monkeypatch.setattr(sweep, "cold_inputs", one_copy)
+    monkeypatch.setattr(bench, "graph_ms", lambda calls, rep=100: 1.0)  # SDPA
+    monkeypatch.setattr(bench, "cold_inputs", one_copy)
+    out = tmp_path / "sweep.json"
+    sweep.main([str(out), "--device", "cpu", "--contexts", "140", "--batches", "1"])
+
+    fewer = dict(splits=sweep.INTERPRETER_PROGRAMS_PER_SM * multiprocessors(torch.device("cpu")) // bench.KV_HEADS - 1)
+    prompt_launches = [{}] + sweep.TUNINGS + [fewer]
+    full_launches = [{}] + sweep.FULL_BUFFER_TUNINGS + [fewer]
+    expected = [launches[(r + i) % len(launches)] for launches in (prompt_launches, full_launches)
+                for r in range(sweep.ROUNDS) for i in range(len(launches))]
+    assert launched == expected
+    row = json.loads(out.read_text())["rows"][0]
+    config = QJLConfig.preset("3bit", head_dim=128)
+    assert row["bytes"]["exact_tokens"] == 12  # 140 = 4 sink + 128 compressed + 8 buffered
+    assert row["full_buffer"]["bytes"]["exact_tokens"] == config.sink_tokens + config.buffer_size - 1
+    for state, launches, calls_before in ((row, prompt_launches, 0),
+                                          (row["full_buffer"], full_launches, len(prompt_launches) * sweep.ROUNDS)):
+        n = len(launches)
+        # the medians are round 1's times: call 2n of the state for the default (round 1's last), n + i for launch i
+        assert state["default_ms"] == calls_before + 2 * n
+        assert [t["ms"] for t in state["tunings"]] == [calls_before + n + i for i in range(1, n)]
+        assert all(t["max_diff"] < 1e-2 for t in state["tunings"]), state["tunings"]

@@ -92,11 +92,13 @@ def test_graph_timings_take_copies_in_turn_enough_to_leave_the_l2_cold(monkeypat
 
 @pytest.mark.parametrize("sliding", [False, True])
 def test_decode_bytes_count_what_the_timed_layer_holds(sliding):
-    """The bytes model (bytes, GB/s) counts the tokens a layer holds after the prompt, as ``flush`` leaves them: a
-    remainder of the group exact, not of the buffer (at 32k, 4 sink and 28 buffered tokens, not 128). Where a step
-    reads every tensor the layer holds (some tokens compressed) the bytes are ``nbytes``' to the byte; below a full
-    buffer only the exact tokens are read (the layer also holds the keys' mean). Around the sink, the buffer's size and
-    the group's size, batch 2; and a sliding buffer (``buffer_keep``)."""
+    """The bytes model (bytes, GB/s) counts the tokens a layer holds after the prompt and the tokens decoded after
+    it, as ``flush`` leaves them: a remainder of the group exact after the prompt, not of the buffer (at 32k, 4 sink
+    and 28 buffered tokens, not 128), and a buffer that flushes when decoding fills it. Where a step reads every
+    tensor the layer holds (some tokens compressed) the bytes are ``nbytes``' to the byte; below a full buffer only the
+    exact tokens are read (the layer also holds the keys' mean). Around the sink, the buffer's size and the group's
+    size, batch 2, decoded tokens that fill the sink, flush and refill the buffer; and a sliding buffer
+    (``buffer_keep``)."""
     import torch
 
     from profiling.cmd_bench_kernels import HEAD_DIM, KV_HEADS, decode_bytes, qjl_layer
@@ -104,13 +106,64 @@ def test_decode_bytes_count_what_the_timed_layer_holds(sliding):
 
     config = QJLConfig.preset("3bit", head_dim=HEAD_DIM)
     config = config.sliding() if sliding else config
-    for context in (3, 4, 100, 131, 132, 133, 163, 164, 1024, 2077):
+    for context, decoded in ((3, 0), (4, 0), (100, 0), (131, 0), (132, 0), (133, 0), (163, 0), (164, 0), (1024, 0),
+                             (2077, 0), (2, 3), (100, 40), (1024, 99), (1024, 100), (1024, 260), (133, 131)):
         keys = torch.randn(2, KV_HEADS, context, HEAD_DIM, generator=torch.Generator().manual_seed(context))
-        layer = qjl_layer(config, keys.bfloat16(), keys.flip(-1).bfloat16())
-        model = decode_bytes(config, 2, context)
+        layer = qjl_layer(config, keys.bfloat16(), keys.flip(-1).bfloat16(), decoded)
+        model = decode_bytes(config, 2, context, decoded)
         exact = layer.sink_keys.shape[2] + layer.buffer_keys.shape[2]
-        assert (model["compressed_tokens"], model["exact_tokens"]) == (layer.n_compressed, exact), context
+        assert (model["compressed_tokens"], model["exact_tokens"]) == (layer.n_compressed, exact), (context, decoded)
         exact_bytes = 2 * KV_HEADS * exact * HEAD_DIM * 2 * 2  # batch 2, keys and values, bf16
         held = layer.nbytes() if layer.n_compressed else exact_bytes
-        assert model["qjl"] == held, context
+        assert model["qjl"] == held, (context, decoded)
+        assert model["full"] == 2 * KV_HEADS * (context + decoded) * HEAD_DIM * 2 * 2
     assert decode_bytes(QJLConfig.preset("3bit", head_dim=HEAD_DIM), 1, 32768)["exact_tokens"] == 32
+
+
+@pytest.mark.parametrize("context", [2, 1024, 2077])
+def test_buffer_filling_leaves_the_buffer_one_short_of_a_flush(context):
+    """The sweep's heaviest decode state: after ``buffer_filling`` decoded tokens the sink is full and the buffer
+    holds ``buffer_size - 1`` tokens, and one token more flushes it."""
+    import torch
+
+    from profiling.cmd_bench_kernels import HEAD_DIM, buffer_filling, qjl_layer
+    from qjl.config import QJLConfig
+
+    config = QJLConfig.preset("3bit", head_dim=HEAD_DIM)
+    keys = torch.randn(1, 2, context, HEAD_DIM, generator=torch.Generator().manual_seed(context)).bfloat16()
+    layer = qjl_layer(config, keys, keys, buffer_filling(config, context))
+    assert (layer.sink_keys.shape[2], layer.buffer_keys.shape[2]) == (config.sink_tokens, config.buffer_size - 1)
+    compressed = layer.n_compressed
+    layer.update(keys[:, :, :1], keys[:, :, :1])
+    assert layer.n_compressed > compressed and layer.buffer_keys.shape[2] < config.buffer_size - 1
+
+
+def test_quanto_extension_counts_as_built_for_this_torch_only(tmp_path, monkeypatch):
+    """``--quanto-built-only`` reads quanto's build folder: built where it holds this torch's version, not where it is
+    missing or names another torch (quanto would build again); and the results' note says in how many rows
+    QuantizedCache was timed."""
+    import importlib.util
+
+    import torch
+
+    import qjl.presets
+    from profiling import cmd_bench_kernels as bench
+
+    package = tmp_path / "optimum" / "quanto"
+    build = package / "library" / "extensions" / "cuda" / "build"
+    build.mkdir(parents=True)
+    spec = importlib.util.spec_from_file_location("optimum.quanto", package / "__init__.py")
+    built = []
+    with monkeypatch.context() as patched:
+        patched.setattr(importlib.util, "find_spec", lambda name: spec)
+        built.append(bench.quanto_extension_built())
+        (build / "pytorch_version.txt").write_text("2.0.0\n")
+        built.append(bench.quanto_extension_built())
+        (build / "pytorch_version.txt").write_text(torch.__version__ + "\n")
+        built.append(bench.quanto_extension_built())
+    assert built == [False, False, True]
+    monkeypatch.setattr(qjl.presets, "quanto_available", lambda: True)
+    note = bench.quantized_cache_note([{"quantized_cache_ms": 1.0}, {"quantized_cache_skipped": "not built yet"}])
+    assert note.endswith("in 1 of 2 rows: the others ran before optimum-quanto's CUDA extension was built "
+                         "(--quanto-built-only)")
+    assert bench.quantized_cache_note([{"quantized_cache_ms": 1.0}]).endswith("4 bits")
