@@ -795,7 +795,9 @@ def decode_attention(query: torch.Tensor, keys, values, value_bits: int, matrix:
     def present(t):  # what a constexpr compiles away still needs a pointer
         return signs if t is None else t.contiguous()
 
-    mean = key_mean.float().contiguous() if key_mean is not None else q
+    # the mean as the layer stores it (the kernel converts it): a conversion here would be a kernel of its own each
+    # step, between the projection and the splits
+    mean = key_mean.contiguous() if key_mean is not None else q
     oscale = sketch_scale(outlier_matrix) if outlier_matrix is not None else 0.0
 
     def arguments(parts, per_split, exact):

@@ -48,7 +48,7 @@ POINTERS = {
                            sums_ptr="*fp32", work_ptr="*fp32", arrivals_ptr="*i32"),
     "decode_split": dict(q_ptr="*bf16", tables_ptr="*i8", table_scales_ptr="*fp32", table_sums_ptr="*fp32",
                          sp_ptr="*i8", sp_scales_ptr="*fp32", sp_sums_ptr="*fp32", spo_ptr="*i8",
-                         spo_scales_ptr="*fp32", spo_sums_ptr="*fp32", mean_ptr="*fp32",
+                         spo_scales_ptr="*fp32", spo_sums_ptr="*fp32", mean_ptr="*bf16",
                          signs_ptr="*u8", norms_ptr="*fp16", idx_ptr="*u8",
                          osigns_ptr="*u8", onorms_ptr="*fp16", oresiduals_ptr="*fp16", vpacked_ptr="*u8",
                          vscales_ptr="*fp16", vmins_ptr="*fp16", sink_k_ptr="*bf16", sink_v_ptr="*bf16",
@@ -60,7 +60,7 @@ POINTERS = {
                            n_splits="i32"),
 }
 # The arguments in the model's dtype, fp32 where a launch is for an fp32 model (``PRECISE``).
-FP32_MODEL_POINTERS = ("q_ptr", "sink_k_ptr", "sink_v_ptr", "buf_k_ptr", "buf_v_ptr")
+FP32_MODEL_POINTERS = ("q_ptr", "mean_ptr", "sink_k_ptr", "sink_v_ptr", "buf_k_ptr", "buf_v_ptr")
 LAUNCH_OPTIONS = ("num_warps", "num_stages", "maxnreg")  # launch options a launch_config may set, not constexprs
 # Integer arguments that are multiples of 16 at the usual launches, which Triton specializes on (it compiles such a
 # launch apart): the decode kernel's token count (whole groups of 32 tokens are compressed), tokens per split (a

@@ -649,7 +649,6 @@ def test_sweep_times_every_launch_in_turning_rounds_at_both_decode_states(tmp_pa
 
     import profiling.cmd_bench_kernels as bench
     import scripts.sweep_decode as sweep
-    from qjl.config import QJLConfig
 
     launched, timing = [], []
     kernel = sweep.decode_attention
@@ -695,3 +694,57 @@ def test_sweep_times_every_launch_in_turning_rounds_at_both_decode_states(tmp_pa
         assert state["default_ms"] == calls_before + 2 * n
         assert [t["ms"] for t in state["tunings"]] == [calls_before + n + i for i in range(1, n)]
         assert all(t["max_diff"] < 1e-2 for t in state["tunings"]), state["tunings"]
+
+
+# What a decode step may ask of torch besides its kernels: allocations and views, none of which runs on the device.
+HOST_ONLY_OPS = {"aten.empty.memory_format", "aten.new_empty.default", "aten.empty_like.default", "aten.view.default",
+                 "aten._unsafe_view.default", "aten.alias.default", "aten.detach.default", "aten.select.int",
+                 "aten.slice.Tensor", "aten.as_strided.default", "aten.expand.default", "aten.view.dtype"}
+
+
+def test_fused_decode_step_launches_its_three_kernels_and_nothing_else(monkeypatch):
+    """At the benchmark's shapes (Llama-3.1-8B: 4 queries a KV head, bf16, the 3bit preset's centred keys) one decode
+    step is the projection, the splits and the merge: torch is asked for allocations and views only. A conversion
+    of the keys' mean to float32 on the host was a fourth kernel each step, between the projection and the splits
+    (and the kernel that the splits' programmatic launch waited on)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    import kernels.combine_splits as merge_module
+    import kernels.decode_attention as split_module
+    import kernels.decode_project as project_module
+
+    launched = []
+
+    class Recorded:
+        def __init__(self, name):
+            self.name = name
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launched.append(self.name)
+
+    monkeypatch.setattr(project_module, "project_kernel", Recorded("projection"))
+    monkeypatch.setattr(split_module, "decode_split_kernel", Recorded("splits"))
+    monkeypatch.setattr(merge_module, "combine_splits_kernel", Recorded("merge"))
+
+    class TorchOps(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.add(str(func))
+            return func(*args, **(kwargs or {}))
+
+    config = QJLConfig.preset("3bit", head_dim=128)
+    gen = torch.Generator().manual_seed(0)
+    keys, values = (torch.randn(1, 2, 300, 128, generator=gen).bfloat16() for _ in range(2))
+    layer = QJLLayer(config, layer_idx=config.initial_layers)
+    layer.update(keys, values)
+    query = torch.randn(1, 8, 1, 128, generator=gen).bfloat16()
+    arguments = decode_arguments(layer, query, 128 ** -0.5)
+    decode_attention(*arguments)  # the sketch's tables, made once per sketch, are not a step's
+    launched.clear()
+    with TorchOps() as mode:
+        decode_attention(*arguments)
+    assert launched == ["projection", "splits", "merge"]
+    assert mode.ops <= HOST_ONLY_OPS, mode.ops - HOST_ONLY_OPS
