@@ -19,9 +19,11 @@ BLOCK_ELEMENTS = 128 * BLOCK_COLUMNS
 
 @triton.jit
 def combine_splits_kernel(part_m_ptr, part_l_ptr, part_acc_ptr, out_ptr, n_splits, M: tl.constexpr,
-                          D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, PDL: tl.constexpr = False):
+                          ROWS: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+                          PDL: tl.constexpr = False):
     """Program ``(bh, row, column block)``: partial max and sum ``[BH, S, M]`` (log2 units), output
-    ``[BH, S, M, D]``. ``PDL``: launched before the kernel that writes them has finished."""
+    ``[BH, S, M, D]``, of which the first ``ROWS`` rows go to ``out`` ``[BH, ROWS, D]``. ``PDL``: launched before the
+    kernel that writes them has finished."""
     if PDL:
         gdc_wait()
     bh, row, block = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -43,7 +45,7 @@ def combine_splits_kernel(part_m_ptr, part_l_ptr, part_acc_ptr, out_ptr, n_split
                             mask=ok[:, None] & (offs_d[None, :] < D), other=0.0)
         acc = acc * alpha + tl.sum(weight[:, None] * block_acc, axis=0)
         m_run = m_new
-    tl.store(out_ptr + (bh * M + row) * D + offs_d, (acc / l_run).to(out_ptr.dtype.element_ty), mask=offs_d < D)
+    tl.store(out_ptr + (bh * ROWS + row) * D + offs_d, (acc / l_run).to(out_ptr.dtype.element_ty), mask=offs_d < D)
 
 
 def launch_config(head_dim: int, splits: int = MAX_BLOCK_SPLITS) -> dict:
@@ -53,12 +55,15 @@ def launch_config(head_dim: int, splits: int = MAX_BLOCK_SPLITS) -> dict:
 
 
 def combine_splits(part_m: torch.Tensor, part_l: torch.Tensor, part_acc: torch.Tensor, dtype: torch.dtype,
-                   pdl: bool = False):
-    """``[BH, S, M]`` maxima and sums and ``[BH, S, M, D]`` outputs -> ``[BH, M, D]`` of ``dtype``; ``pdl``: launched
-    programmatically (``kernels.common``), overlapping the end of the kernel that writes them."""
+                   pdl: bool = False, rows: int | None = None):
+    """``[BH, S, M]`` maxima and sums and ``[BH, S, M, D]`` outputs -> ``[BH, rows, D]`` of ``dtype``, the first
+    ``rows`` (all ``M`` by default; the rest are a launch's zero queries); ``pdl``: launched programmatically
+    (``kernels.common``), overlapping the end of the kernel that writes them."""
     bh, splits, m, d = part_acc.shape
-    out = part_acc.new_empty(bh, m, d, dtype=dtype)
+    rows = m if rows is None else rows
+    out = part_acc.new_empty(bh, rows, d, dtype=dtype)
     config = launch_config(d, splits)
-    combine_splits_kernel[(bh, m, triton.cdiv(d, config["BLOCK_D"]))](part_m, part_l, part_acc, out, splits, M=m,
-                                                                        **config, **programmatic_options(pdl))
+    combine_splits_kernel[(bh, rows, triton.cdiv(d, config["BLOCK_D"]))](part_m, part_l, part_acc, out, splits, M=m,
+                                                                           ROWS=rows, **config,
+                                                                           **programmatic_options(pdl))
     return out

@@ -201,13 +201,14 @@ def _outlier_channels(idx_ptr, kv, start, end, n_groups, M: tl.constexpr, K: tl.
 @triton.jit
 def _tile_scores(tables_ptr, table_scales_ptr, table_sums_ptr, q_ptr, bh, channel, rows, ok, weight,
                  signs_ptr, osigns_ptr, onorms_ptr, oresiduals_ptr, sp_ptr, sp_scales_ptr, sp_sums_ptr,
-                 spo_ptr, spo_scales_ptr, spo_sums_ptr, scale, oscale, M: tl.constexpr, M_PAD: tl.constexpr,
-                 D: tl.constexpr, BYTES: tl.constexpr, BP: tl.constexpr, OBYTES: tl.constexpr,
+                 spo_ptr, spo_scales_ptr, spo_sums_ptr, scale, oscale, QUERIES: tl.constexpr, M: tl.constexpr,
+                 M_PAD: tl.constexpr, D: tl.constexpr, BYTES: tl.constexpr, BP: tl.constexpr, OBYTES: tl.constexpr,
                  OBP: tl.constexpr, K: tl.constexpr, R_PAD: tl.constexpr, EXACT: tl.constexpr,
                  BLOCK_N: tl.constexpr, LIMBS: tl.constexpr, PRECISE: tl.constexpr, UNROLL: tl.constexpr,
                  ASM: tl.constexpr, STACKED: tl.constexpr):
     """Estimated scores ``[M, BLOCK_N]`` of the tile of global rows ``rows`` (real where ``ok``; within one outlier
-    group, whose channels are ``channel``, ``_outlier_channels``) whose keys' norms times ``scale`` are ``weight``.
+    group, whose channels are ``channel``, ``_outlier_channels``) whose keys' norms times ``scale`` are ``weight``,
+    for the program's ``QUERIES`` queries (rows from there to ``M`` as zero queries').
 
     Rows ``r < M`` of the sign product ``u = T . sign`` are the queries' (``S q . sign``); with sketched outliers,
     rows ``M + k`` are the sketch's column ``idx_k`` (``S[:, idx_k]``, bit order) in the same product, and ``Y``
@@ -258,7 +259,8 @@ def _tile_scores(tables_ptr, table_scales_ptr, table_sums_ptr, q_ptr, bh, channe
             term *= oweight[None, :]
         u *= weight[None, :]
         q_rows = tl.arange(0, M)
-        w = tl.load(q_ptr + (bh * M + q_rows[:, None]) * D + channel[None, :], mask=is_outlier[None, :],
+        wanted = is_outlier[None, :] & (q_rows[:, None] < QUERIES) if QUERIES < M else is_outlier[None, :]
+        w = tl.load(q_ptr + (bh * QUERIES + q_rows[:, None]) * D + channel[None, :], mask=wanted,
                     other=0.0).to(tl.float32)
         w = tl.where(q_rows[:, None] == r[None, :], 1.0, w)
         if EXACT and not PRECISE:
@@ -486,7 +488,7 @@ def decode_split_kernel(q_ptr, tables_ptr, table_scales_ptr, table_sums_ptr, sp_
                         vscales_ptr, vmins_ptr,
                         sink_k_ptr, sink_v_ptr, buf_k_ptr, buf_v_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, n_tokens,
                         n_groups, tokens_per_split, n_sink, n_buffer, scale, oscale, qk_scale,
-                        exact_programs, exact_per_program, M: tl.constexpr,
+                        exact_programs, exact_per_program, QUERIES: tl.constexpr, M: tl.constexpr,
                         M_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
                         DB_PAD: tl.constexpr,
                         BYTES: tl.constexpr, BP: tl.constexpr, OBYTES: tl.constexpr, OBP: tl.constexpr,
@@ -497,8 +499,9 @@ def decode_split_kernel(q_ptr, tables_ptr, table_scales_ptr, table_sums_ptr, sp_
                         UNROLL: tl.constexpr, ASM: tl.constexpr, PREFETCH: tl.constexpr, CHUNKS: tl.constexpr,
                         PAIRS: tl.constexpr, EXACT_PADDED: tl.constexpr, PDL: tl.constexpr = False,
                         STACKED_LIMBS: tl.constexpr = False, PREFETCH_CHANNELS: tl.constexpr = False):
-    """Program ``(bh, split)``: ``bh`` stands for ``M`` queries (a power of two, the last ones zero where the launcher
-    padded), chunk ``bh % CHUNKS`` of the group of (batch row and) KV head ``bh // CHUNKS``. Splits ``0 .. S-1`` take
+    """Program ``(bh, split)``: ``bh`` stands for ``QUERIES`` queries (``q`` ``[BH, QUERIES, D]``), taken as ``M``
+    (a power of two; zero queries past the real ones), chunk ``bh % CHUNKS`` of the group of (batch row and) KV head
+    ``bh // CHUNKS``. Splits ``0 .. S-1`` take
     compressed tokens, splits ``S .. S + E - 1`` (``E``: ``exact_programs``) the exact ones, ``exact_per_program``
     each, the sink's before the buffer's. Writes the split's max and sum (log2 units) ``[BH, S + E, M]`` and
     unnormalised output ``[BH, S + E, M, D]``.
@@ -525,7 +528,7 @@ def decode_split_kernel(q_ptr, tables_ptr, table_scales_ptr, table_sums_ptr, sp_
         minimum_sums = tl.zeros((M, BLOCK_N), dtype=tl.float32)
         bias = tl.zeros((M,), dtype=tl.float32)
         if CENTERED:
-            bias = query_mean(load_queries(q_ptr, bh, M, M, D, D_PAD), mean_ptr, kv, D, D_PAD) * qk_scale
+            bias = query_mean(load_queries(q_ptr, bh, QUERIES, M, D, D_PAD), mean_ptr, kv, D, D_PAD) * qk_scale
         first = split * tokens_per_split
         last = tl.minimum(first + tokens_per_split, n_tokens)
         # With PREFETCH the next tile's key weights, value scales and minimums load while this tile is computed: the
@@ -554,9 +557,9 @@ def decode_split_kernel(q_ptr, tables_ptr, table_scales_ptr, table_sums_ptr, sp_
                 channels = _outlier_channels(idx_ptr, kv, start, last, n_groups, M, K, R_PAD, GROUP)
             scores = _tile_scores(tables_ptr, table_scales_ptr, table_sums_ptr, q_ptr, bh, channels, rows, ok,
                                   key_weights, signs_ptr, osigns_ptr, onorms_ptr, oresiduals_ptr, sp_ptr,
-                                  sp_scales_ptr, sp_sums_ptr, spo_ptr, spo_scales_ptr, spo_sums_ptr, scale, oscale, M,
-                                  M_PAD, D, BYTES, BP, OBYTES, OBP, K, R_PAD, EXACT, BLOCK_N, LIMBS, PRECISE, UNROLL,
-                                  ASM, STACKED_LIMBS)
+                                  sp_scales_ptr, sp_sums_ptr, spo_ptr, spo_scales_ptr, spo_sums_ptr, scale, oscale,
+                                  QUERIES, M, M_PAD, D, BYTES, BP, OBYTES, OBP, K, R_PAD, EXACT, BLOCK_N, LIMBS,
+                                  PRECISE, UNROLL, ASM, STACKED_LIMBS)
             scores = tl.where(ok[None, :], scores * qk_scale + bias[:, None], float("-inf"))
             m_tile = tl.max(scores, axis=1)
             # The old terms are rescaled only when some query's max grew: rarely, once the maxima settle (every row
@@ -588,7 +591,7 @@ def decode_split_kernel(q_ptr, tables_ptr, table_scales_ptr, table_sums_ptr, sp_
         # benchmark's shapes at a cap of 128, three stages and 16 tokens a tile: no stack, not 16 bytes). A name
         # both branches set must keep one shape, hence exact_.
         ROWS: tl.constexpr = M_PAD if EXACT_PADDED else M
-        q = load_queries(q_ptr, bh, M, ROWS, D, D_PAD)
+        q = load_queries(q_ptr, bh, QUERIES, ROWS, D, D_PAD)
         exact_m = tl.full((ROWS,), float("-inf"), dtype=tl.float32)
         exact_l = tl.zeros((ROWS,), dtype=tl.float32)
         exact_acc = tl.zeros((ROWS, D_PAD), dtype=tl.float32)
@@ -639,11 +642,12 @@ def launch_config(group: int, head_dim: int, sketch_dim: int, outlier_sketch_dim
     obytes = outlier_sketch_dim // 8 if sketched else 2
     db_pad = pow2(head_dim // 8, 16)
     chunks = query_chunks(group, db_pad)
-    # The launcher pads a program's queries with zero queries to a power of two: the products pad them anyway, and
-    # masking a partial count took registers (3 queries at head dim 64: 218 registers and 470 instructions a tile,
-    # 4: 201 and 444, Triton 3.6).
+    # A program's products take its queries padded to a power of two, ``M``, with zero queries: the products pad them
+    # anyway, and a partial count in the products took registers (3 queries at head dim 64: 218 registers and 470
+    # instructions a tile, 4: 201 and 444, Triton 3.6). The kernels read the ``QUERIES`` real ones as zeros past
+    # them, so that no copy pads them (nor takes the outputs' real rows from padded ones) each step.
     queries = pow2(group // chunks)
-    config = dict(CHUNKS=chunks, M=queries, M_PAD=pow2(queries, 16), D=head_dim,
+    config = dict(CHUNKS=chunks, QUERIES=group // chunks, M=queries, M_PAD=pow2(queries, 16), D=head_dim,
                   D_PAD=pow2(head_dim, 16), DB_PAD=db_pad, BYTES=sketch_dim // 8,
                   BP=padded_bytes(sketch_dim), OBYTES=obytes, OBP=padded_bytes(8 * obytes), K=n_outliers,
                   # the sign product's rows: the queries and outlier channels, or (none) the scores' own M rows
@@ -775,9 +779,7 @@ def decode_attention(query: torch.Tensor, keys, values, value_bits: int, matrix:
     config.update(programmatic_options(pdl))
     project_tuning = dict(BLOCKS=tuning.pop("project_blocks", 1))
     programs, m = b * h * config["CHUNKS"], group // config["CHUNKS"]
-    q = query.reshape(programs, m, d)
-    # zero queries up to a power of two (launch_config), a copy only where some are missing
-    q = torch.nn.functional.pad(q, (0, 0, 0, config["M"] - m)) if config["M"] > m else q.contiguous()
+    q = query.reshape(programs, m, d).contiguous()  # the kernels take them as zero queries up to M (launch_config)
     def rows_of(sketch):  # limbs, scales, and the rows' sums of the limbs this launch takes
         _, limbs, limb_scales, sums = sketch_tables(sketch)
         return limbs, limb_scales, sums[config["LIMBS"] - 1]
@@ -821,5 +823,5 @@ def decode_attention(query: torch.Tensor, keys, values, value_bits: int, matrix:
     part_acc = q.new_empty(programs, splits + exact[0], config["M"], d, dtype=torch.float32)
     decode_split_kernel[(programs, splits + exact[0])](*arguments((part_m, part_l, part_acc), per_split, exact),
                                                     **config)
-    out = combine_splits(part_m, part_l, part_acc, query.dtype, pdl)  # [b h chunks, M, d], zero queries' rows last
-    return out[:, :m].reshape(b, 1, hq, d)
+    out = combine_splits(part_m, part_l, part_acc, query.dtype, pdl, rows=m)  # [b h chunks, m, d]
+    return out.reshape(b, 1, hq, d)

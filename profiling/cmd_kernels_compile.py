@@ -100,13 +100,14 @@ def launch_configs(shapes) -> list[tuple[str, str, dict]]:
             for precise in (False, True):  # bf16 or fp16 models, and fp32 ones (more limbs, high and low parts)
                 decode = (group, d, sketch, outlier, k, c.group_size, c.center_keys, c.value_bits, c.value_group_size,
                           exact, precise)
-                # a decode program's queries, as the launcher pads them, are what it projects and combines
-                queries = KERNELS["decode_split"][1](*decode)["M"]
+                # a decode program's queries are what it projects, and its padded rows what it combines
+                split = KERNELS["decode_split"][1](*decode)
+                queries, padded = split["QUERIES"], split["M"]
                 wanted += [("decode_project", (queries, d, sketch, precise)), ("decode_split", decode)]
             for kernel, args in wanted:
                 config = KERNELS[kernel][1](*args)
                 if kernel == "combine_splits":
-                    config = dict(config, M=queries)
+                    config = dict(config, M=padded, ROWS=queries)
                 key = (kernel, tuple(sorted(config.items())))
                 if key not in seen:
                     seen.add(key)

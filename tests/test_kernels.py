@@ -466,8 +466,8 @@ def test_fused_decode_takes_a_split_count(monkeypatch):
     arguments = decode_arguments(layer, query, 0.125)
     default = decode_attention(*arguments)
     launched = []
-    monkeypatch.setattr(fused, "combine_splits", lambda part_m, *rest: launched.append(part_m.shape[1])
-                        or combine_splits(part_m, *rest))
+    monkeypatch.setattr(fused, "combine_splits", lambda part_m, *rest, **options: launched.append(part_m.shape[1])
+                        or combine_splits(part_m, *rest, **options))
     for splits in (1, 3, 9):  # 288 tokens: 288, 96 and 32 a split, multiples of the tile step
         torch.testing.assert_close(decode_attention(*arguments, tuning=dict(splits=splits)), default, rtol=1e-5,
                                    atol=1e-5)
@@ -511,8 +511,8 @@ def test_fused_decode_takes_the_exact_tokens_in_several_programs(monkeypatch, dt
     query = torch.randn(2, 6, 1, 64, generator=torch.Generator().manual_seed(8)).to(DEVICE, DTYPES[dtype])
     arguments = decode_arguments(layer, query, 0.125)
     launched = []
-    monkeypatch.setattr(fused, "combine_splits", lambda part_m, *rest: launched.append(part_m.shape[1])
-                        or combine_splits(part_m, *rest))
+    monkeypatch.setattr(fused, "combine_splits", lambda part_m, *rest, **options: launched.append(part_m.shape[1])
+                        or combine_splits(part_m, *rest, **options))
     one = decode_attention(*arguments, tuning=dict(BLOCK_EXACT=16, exact_tokens=1024))
     atol = {"fp32": 1e-5, "bf16": 1e-2}[dtype]
     monkeypatch.setenv("QJL_BACKEND", "torch")
@@ -702,11 +702,14 @@ HOST_ONLY_OPS = {"aten.empty.memory_format", "aten.new_empty.default", "aten.emp
                  "aten.slice.Tensor", "aten.as_strided.default", "aten.expand.default", "aten.view.dtype"}
 
 
-def test_fused_decode_step_launches_its_three_kernels_and_nothing_else(monkeypatch):
-    """At the benchmark's shapes (Llama-3.1-8B: 4 queries a KV head, bf16, the 3bit preset's centred keys) one decode
-    step is the projection, the splits and the merge: torch is asked for allocations and views only. A conversion
-    of the keys' mean to float32 on the host was a fourth kernel each step, between the projection and the splits
-    (and the kernel that the splits' programmatic launch waited on)."""
+@pytest.mark.parametrize("d,group", [(128, 4), (64, 3)])
+def test_fused_decode_step_launches_its_three_kernels_and_nothing_else(monkeypatch, d, group):
+    """At the benchmark's shapes (Llama-3.1-8B: 4 queries a KV head) and the embedded model's (SmolLM2: 3, taken as 4
+    in the products), bf16, the 3bit preset's centred keys, one decode step is the projection, the splits and the
+    merge: torch is asked for allocations and views only. A conversion of the keys' mean to float32 on the host was
+    a fourth kernel each step, between the projection and the splits (and the kernel that the splits' programmatic
+    launch waited on); at 3 queries a KV head, padding them to 4 and taking the real rows of the output were two
+    more."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     import kernels.combine_splits as merge_module
@@ -735,13 +738,13 @@ def test_fused_decode_step_launches_its_three_kernels_and_nothing_else(monkeypat
             self.ops.add(str(func))
             return func(*args, **(kwargs or {}))
 
-    config = QJLConfig.preset("3bit", head_dim=128)
+    config = QJLConfig.preset("3bit", head_dim=d)
     gen = torch.Generator().manual_seed(0)
-    keys, values = (torch.randn(1, 2, 300, 128, generator=gen).bfloat16() for _ in range(2))
+    keys, values = (torch.randn(1, 2, 300, d, generator=gen).bfloat16() for _ in range(2))
     layer = QJLLayer(config, layer_idx=config.initial_layers)
     layer.update(keys, values)
-    query = torch.randn(1, 8, 1, 128, generator=gen).bfloat16()
-    arguments = decode_arguments(layer, query, 128 ** -0.5)
+    query = torch.randn(1, 2 * group, 1, d, generator=gen).bfloat16()
+    arguments = decode_arguments(layer, query, d ** -0.5)
     decode_attention(*arguments)  # the sketch's tables, made once per sketch, are not a step's
     launched.clear()
     with TorchOps() as mode:
