@@ -9,6 +9,7 @@ bandwidth) and the torch reference is timed on the small contexts, so the path s
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -127,14 +128,15 @@ def decode_bytes(config, batch: int, context: int, decoded: int = 0) -> dict:
     return dict(full=int(full), qjl=int(math.ceil(qjl)), compressed_tokens=compressed, exact_tokens=exact)
 
 
-def qjl_layer(config, keys, values, decoded: int = 0):
+def qjl_layer(config, keys, values, decoded: int = 0, layer_idx: int | None = None):
     """A layer holding ``keys``/``values`` as the prompt (quantized through the active backend), then ``decoded``
-    random tokens of the same dtype, one ``update`` each, as decoding appends them."""
+    random tokens of the same dtype, one ``update`` each, as decoding appends them; at ``layer_idx`` (by default the
+    first past the initial layers' wider sketches), which seeds its sketch."""
     import torch
 
     from qjl.cache import QJLLayer
 
-    layer = QJLLayer(config, layer_idx=config.initial_layers)
+    layer = QJLLayer(config, layer_idx=config.initial_layers if layer_idx is None else layer_idx)
     layer.update(keys, values)
     gen = torch.Generator(device=keys.device).manual_seed(decoded)
     b, h, _, d = keys.shape
@@ -143,6 +145,16 @@ def qjl_layer(config, keys, values, decoded: int = 0):
                             for _ in range(2))
         layer.update(token_k, token_v)
     return layer
+
+
+def layer_copies(config, keys, values, nbytes: int, device, first=None, decoded: int = 0) -> list:
+    """``cold_inputs`` of ``qjl_layer``s holding ``keys``/``values`` (and ``decoded`` tokens), ``first`` (a layer at
+    the default index) among them where given, each at a layer index of its own: a model's layers each draw their
+    own sketch (``qjl.cache.QJLLayer`` seeds it by the layer's index) and read it once a step, as cold as their caches,
+    where copies sharing one sketch would find its tables in L2. Indices from ``config.initial_layers`` on share one
+    sketch width."""
+    indices = itertools.count(config.initial_layers + (first is not None))
+    return cold_inputs(lambda: qjl_layer(config, keys, values, decoded, next(indices)), nbytes, device, first)
 
 
 def buffer_filling(config, context: int) -> int:
@@ -285,7 +297,7 @@ def measure_row(config, batch, context, device, measure, timed: bool, prefill: b
         if backend.use_triton(q):
             row["qjl_fused_ms"] = measure(lambda: layer.attend(q, None, scale))
         if backend.use_triton(q) and device.type == "cuda":
-            layers = cold_inputs(lambda: qjl_layer(config, k, v), row["bytes"]["qjl"], device, first=layer)
+            layers = layer_copies(config, k, v, row["bytes"]["qjl"], device, first=layer)
             row["qjl_fused_graph_ms"] = graph_ms([lambda layer=layer: layer.attend(q, None, scale)
                                                   for layer in layers])
             layers = None

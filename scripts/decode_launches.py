@@ -26,11 +26,10 @@ from profiling.cmd_bench_kernels import (  # noqa: E402
     HEAD_DIM,
     KV_HEADS,
     Q_HEADS,
-    cold_inputs,
     decode_bytes,
     decode_inputs,
     graph_ms,
-    qjl_layer,
+    layer_copies,
     sdpa_graph_ms,
 )
 from qjl.backend import decode_arguments  # noqa: E402
@@ -54,7 +53,7 @@ def main():
         q, k, v = decode_inputs(batch, context, device)
         nbytes = decode_bytes(config, batch, context)
         sdpa = min(sdpa_graph_ms(q, k, v, HEAD_DIM ** -0.5).values())
-        layers = cold_inputs(lambda: qjl_layer(config, k, v), nbytes["qjl"], device)
+        layers = layer_copies(config, k, v, nbytes["qjl"], device)
         k = v = None  # frees the bf16 caches (a del would unbind names the copies' lambdas read)
         copies = [decode_arguments(layer, q, HEAD_DIM ** -0.5) for layer in layers]
         layer, args = layers[0], copies[0]

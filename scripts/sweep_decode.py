@@ -35,11 +35,10 @@ from profiling.cmd_bench_kernels import (  # noqa: E402
     HEAD_DIM,
     KV_HEADS,
     buffer_filling,
-    cold_inputs,
     decode_bytes,
     decode_inputs,
     graph_ms,
-    qjl_layer,
+    layer_copies,
     sdpa_graph_ms,
 )
 from qjl.backend import decode_arguments  # noqa: E402
@@ -178,10 +177,10 @@ def main(argv=None):
         sdpa = min(row["sdpa_gqa_ms"], row["sdpa_folded_ms"])
         filling = buffer_filling(config, context)
         full_bytes = decode_bytes(config, batch, context, filling)
-        copies = cold_inputs(lambda: decode_arguments(qjl_layer(config, k, v), q, scale), row["bytes"]["qjl"],
-                             device)
-        full_copies = cold_inputs(lambda: decode_arguments(qjl_layer(config, k, v, filling), q, scale),
-                                  full_bytes["qjl"], device)
+        copies = [decode_arguments(layer, q, scale)
+                  for layer in layer_copies(config, k, v, row["bytes"]["qjl"], device)]
+        full_copies = [decode_arguments(layer, q, scale)
+                       for layer in layer_copies(config, k, v, full_bytes["qjl"], device, decoded=filling)]
         k = v = None  # frees the bf16 caches (a del would unbind names the copies' lambdas read)
         row.update(sweep_state(copies, lambda resident: TUNINGS + [fewer_splits(resident, batch, device)], baseline))
         report(f"batch {batch} context {context}: sdpa gqa {row['sdpa_gqa_ms']:.4f} folded "

@@ -671,7 +671,6 @@ def test_sweep_times_every_launch_in_turning_rounds_at_both_decode_states(tmp_pa
 
     monkeypatch.setattr(sweep, "decode_attention", recorded)
     monkeypatch.setattr(sweep, "graph_ms", timer)
-    monkeypatch.setattr(sweep, "cold_inputs", one_copy)
     monkeypatch.setattr(bench, "graph_ms", lambda calls, rep=100: 1.0)  # SDPA
     monkeypatch.setattr(bench, "cold_inputs", one_copy)
     out = tmp_path / "sweep.json"

@@ -167,3 +167,24 @@ def test_quanto_extension_counts_as_built_for_this_torch_only(tmp_path, monkeypa
     assert note.endswith("in 1 of 2 rows: the others ran before optimum-quanto's CUDA extension was built "
                          "(--quanto-built-only)")
     assert bench.quantized_cache_note([{"quantized_cache_ms": 1.0}]).endswith("4 bits")
+
+
+def test_layer_copies_each_draw_their_own_sketch():
+    """The timed calls' copies of a layer are at layer indices of their own, so each reads its own sketch (cold, as
+    a model's layers read theirs once a step); all past the initial layers, so the sketch's width is the one a
+    step at the benchmark's shapes takes. Copies at one index shared one matrix (``qjl.sketch`` keeps one per seed)
+    and its tables stayed in L2."""
+    import torch
+
+    from profiling.cmd_bench_kernels import HEAD_DIM, layer_copies, qjl_layer
+    from qjl.config import QJLConfig
+
+    config = QJLConfig.preset("3bit", head_dim=HEAD_DIM)
+    keys = torch.randn(1, 2, 200, HEAD_DIM, generator=torch.Generator().manual_seed(0)).bfloat16()
+    first = qjl_layer(config, keys, keys)
+    layers = layer_copies(config, keys, keys, 40 * 2 ** 20, torch.device("cpu"), first=first)  # 4 copies of 40 MB
+    assert len(layers) == 4 and layers[0] is first
+    matrices = [layer.sketch.matrix for layer in layers]
+    assert all(m.shape == (config.sketch_dim, HEAD_DIM) for m in matrices)
+    assert all(not torch.equal(a, b) for i, a in enumerate(matrices) for b in matrices[i + 1:])
+    assert all(layer.n_compressed == first.n_compressed for layer in layers)
