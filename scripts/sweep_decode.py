@@ -64,6 +64,10 @@ from qjl.config import QJLConfig  # noqa: E402
 #   was the split kernel's most sampled instruction at e057ae0 (8.7% of its stall samples, batch 1 and 32k,
 #   ncu-source-e057ae0.csv.gz); 430 instructions a tile where no max grows against 425, 128 registers, no stack
 #   (Triton 3.6, sm_90; 3.9: 452 against 432); untimed;
+# - both value planes of a token in one load of its 32-byte row (``WHOLE_ROWS``): one 16-byte copy a thread where
+#   each plane took an 8-byte one touching every sector of the rows (Nsight's excess sectors at e057ae0, 31% of the
+#   global ones, ncu-e057ae0.txt); 422 instructions a tile against 425, 124 registers against 128 (Triton 3.6,
+#   sm_90; 3.9: 446 against 432); untimed;
 # - and, per shape, the splits that leave each KV head's exact-tokens program room in the wave: one fewer than the
 #   default at batch 8 (1.07x, 1.07x); at batch 1 the default's own launch (128 splits), timed again: 0.98x, 1.00x.
 # The layers hold 32 exact tokens (the prompt's remainder of the group, 4 sink and 28 buffered), one program a KV head
@@ -81,7 +85,7 @@ from qjl.config import QJLConfig  # noqa: E402
 # the PTX against the reference on the GPU).
 SIX_PROGRAMS = dict(num_stages=2, maxnreg=168, BLOCK_EXACT=32, EXACT_PADDED=True, STACKED_LIMBS=False)
 TUNINGS = [SIX_PROGRAMS, dict(num_stages=2), dict(num_stages=4), dict(project_blocks=4), dict(PREFETCH=False),
-           dict(PDL=False), dict(PREFETCH_CHANNELS=True)]
+           dict(PDL=False), dict(PREFETCH_CHANNELS=True), dict(WHOLE_ROWS=True)]
 # With a full buffer (131 exact tokens a KV head) the exact tokens spread over as many programs as the wave has room
 # for (``exact_split``: three of 48 tokens at batch 1 and 32k, five of 32 at batch 8, after the wave's last split);
 # against them, one program a KV head (as before ``exact_split``), and (per shape) one split fewer.

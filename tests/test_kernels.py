@@ -413,6 +413,21 @@ def test_outlier_channels_a_tile_ahead_give_the_same_numbers(d, group, dtype, co
                            decode_attention(*arguments, tuning=launch))
 
 
+@pytest.mark.parametrize("d,group,dtype", [(128, 4, "bf16"), (64, 3, "bf16"), (64, 3, "fp32")])
+def test_value_rows_in_one_load_give_the_same_numbers(d, group, dtype):
+    """``WHOLE_ROWS`` loads a token's two value planes as one row and parts them in registers: the same codes, so
+    the step's output is the same to the bit, at head dim 128 (planes of 16 bytes) and 64 (8 bytes, the rest of the
+    products' 16 columns masked), bf16 and fp32 queries, in splits of one tile and of several (token counts not a
+    multiple of the tile)."""
+    config = QJLConfig.preset("3bit", head_dim=d)
+    layer = filled_layer(config, 1, 2, d, prompt=170, steps=1, dtype=DTYPES[dtype])
+    query = torch.randn(1, 2 * group, 1, d, generator=torch.Generator().manual_seed(10)).to(DEVICE, DTYPES[dtype])
+    arguments = decode_arguments(layer, query, d ** -0.5)
+    for launch in (dict(programs_per_sm=1, min_tokens=64), dict(programs_per_sm=64, min_tokens=16)):
+        assert torch.equal(decode_attention(*arguments, tuning=dict(launch, WHOLE_ROWS=True)),
+                           decode_attention(*arguments, tuning=launch))
+
+
 @pytest.mark.parametrize("d,group,dtype,config", [
     (128, 4, "bf16", QJLConfig.preset("3bit", head_dim=128)),  # the benchmark's path, exact outliers
     (128, 12, "bf16", QJLConfig.preset("3bit", head_dim=128)),  # 8 queries a program (6 and 2 zero ones)
