@@ -511,9 +511,8 @@ def decode_split_kernel(q_ptr, tables_ptr, table_scales_ptr, table_sums_ptr, sp_
                         WHOLE_ROWS: tl.constexpr = False):
     """Program ``(bh, split)``: ``bh`` stands for ``QUERIES`` queries (``q`` ``[BH, QUERIES, D]``), taken as ``M``
     (a power of two; zero queries past the real ones), chunk ``bh % CHUNKS`` of the group of (batch row and) KV head
-    ``bh // CHUNKS``. Splits ``0 .. S-1`` take
-    compressed tokens, splits ``S .. S + E - 1`` (``E``: ``exact_programs``) the exact ones, ``exact_per_program``
-    each, the sink's before the buffer's. Writes the split's max and sum (log2 units) ``[BH, S + E, M]`` and
+    ``bh // CHUNKS``. Splits ``0 .. S-1`` take compressed tokens, splits ``S .. S + E - 1`` (``E``:
+    ``exact_programs``) the exact ones, ``exact_per_program`` each, the sink's before the buffer's. Writes the split's max and sum (log2 units) ``[BH, S + E, M]`` and
     unnormalised output ``[BH, S + E, M, D]``.
     ``tables``, ``table_scales``, ``table_sums``: ``kernels.decode_project``'s limbs of the queries' projections,
     their rows' scales and sums; ``sp``, ``sp_scales``, ``sp_sums`` (``spo_*``): those of the (outlier) sketch's
