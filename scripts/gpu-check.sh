@@ -27,15 +27,15 @@ ended() { echo "--- $1 ended at $SECONDS s" >> "$OUT/tests.txt"; }
 if compgen -G ".whl/*.whl" > /dev/null; then
   python -m pip install -q --no-index --no-deps --no-compile --target /tmp/gpu-check-site .whl/*.whl || status=1
   export PYTHONPATH="/tmp/gpu-check-site${PYTHONPATH:+:$PYTHONPATH}"
-  # niced, on 4 of the 16 cores: the kernel tests beside it compile Triton kernels on the CPU (220 s of their 240 at
-  # e057ae0)
+  # niced, on 4 of the 16 cores: the kernel tests beside it compile Triton kernels on the CPU (they ended at 220 s
+  # at e057ae0, with 59 tests; 300 s are theirs now, with 6 more)
   MAX_JOBS=4 nice -n 19 timeout 600 python -c "import time; start = time.time(); from optimum.quanto.library.extensions import get_extension
 get_extension('quanto_cuda').lib; print(f'--- optimum-quanto CUDA extension built in {time.time() - start:.0f} s')" \
     > /tmp/quanto-build.log 2>&1 &
   quanto_build=$!
 fi
 { nvidia-smi; python -c "import sys, torch, triton, transformers; print(sys.version); print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"; python -m pip list 2>/dev/null | grep -i quanto; } > "$OUT/tests.txt" 2>&1
-timeout 240 python -m pytest -q tests/test_kernels.py 2>&1 | tee -a "$OUT/tests.txt" || status=1
+timeout 300 python -m pytest -q tests/test_kernels.py 2>&1 | tee -a "$OUT/tests.txt" || status=1
 ended tests
 timeout 300 python -m profiling bench-kernels --quanto-built-only --out "$OUT/bench-kernels" 2>&1 | tee "$OUT/bench.txt" \
   || status=1
