@@ -50,16 +50,13 @@ from qjl.config import QJLConfig  # noqa: E402
 # launches; one wave of the programs that fit), each the default with what it names changed, and each row with the
 # programs a multiprocessor holds by the driver's count (``resident``). The ones worth re-timing when the kernel
 # changes:
-# - the launch that was the default until 1014fa3 (six programs: a cap of 168, two stages, the exact tokens 32 at a
-#   time with padded queries, a sign product a limb), which took 1.15x (batch 1, 32k), 1.24x (1, 128k), 1.30x
-#   (8, 32k) and 1.34x (8, 128k) the time of today's default on the H100 at e057ae0;
 # - two stages at eight programs: 1.00x, 1.03x, 1.04x, 1.05x the time of three at batch 1 with 32k and 128k tokens
 #   and batch 8 with 32k and 128k, each call on its own copy of the inputs (sweep-decode-e057ae0.txt, as below);
 # - four stages at eight programs (eight copy groups in flight at the loop's wait, not four; same instructions a
 #   tile): 1.03x, 1.01x, 1.00x, 1.01x;
 # - the queries' projection in four programs a KV head (``project_blocks``): 1.02x, 1.00x, 1.01x, 1.01x;
-# - no prefetch of the per-token numbers (1.06x, 1.11x, 1.12x, 1.14x), and the step's three kernels launched one
-#   after another, not programmatically (kernels.common.programmatic_launch; 1.00x, 1.01x, 1.01x, 1.01x);
+# - the step's three kernels launched one after another, not programmatically (kernels.common.programmatic_launch;
+#   1.00x, 1.01x, 1.01x, 1.01x);
 # - each group's outlier channels loaded a tile ahead (``PREFETCH_CHANNELS``): loaded at the tile, their first use
 #   was the split kernel's most sampled instruction at e057ae0 (8.7% of its stall samples, batch 1 and 32k,
 #   ncu-source-e057ae0.csv.gz); 430 instructions a tile where no max grows against 425, 128 registers, no stack
@@ -75,17 +72,19 @@ from qjl.config import QJLConfig  # noqa: E402
 # default's launch too: 0.98x, 1.02x, 1.00x, 1.01x at e057ae0 and 0.98x, 1.02x, 1.00x, 1.00x at 92a46ce. Those
 # re-timings are the sweep's noise: about 2%, and the default (timed first) 2% slower at batch 1 and 32k in both runs.
 # Dropped from the list as consistently slower on the H100 (sweep-decode-*.txt, against the default of the same run at
-# the four shapes): the L2 prefetch (each split asking the L2 cache for its first tokens before it waited for the
-# projection; removed from the kernel after 1.11x, 1.08x, 1.08x, 1.08x with cold copies at e057ae0), nine programs
-# a multiprocessor (a cap of 112: 1.07x, 1.14x, 1.15x, 1.17x at e057ae0), seven programs (a cap of 144; at three
-# stages and stacked 1.02-1.12x the time of eight at 43a6c51), eight without the stacked limbs (1.08-1.16x), no
-# register cap (as the cap of 200, four programs) and four warps (1.27-1.66x the six programs' time at 615d3fd), one
-# stage (1.04-1.32x), more programs than fit (``programs_per_sm=8`` at six: 1.23-1.35x), cb8154c's launch
-# (1.07-1.16x) and the interpreter's element-wise unpacking in place of the PTX (1.35-1.54x; the kernel tests check
-# the PTX against the reference on the GPU).
-SIX_PROGRAMS = dict(num_stages=2, maxnreg=168, BLOCK_EXACT=32, EXACT_PADDED=True, STACKED_LIMBS=False)
-TUNINGS = [SIX_PROGRAMS, dict(num_stages=2), dict(num_stages=4), dict(project_blocks=4), dict(PREFETCH=False),
-           dict(PDL=False), dict(PREFETCH_CHANNELS=True), dict(WHOLE_ROWS=True)]
+# the four shapes), and to keep gpu-check.sh's run short: the launch that was the default until 1014fa3
+# (six programs: a cap of 168, two stages, the exact tokens 32 at a time with padded queries, a sign product a limb;
+# 1.15x, 1.24x, 1.30x, 1.34x at e057ae0), no prefetch of the per-token numbers (``PREFETCH=False``: 1.06x, 1.11x, 1.12x,
+# 1.14x at e057ae0), the L2 prefetch (each split asking the L2 cache for its first tokens before it waited for the
+# projection; removed from the kernel after 1.11x, 1.08x, 1.08x, 1.08x with cold copies at e057ae0), nine programs a
+# multiprocessor (a cap of 112: 1.07x, 1.14x, 1.15x, 1.17x at e057ae0), seven programs (a cap of 144; at three stages
+# and stacked 1.02-1.12x the time of eight at 43a6c51), eight without the stacked limbs (1.08-1.16x), no register cap
+# (as the cap of 200, four programs) and four warps (1.27-1.66x the six programs' time at 615d3fd), one stage
+# (1.04-1.32x), more programs than fit (``programs_per_sm=8`` at six: 1.23-1.35x), cb8154c's launch (1.07-1.16x) and the
+# interpreter's element-wise unpacking in place of the PTX (1.35-1.54x; the kernel tests check the PTX against the
+# reference on the GPU).
+TUNINGS = [dict(num_stages=2), dict(num_stages=4), dict(project_blocks=4), dict(PDL=False),
+           dict(PREFETCH_CHANNELS=True), dict(WHOLE_ROWS=True)]
 # With a full buffer (131 exact tokens a KV head) the exact tokens spread over as many programs as the wave has room
 # for (``exact_split``: three of 48 tokens at batch 1 and 32k, five of 32 at batch 8, after the wave's last split);
 # against them, one program a KV head (as before ``exact_split``), and (per shape) one split fewer.

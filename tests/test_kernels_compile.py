@@ -95,9 +95,8 @@ def test_sass_of_the_decode_main_loop(tmp_path):
 
 
 # The launch that was the default until 1014fa3 at the benchmark's shapes: six programs a multiprocessor (a cap of 168
-# registers, two stages, the exact tokens 32 at a time with their queries padded to 16 rows, one sign product a limb).
-# scripts/sweep_decode.py's SIX_PROGRAMS as sass_decode.py's arguments: written out, since importing it here would
-# import the kernels before tests/test_kernels.py chooses the interpreter for them.
+# registers, two stages, the exact tokens 32 at a time with their queries padded to 16 rows, one sign product a limb),
+# as sass_decode.py's arguments.
 SIX_PROGRAMS = ["num_stages=2", "maxnreg=168", "BLOCK_EXACT=32", "EXACT_PADDED=1", "STACKED_LIMBS=0"]
 
 
