@@ -150,6 +150,9 @@ def sweep_state(fused_copies, tunings, baseline=None) -> dict:
 
 def report(title: str, state: dict, sdpa: float, nbytes: int):
     """Prints one state's line and its launches' rows, each with its time against the default's."""
+    if not state["default_ms"]:
+        print(f"{title}: the default launch could not be captured in a CUDA graph", flush=True)
+        return
     print(f"{title}: default {state['default_ms']:.4f} ms ({state['default_resident']} resident, "
           f"{sdpa / state['default_ms']:.2f}x sdpa, {nbytes / state['default_ms'] / 1e6:.0f} GB/s)", flush=True)
     if state.get("baseline_ms"):
