@@ -88,8 +88,6 @@ def graph_ms(calls, rep: int = 100) -> float | None:
     with the L2 cache as cold as a layer finds it. Each call runs once first, so that what a copy makes on its first
     call (a sketch's tables, ``kernels.decode_project.sketch_tables``) is not captured and replayed. None where the
     calls cannot be captured. ``rep``: milliseconds each of do_bench_cudagraph's replays takes."""
-    import itertools
-
     import torch
     from triton.testing import do_bench_cudagraph
 
