@@ -512,8 +512,8 @@ def decode_split_kernel(q_ptr, tables_ptr, table_scales_ptr, table_sums_ptr, sp_
     """Program ``(bh, split)``: ``bh`` stands for ``QUERIES`` queries (``q`` ``[BH, QUERIES, D]``), taken as ``M``
     (a power of two; zero queries past the real ones), chunk ``bh % CHUNKS`` of the group of (batch row and) KV head
     ``bh // CHUNKS``. Splits ``0 .. S-1`` take compressed tokens, splits ``S .. S + E - 1`` (``E``:
-    ``exact_programs``) the exact ones, ``exact_per_program`` each, the sink's before the buffer's. Writes the split's max and sum (log2 units) ``[BH, S + E, M]`` and
-    unnormalised output ``[BH, S + E, M, D]``.
+    ``exact_programs``) the exact ones, ``exact_per_program`` each, the sink's before the buffer's. Writes the
+    split's max and sum (log2 units) ``[BH, S + E, M]`` and unnormalised output ``[BH, S + E, M, D]``.
     ``tables``, ``table_scales``, ``table_sums``: ``kernels.decode_project``'s limbs of the queries' projections,
     their rows' scales and sums; ``sp``, ``sp_scales``, ``sp_sums`` (``spo_*``): those of the (outlier) sketch's
     rows, ``sketch_tables`` (the sums of the first ``LIMBS`` limbs). ``PDL``: launched while the kernel before it
@@ -766,9 +766,9 @@ def decode_attention(query: torch.Tensor, keys, values, value_bits: int, matrix:
     (``num_warps``, ``num_stages``, ``maxnreg``, ``UNROLL``, ``PREFETCH``, ``ASM``, ``BLOCK_EXACT``: the exact
     tokens' tile, ``EXACT_PADDED``: their queries padded to 16 rows, ``STACKED_LIMBS``: both limbs in one sign
     product, ``PREFETCH_CHANNELS``: outlier channels a tile ahead, ``WHOLE_ROWS``: paired value planes in one
-    load, ``PDL``: programmatic launches,
-    ``programs_per_sm``, ``min_tokens``, ``splits``: compressed splits per (batch, KV head), ``exact_tokens``: sink
-    and buffer tokens a program, ``project_blocks``: programs a KV head in the queries' projection) for benchmarks."""
+    load, ``PDL``: programmatic launches, ``programs_per_sm``, ``min_tokens``, ``splits``: compressed splits per
+    (batch, KV head), ``exact_tokens``: sink and buffer tokens a program, ``project_blocks``: programs a KV head in
+    the queries' projection) for benchmarks."""
     signs, norms, idx, osigns, onorms, oresiduals = keys
     b, hq, _, d = query.shape
     h, n = signs.shape[1], signs.shape[2]
@@ -788,7 +788,7 @@ def decode_attention(query: torch.Tensor, keys, values, value_bits: int, matrix:
     pdl = tuning.pop("PDL", programmatic_launch(query.device))
     config.update(programmatic_options(pdl))
     project_tuning = dict(BLOCKS=tuning.pop("project_blocks", 1))
-    programs, m = b * h * config["CHUNKS"], group // config["CHUNKS"]
+    programs, m = b * h * config["CHUNKS"], config["QUERIES"]
     q = query.reshape(programs, m, d).contiguous()  # the kernels take them as zero queries up to M (launch_config)
     def rows_of(sketch):  # limbs, scales, and the rows' sums of the limbs this launch takes
         _, limbs, limb_scales, sums = sketch_tables(sketch)

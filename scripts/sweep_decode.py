@@ -120,16 +120,16 @@ def fewer_splits(resident: int, batch: int, device: torch.device) -> dict:
     return dict(splits=max(1, resident * multiprocessors(device) // (batch * KV_HEADS) - 1))
 
 
-def sweep_state(fused_copies, tunings, baseline=None) -> dict:
-    """The default launch and each launch of ``tunings(resident)`` (``resident``: the default's programs a
-    multiprocessor) on one decode state (``fused_copies``: the fused kernel's arguments, one tuple per copy of the
-    inputs): their times (``timed_in_rounds``), the programs a multiprocessor holds, and each launch's largest
-    difference from the default's output; the baseline kernel's too, where given."""
+def sweep_state(fused_copies, tunings, batch: int, device: torch.device, baseline=None) -> dict:
+    """The default launch, each of ``tunings`` and ``fewer_splits`` (from the default's programs a multiprocessor)
+    on one decode state (``fused_copies``: the fused kernel's arguments, one tuple per copy of the inputs): their
+    times (``timed_in_rounds``), the programs a multiprocessor holds, and each launch's largest difference from the
+    default's output; the baseline kernel's too, where given."""
     RESIDENT_PROGRAMS.clear()
     reference = decode_attention(*fused_copies[0]).float()
     state = dict(default_resident=next(iter(RESIDENT_PROGRAMS.values()), INTERPRETER_PROGRAMS_PER_SM), tunings=[])
     launches = [[lambda args=args: decode_attention(*args) for args in fused_copies]]
-    for tuning in tunings(state["default_resident"]):
+    for tuning in tunings + [fewer_splits(state["default_resident"], batch, device)]:
         RESIDENT_PROGRAMS.clear()
         out = decode_attention(*fused_copies[0], tuning=tuning)
         resident = next(iter(RESIDENT_PROGRAMS.values()), None)  # none where the tuning gives programs_per_sm
@@ -188,13 +188,12 @@ def main(argv=None):
         full_copies = [decode_arguments(layer, q, scale)
                        for layer in layer_copies(config, k, v, full_bytes["qjl"], device, decoded=filling)]
         k = v = None  # frees the bf16 caches (a del would unbind names the copies' lambdas read)
-        row.update(sweep_state(copies, lambda resident: TUNINGS + [fewer_splits(resident, batch, device)], baseline))
+        row.update(sweep_state(copies, TUNINGS, batch, device, baseline))
         report(f"batch {batch} context {context}: sdpa gqa {row['sdpa_gqa_ms']:.4f} folded "
                f"{row['sdpa_folded_ms']:.4f}", row, sdpa, row["bytes"]["qjl"])
         copies = None
         row["full_buffer"] = dict(decoded=filling, bytes=full_bytes,
-                                  **sweep_state(full_copies, lambda resident: FULL_BUFFER_TUNINGS
-                                                + [fewer_splits(resident, batch, device)]))
+                                  **sweep_state(full_copies, FULL_BUFFER_TUNINGS, batch, device))
         report(f"  {full_bytes['exact_tokens']} exact tokens (buffer one short of a flush)", row["full_buffer"],
                sdpa, full_bytes["qjl"])
         rows.append(row)

@@ -753,12 +753,8 @@ def test_fused_decode_step_launches_its_three_kernels_and_nothing_else(monkeypat
             self.ops.add(str(func))
             return func(*args, **(kwargs or {}))
 
-    config = QJLConfig.preset("3bit", head_dim=d)
-    gen = torch.Generator().manual_seed(0)
-    keys, values = (torch.randn(1, 2, 300, d, generator=gen).bfloat16() for _ in range(2))
-    layer = QJLLayer(config, layer_idx=config.initial_layers)
-    layer.update(keys, values)
-    query = torch.randn(1, 2 * group, 1, d, generator=gen).bfloat16()
+    layer = filled_layer(QJLConfig.preset("3bit", head_dim=d), 1, 2, d, prompt=300, steps=0, dtype=torch.bfloat16)
+    query = torch.randn(1, 2 * group, 1, d, generator=torch.Generator().manual_seed(1)).to(DEVICE, torch.bfloat16)
     arguments = decode_arguments(layer, query, d ** -0.5)
     decode_attention(*arguments)  # the sketch's tables, made once per sketch, are not a step's
     launched.clear()
