@@ -195,7 +195,8 @@ def compressed_scores(query: torch.Tensor, keys, matrix: torch.Tensor, outlier_m
                       group_size: int, key_mean: torch.Tensor | None = None) -> torch.Tensor:
     """``query`` float32 ``[b, h, m, d]`` against ``keys`` = (signs, norms, outlier_idx, outlier_signs,
     outlier_norms, outlier_residuals) laid out as ``qjl.keys.QuantizedKeyBlock`` (exact outliers: outlier residuals and
-    no ``outlier_matrix``); ``key_mean`` ``[b, h, 1, d]`` adds ``q . mean``. Returns float32 ``[b, h, m, n]``."""
+    no ``outlier_matrix``); ``key_mean`` ``[b, h, 1, d]`` (any float dtype) adds ``q . mean``. Returns float32
+    ``[b, h, m, n]``."""
     signs, norms, idx, _, _, oresiduals = keys
     b, h, m, d = query.shape
     n = signs.shape[2]
@@ -208,7 +209,7 @@ def compressed_scores(query: torch.Tensor, keys, matrix: torch.Tensor, outlier_m
     per_program = split_tokens(n, b * h, config["STEP"], query.device)
     q = query.float().contiguous()
     idx, osigns, onorms, oresiduals, so, oscale = outlier_arguments(keys, matrix, outlier_matrix)
-    mean = key_mean.float().contiguous() if key_mean is not None else q
+    mean = key_mean.contiguous() if key_mean is not None else q  # as stored: the kernel converts it
     grid = (b * h, triton.cdiv(n, per_program))
     scratch = q.new_empty(grid[0] * grid[1], m, matrix.shape[0])  # each program's query projection
     scores_kernel[grid](q, matrix.contiguous(), so, mean, signs.contiguous(), norms.contiguous(), idx, osigns,

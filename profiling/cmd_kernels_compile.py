@@ -40,7 +40,7 @@ POINTERS = {
                           oresiduals_ptr="*fp16", n_tokens="i32", keys_head_stride="i32", scale="fp32"),
     "quantize_values": dict(values_ptr="*bf16", packed_ptr="*u8", scales_ptr="*fp16", mins_ptr="*fp16",
                             n_rows="i32", tokens_per_head="i32", head_stride="i32"),
-    "scores": dict(q_ptr="*fp32", s_ptr="*fp32", so_ptr="*fp32", mean_ptr="*fp32", signs_ptr="*u8",
+    "scores": dict(q_ptr="*fp32", s_ptr="*fp32", so_ptr="*fp32", mean_ptr="*bf16", signs_ptr="*u8",
                    norms_ptr="*fp16", idx_ptr="*u8", osigns_ptr="*u8", onorms_ptr="*fp16", oresiduals_ptr="*fp16",
                    proj_ptr="*fp32", out_ptr="*fp32", n_tokens="i32", n_groups="i32", tokens_per_program="i32",
                    scale="fp32", oscale="fp32"),

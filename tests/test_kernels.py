@@ -10,6 +10,7 @@ import os
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # read when the kernels are decorated, so before importing them
@@ -189,10 +190,10 @@ def test_scores_match_reference(d, queries, k, centered, exact):
     block = ref_keys.quantize_keys(keys, sketch, outlier_sketch, idx)._replace(outlier_idx=group_idx)
     assert (block.outlier_residuals is not None) == exact
     query = torch.randn(2, 2, queries, d, generator=torch.Generator().manual_seed(7)).to(DEVICE)
-    mean = keys.mean(-2, keepdim=True) if centered else None
+    mean = keys.mean(-2, keepdim=True).to(torch.bfloat16) if centered else None  # stored as a bf16 model's layer does
     ref = ref_keys.score_keys(query, block, sketch, outlier_sketch, group_size)
     if centered:
-        ref = ref + query @ mean.transpose(-1, -2)
+        ref = ref + query @ mean.float().transpose(-1, -2)
     out = compressed_scores(query, tuple(block), sketch.matrix, outlier_sketch.matrix if outlier_sketch else None,
                             group_size, mean)
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
@@ -710,6 +711,28 @@ def test_sweep_times_every_launch_in_turning_rounds_at_both_decode_states(tmp_pa
 
 
 # What a decode step may ask of torch besides its kernels: allocations and views, none of which runs on the device.
+class Recorded:
+    """Stands in for a ``@triton.jit`` kernel: a launch appends ``name`` to ``launched`` and runs nothing."""
+
+    def __init__(self, name, launched):
+        self.name, self.launched = name, launched
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.launched.append(self.name)
+
+
+class TorchOps(TorchDispatchMode):
+    """Records every aten op torch is asked for while it is active."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.add(str(func))
+        return func(*args, **(kwargs or {}))
+
+
 HOST_ONLY_OPS = {"aten.empty.memory_format", "aten.new_empty.default", "aten.empty_like.default", "aten.view.default",
                  "aten._unsafe_view.default", "aten.alias.default", "aten.detach.default", "aten.select.int",
                  "aten.slice.Tensor", "aten.as_strided.default", "aten.expand.default", "aten.view.dtype"}
@@ -723,35 +746,16 @@ def test_fused_decode_step_launches_its_three_kernels_and_nothing_else(monkeypat
     a fourth kernel each step, between the projection and the splits (and the kernel that the splits' programmatic
     launch waited on); at 3 queries a KV head, padding them to 4 and taking the real rows of the output were two
     more."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     import kernels.combine_splits as merge_module
     import kernels.decode_attention as split_module
     import kernels.decode_project as project_module
 
     launched = []
-
-    class Recorded:
-        def __init__(self, name):
-            self.name = name
-
-        def __getitem__(self, grid):
-            return lambda *args, **kwargs: launched.append(self.name)
-
-    monkeypatch.setattr(project_module, "project_kernel", Recorded("projection"))
-    monkeypatch.setattr(split_module, "decode_split_kernel", Recorded("splits"))
-    monkeypatch.setattr(merge_module, "combine_splits_kernel", Recorded("merge"))
+    monkeypatch.setattr(project_module, "project_kernel", Recorded("projection", launched))
+    monkeypatch.setattr(split_module, "decode_split_kernel", Recorded("splits", launched))
+    monkeypatch.setattr(merge_module, "combine_splits_kernel", Recorded("merge", launched))
     # off the interpreter the launcher asks the driver how many programs fit, from the compiled kernel: not a launch
     monkeypatch.setattr(split_module, "resident", lambda *args: 8)
-
-    class TorchOps(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.ops = set()
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.ops.add(str(func))
-            return func(*args, **(kwargs or {}))
 
     layer = filled_layer(QJLConfig.preset("3bit", head_dim=d), 1, 2, d, prompt=300, steps=0, dtype=torch.bfloat16)
     query = torch.randn(1, 2 * group, 1, d, generator=torch.Generator().manual_seed(1)).to(DEVICE, torch.bfloat16)
@@ -761,4 +765,23 @@ def test_fused_decode_step_launches_its_three_kernels_and_nothing_else(monkeypat
     with TorchOps() as mode:
         decode_attention(*arguments)
     assert launched == ["projection", "splits", "merge"]
+    assert mode.ops <= HOST_ONLY_OPS, mode.ops - HOST_ONLY_OPS
+
+
+def test_scores_path_launches_its_kernel_and_nothing_else(monkeypatch):
+    """The scores path (several queries, or a mask) of a bf16 layer with centred keys, with the float32 queries
+    ``QJLLayer.attend`` passes: one kernel, with torch asked for allocations and views only. It converted the keys'
+    mean to float32 on the host, a kernel of its own, at every call."""
+    import kernels.scores as scores_module
+
+    launched = []
+    monkeypatch.setattr(scores_module, "scores_kernel", Recorded("scores", launched))
+    layer = filled_layer(QJLConfig.preset("3bit", head_dim=64), 1, 2, 64, prompt=300, steps=0, dtype=torch.bfloat16)
+    assert layer.key_mean is not None and layer.key_mean.dtype == torch.bfloat16
+    query = torch.randn(1, 2, 6, 64, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    outlier_matrix = layer.outlier_sketch.matrix if layer.outlier_sketch else None
+    with TorchOps() as mode:
+        compressed_scores(query, tuple(layer.keys_block()), layer.sketch.matrix, outlier_matrix,
+                          layer.config.group_size, layer.key_mean)
+    assert launched == ["scores"]
     assert mode.ops <= HOST_ONLY_OPS, mode.ops - HOST_ONLY_OPS
