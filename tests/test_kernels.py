@@ -710,7 +710,6 @@ def test_sweep_times_every_launch_in_turning_rounds_at_both_decode_states(tmp_pa
         assert all(t["max_diff"] < 1e-2 for t in state["tunings"]), state["tunings"]
 
 
-# What a decode step may ask of torch besides its kernels: allocations and views, none of which runs on the device.
 class Recorded:
     """Stands in for a ``@triton.jit`` kernel: a launch appends ``name`` to ``launched`` and runs nothing."""
 
@@ -733,6 +732,7 @@ class TorchOps(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+# What a decode step may ask of torch besides its kernels: allocations and views, none of which runs on the device.
 HOST_ONLY_OPS = {"aten.empty.memory_format", "aten.new_empty.default", "aten.empty_like.default", "aten.view.default",
                  "aten._unsafe_view.default", "aten.alias.default", "aten.detach.default", "aten.select.int",
                  "aten.slice.Tensor", "aten.as_strided.default", "aten.expand.default", "aten.view.dtype"}
@@ -778,10 +778,9 @@ def test_scores_path_launches_its_kernel_and_nothing_else(monkeypatch):
     monkeypatch.setattr(scores_module, "scores_kernel", Recorded("scores", launched))
     layer = filled_layer(QJLConfig.preset("3bit", head_dim=64), 1, 2, 64, prompt=300, steps=0, dtype=torch.bfloat16)
     assert layer.key_mean is not None and layer.key_mean.dtype == torch.bfloat16
+    monkeypatch.setenv("QJL_BACKEND", "triton")  # the kernel under the interpreter too, as QJLLayer calls it
     query = torch.randn(1, 2, 6, 64, generator=torch.Generator().manual_seed(1)).to(DEVICE)
-    outlier_matrix = layer.outlier_sketch.matrix if layer.outlier_sketch else None
     with TorchOps() as mode:
-        compressed_scores(query, tuple(layer.keys_block()), layer.sketch.matrix, outlier_matrix,
-                          layer.config.group_size, layer.key_mean)
+        layer.compressed_scores(query)
     assert launched == ["scores"]
     assert mode.ops <= HOST_ONLY_OPS, mode.ops - HOST_ONLY_OPS

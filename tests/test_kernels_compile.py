@@ -106,12 +106,12 @@ SIX_PROGRAMS = ["num_stages=2", "maxnreg=168", "BLOCK_EXACT=32", "EXACT_PADDED=1
 def test_sweep_launches_fit_without_stack(tmp_path, tuning, programs):
     """The default launch at the benchmark's shapes and the sweep's (``scripts/sweep_decode.py``) at three or four
     stages, with the outlier channels a tile ahead, and with the value rows in one load, keep copies in flight at the
-    tile loop's wait, within the registers (``register_share``) and shared memory that let eight programs share a multiprocessor (the default:
-    the exact tokens 16 at a time with their queries unpadded, both limbs in one sign product), or seven with the
-    exact tokens' queries padded, and without stack (the next tile's key norms carried as float32: as fp16 pairs
-    ptxas kept them on the stack at every cap tried). Six programs at three stages, a launch of neither since
-    1014fa3, keep 8 bytes of stack on Triton 3.6 since the exact tokens' programs take a range of them (one store
-    before their loop, one load after it)."""
+    tile loop's wait, within the registers (``register_share``) and shared memory that let eight programs share a
+    multiprocessor (the default: the exact tokens 16 at a time with their queries unpadded, both limbs in one sign
+    product), or seven with the exact tokens' queries padded, and without stack (the next tile's key norms carried
+    as float32: as fp16 pairs ptxas kept them on the stack at every cap tried). Six programs at three stages, a launch
+    of neither since 1014fa3, keep 8 bytes of stack on Triton 3.6 since the exact tokens' programs take a range of
+    them (one store before their loop, one load after it)."""
     row = sass_rows(tmp_path, ["llama8b/3bit/exact/sketch256"], tuning)["llama8b/3bit/exact/sketch256"]
     assert row["tuning"] == {name: int(value) for name, value in (t.split("=") for t in tuning)}
     assert row["copies_in_flight"] > 0 and row["stack_bytes"] == 0
