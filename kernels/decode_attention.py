@@ -333,7 +333,7 @@ def _values(codes, scales, minimums, CODES: tl.constexpr, PRECISE: tl.constexpr)
 @triton.jit
 def _tile_values(p, accs, packed_ptr, scales_ptr, mins_ptr, token_scales, rows, ok, D: tl.constexpr,
                  DB_PAD: tl.constexpr, BITS: tl.constexpr, VGROUP: tl.constexpr, BLOCK_N: tl.constexpr,
-                 PAIRS: tl.constexpr, PRECISE: tl.constexpr, ASM: tl.constexpr, WHOLE_ROWS: tl.constexpr = False):
+                 PAIRS: tl.constexpr, PRECISE: tl.constexpr, ASM: tl.constexpr):
     """The eight float32 ``[M, DB_PAD]`` accumulators ``accs`` plus ``p @ values`` of the tile, one per bit
     position: in product ``i`` column ``j`` is output column ``8 j + i``, from bit ``i`` of byte ``j`` of each
     plane. With one minimum per token (``VGROUP == D``) the products leave it out, ``p @ v = (p * scale) @ codes +
@@ -343,9 +343,7 @@ def _tile_values(p, accs, packed_ptr, scales_ptr, mins_ptr, token_scales, rows, 
     ``PAIRS`` (two planes, one scale per token): product ``i`` takes its codes doubled ``i`` times, bits ``i`` and
     ``i + 1`` of one of two interleavings of the planes (plane 0's even bits with plane 1's odd ones a bit up, or the
     reverse), so a product's codes cost one ``lop3`` in place of a shift and a ``lop3`` per plane; the caller halves
-    accumulator ``i`` ``i`` times (``_value_columns``). ``WHOLE_ROWS`` (with ``PAIRS``): both planes of a token in
-    one load of its whole row (one 16-byte copy a thread where each plane took an 8-byte one, which touched every
-    sector of the rows for half of it), parted in registers."""
+    accumulator ``i`` ``i`` times (``_value_columns``)."""
     acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7 = accs
     j = tl.arange(0, DB_PAD)
     inside = ok[:, None] & (j[None, :] < D // 8)
@@ -357,17 +355,10 @@ def _tile_values(p, accs, packed_ptr, scales_ptr, mins_ptr, token_scales, rows, 
     codes5 = codes0
     codes6 = codes0
     codes7 = codes0
-    if PAIRS and WHOLE_ROWS:
-        c = tl.arange(0, 2 * DB_PAD)
-        both = tl.load(packed_ptr + rows[:, None] * (D // 4) + (c % DB_PAD + (c // DB_PAD) * (D // 8))[None, :],
-                       mask=ok[:, None] & ((c % DB_PAD) < D // 8)[None, :], other=0)
-        plane0, plane1 = tl.split(tl.permute(tl.reshape(both, (BLOCK_N, 2, DB_PAD)), (0, 2, 1)))
-        plane0, plane1 = plane0.to(tl.int16), plane1.to(tl.int16)
-    if PAIRS and not WHOLE_ROWS:
+    if PAIRS:
         plane0 = tl.load(packed_ptr + rows[:, None] * (D // 4) + j[None, :], mask=inside, other=0).to(tl.int16)
         plane1 = tl.load(packed_ptr + rows[:, None] * (D // 4) + D // 8 + j[None, :], mask=inside,
                          other=0).to(tl.int16)
-    if PAIRS:
         even = _interleaved(plane0, plane1, 0x155, ASM)  # bits 2k of plane 0 and 2k + 1 of plane 1 << 1
         odd = _interleaved(plane0, plane1, 0x0AA, ASM)
         codes0 = _plane_bits(codes0, even, 0, 3, ASM)
@@ -507,8 +498,7 @@ def decode_split_kernel(q_ptr, tables_ptr, table_scales_ptr, table_sums_ptr, sp_
                         BLOCK_EXACT: tl.constexpr, PRECISE: tl.constexpr, LIMBS: tl.constexpr,
                         UNROLL: tl.constexpr, ASM: tl.constexpr, PREFETCH: tl.constexpr, CHUNKS: tl.constexpr,
                         PAIRS: tl.constexpr, EXACT_PADDED: tl.constexpr, PDL: tl.constexpr = False,
-                        STACKED_LIMBS: tl.constexpr = False, PREFETCH_CHANNELS: tl.constexpr = False,
-                        WHOLE_ROWS: tl.constexpr = False):
+                        STACKED_LIMBS: tl.constexpr = False, PREFETCH_CHANNELS: tl.constexpr = False):
     """Program ``(bh, split)``: ``bh`` stands for ``QUERIES`` queries (``q`` ``[BH, QUERIES, D]``), taken as ``M``
     (a power of two; zero queries past the real ones), chunk ``bh % CHUNKS`` of the group of (batch row and) KV head
     ``bh // CHUNKS``. Splits ``0 .. S-1`` take compressed tokens, splits ``S .. S + E - 1`` (``E``:
@@ -520,7 +510,7 @@ def decode_split_kernel(q_ptr, tables_ptr, table_scales_ptr, table_sums_ptr, sp_
     (the projection, or a copy of some input the launcher made) still runs, it waits for it before it reads
     anything; and it lets the merge start at once. ``STACKED_LIMBS``: the sign products take both limbs of the
     queries' rows at once (``_stacked_sign_sums``). ``PREFETCH_CHANNELS``: each group's outlier channels load a tile
-    ahead; ``WHOLE_ROWS``: paired value planes in one load (``_tile_values``; sweep choices, untimed)."""
+    ahead."""
     if PDL:
         gdc_launch_dependents()
     bh, split = tl.program_id(0), tl.program_id(1)
@@ -584,7 +574,7 @@ def decode_split_kernel(q_ptr, tables_ptr, table_scales_ptr, table_sums_ptr, sp_
             p = tl.exp2(scores - m_i[:, None])
             weight_sums += p
             accs = _tile_values(p, accs, vpacked_ptr, vscales_ptr, vmins_ptr, token_scales, rows, ok, D,
-                                DB_PAD, BITS, VGROUP, BLOCK_N, PAIRS, PRECISE, ASM, WHOLE_ROWS)
+                                DB_PAD, BITS, VGROUP, BLOCK_N, PAIRS, PRECISE, ASM)
             if VGROUP == D:
                 minimum_sums += p * token_minimums[None, :]
             if PREFETCH:
@@ -684,6 +674,11 @@ def launch_config(group: int, head_dim: int, sketch_dim: int, outlier_sketch_dim
                   # where the register cap below makes room for six programs a multiprocessor.
                   num_stages=3 if narrow and (eight_programs or not six_programs) else 2,
                   PREFETCH=head_dim * sketch_dim < 256 * 1024,
+                  # Each group's outlier channels a tile ahead too (decode_split_kernel says why), at eight programs
+                  # (with sketched outliers, or at six, they spill on Triton 3.9, sm_90): on the H100 at ebed0ed 0.98x,
+                  # 0.99x, 0.95x and 0.95x the time of loading them at the tile, batch 1 with 32k and 128k tokens and
+                  # batch 8 with 32k and 128k (profiling/results/nvidia-h100/sweep-decode-ebed0ed.txt).
+                  PREFETCH_CHANNELS=bool(eight_programs),
                   # Two warps a program where they fit in registers: on the H100 at 31602b4, 27-33% faster than four at
                   # 32k and 128k tokens, batch 1 and 8, bf16 (fewer instructions a tile, four programs a multiprocessor
                   # in place of two). fp32 queries (two products per value pair, three limbs) spill with two on Triton
@@ -765,10 +760,9 @@ def decode_attention(query: torch.Tensor, keys, values, value_bits: int, matrix:
     buffer) ``[b, h, *, d]``. Returns ``[b, 1, hq, d]`` in the query's dtype. ``tuning`` overrides launch choices
     (``num_warps``, ``num_stages``, ``maxnreg``, ``UNROLL``, ``PREFETCH``, ``ASM``, ``BLOCK_EXACT``: the exact
     tokens' tile, ``EXACT_PADDED``: their queries padded to 16 rows, ``STACKED_LIMBS``: both limbs in one sign
-    product, ``PREFETCH_CHANNELS``: outlier channels a tile ahead, ``WHOLE_ROWS``: paired value planes in one
-    load, ``PDL``: programmatic launches, ``programs_per_sm``, ``min_tokens``, ``splits``: compressed splits per
-    (batch, KV head), ``exact_tokens``: sink and buffer tokens a program, ``project_blocks``: programs a KV head in
-    the queries' projection) for benchmarks."""
+    product, ``PREFETCH_CHANNELS``: outlier channels a tile ahead, ``PDL``: programmatic launches,
+    ``programs_per_sm``, ``min_tokens``, ``splits``: compressed splits per (batch, KV head), ``exact_tokens``: sink
+    and buffer tokens a program, ``project_blocks``: programs a KV head in the queries' projection) for benchmarks."""
     signs, norms, idx, osigns, onorms, oresiduals = keys
     b, hq, _, d = query.shape
     h, n = signs.shape[1], signs.shape[2]
@@ -780,7 +774,7 @@ def decode_attention(query: torch.Tensor, keys, values, value_bits: int, matrix:
                            oresiduals is not None, query.dtype == torch.float32, asm=not interpreting())
     config.update({name: tuning.pop(name) for name in ("num_warps", "num_stages", "maxnreg", "UNROLL", "PREFETCH",
                                                            "ASM", "BLOCK_EXACT", "EXACT_PADDED", "STACKED_LIMBS",
-                                                           "PREFETCH_CHANNELS", "WHOLE_ROWS")
+                                                           "PREFETCH_CHANNELS")
                    if name in tuning})
     if config["STACKED_LIMBS"] and not stackable(config):
         raise ValueError("STACKED_LIMBS needs two limbs (bf16 or fp16 queries), at most 8 queries a program and no "

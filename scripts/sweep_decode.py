@@ -46,45 +46,43 @@ from qjl.config import QJLConfig  # noqa: E402
 
 # Launch choices beside the default (``launch_config``: eight programs a multiprocessor at the benchmark's shapes, a
 # cap of 128 registers, three stages, the exact tokens 16 at a time with their queries unpadded, both limbs of the
-# queries' rows in one sign product; two warps, per-token numbers a tile ahead, PTX bit unpacking, programmatic
-# launches; one wave of the programs that fit), each the default with what it names changed, and each row with the
-# programs a multiprocessor holds by the driver's count (``resident``). The ones worth re-timing when the kernel
-# changes:
-# - two stages at eight programs: 1.00x, 1.03x, 1.04x, 1.05x the time of three at batch 1 with 32k and 128k tokens
-#   and batch 8 with 32k and 128k, each call on its own copy of the inputs (sweep-decode-e057ae0.txt, as below);
+# queries' rows in one sign product; two warps, per-token numbers and outlier channels a tile ahead, PTX bit
+# unpacking, programmatic launches; one wave of the programs that fit), each the default with what it names changed,
+# and each row with the programs a multiprocessor holds by the driver's count (``resident``). The ones worth
+# re-timing when the kernel changes, with their times against the default of the same run at batch 1 with 32k and
+# 128k tokens and batch 8 with 32k and 128k, each call on its own copy of the inputs (sweep-decode-ebed0ed.txt, the
+# median of three rounds, and sweep-decode-e057ae0.txt, one round):
+# - two stages at eight programs: 1.01x, 1.05x, 1.03x, 1.03x at ebed0ed (1.00x, 1.03x, 1.04x, 1.05x at e057ae0);
 # - four stages at eight programs (eight copy groups in flight at the loop's wait, not four; same instructions a
-#   tile): 1.03x, 1.01x, 1.00x, 1.01x;
-# - the queries' projection in four programs a KV head (``project_blocks``): 1.02x, 1.00x, 1.01x, 1.01x;
-# - the step's three kernels launched one after another, not programmatically (kernels.common.programmatic_launch;
-#   1.00x, 1.01x, 1.01x, 1.01x);
-# - each group's outlier channels loaded a tile ahead (``PREFETCH_CHANNELS``): loaded at the tile, their first use
-#   was the split kernel's most sampled instruction at e057ae0 (8.7% of its stall samples, batch 1 and 32k,
-#   ncu-source-e057ae0.csv.gz); 430 instructions a tile where no max grows against 425, 128 registers, no stack
-#   (Triton 3.6, sm_90; 3.9: 452 against 432); untimed;
-# - both value planes of a token in one load of its 32-byte row (``WHOLE_ROWS``): one 16-byte copy a thread where
-#   each plane took an 8-byte one touching every sector of the rows (Nsight's excess sectors at e057ae0, 31% of the
-#   global ones, ncu-e057ae0.txt); 422 instructions a tile against 425, 124 registers against 128 (Triton 3.6,
-#   sm_90; 3.9: 446 against 432); untimed;
+#   tile): 1.03x, 1.01x, 1.00x, 1.00x (1.03x, 1.01x, 1.00x, 1.01x);
+# - the queries' projection in four programs a KV head (``project_blocks``): 0.98x, 1.00x, 0.96x, 0.95x (1.02x,
+#   1.00x, 1.01x, 1.01x);
+# - the step's three kernels launched one after another, not programmatically (kernels.common.programmatic_launch):
+#   1.00x, 1.01x, 0.95x, 0.95x (1.00x, 1.01x, 1.01x, 1.01x);
+# - each group's outlier channels loaded at the tile (``PREFETCH_CHANNELS=False``, the default until the ebed0ed run,
+#   in which their prefetch took 0.98x, 0.99x, 0.95x, 0.95x the time of this launch);
 # - and, per shape, the splits that leave each KV head's exact-tokens program room in the wave: one fewer than the
-#   default at batch 8 (1.07x, 1.07x); at batch 1 the default's own launch (128 splits), timed again: 0.98x, 1.00x.
+#   default at batch 8 (1.01x, 1.06x at ebed0ed; 1.07x, 1.07x at e057ae0); at batch 1 the default's own launch,
+#   timed again: 1.00x, 1.00x (0.98x, 1.00x).
 # The layers hold 32 exact tokens (the prompt's remainder of the group, 4 sink and 28 buffered), one program a KV head
 # whatever ``exact_split`` is given, so the row ``exact_tokens=4096`` (one program, as before ``exact_split``) was the
 # default's launch too: 0.98x, 1.02x, 1.00x, 1.01x at e057ae0 and 0.98x, 1.02x, 1.00x, 1.00x at 92a46ce. Those
 # re-timings are the sweep's noise: about 2%, and the default (timed first) 2% slower at batch 1 and 32k in both runs.
 # Dropped from the list as consistently slower on the H100 (sweep-decode-*.txt, against the default of the same run at
-# the four shapes), and to keep gpu-check.sh's run short: the launch that was the default until 1014fa3
-# (six programs: a cap of 168, two stages, the exact tokens 32 at a time with padded queries, a sign product a limb;
-# 1.15x, 1.24x, 1.30x, 1.34x at e057ae0), no prefetch of the per-token numbers (``PREFETCH=False``: 1.06x, 1.11x, 1.12x,
-# 1.14x at e057ae0), the L2 prefetch (each split asking the L2 cache for its first tokens before it waited for the
-# projection; removed from the kernel after 1.11x, 1.08x, 1.08x, 1.08x with cold copies at e057ae0), nine programs a
-# multiprocessor (a cap of 112: 1.07x, 1.14x, 1.15x, 1.17x at e057ae0), seven programs (a cap of 144; at three stages
-# and stacked 1.02-1.12x the time of eight at 43a6c51), eight without the stacked limbs (1.08-1.16x), no register cap
-# (as the cap of 200, four programs) and four warps (1.27-1.66x the six programs' time at 615d3fd), one stage
-# (1.04-1.32x), more programs than fit (``programs_per_sm=8`` at six: 1.23-1.35x), cb8154c's launch (1.07-1.16x) and the
-# interpreter's element-wise unpacking in place of the PTX (1.35-1.54x; the kernel tests check the PTX against the
-# reference on the GPU).
+# the four shapes), and to keep gpu-check.sh's run short: both value planes of a token in one 16-byte load of its row
+# (``WHOLE_ROWS``, 1.08x, 1.13x, 1.09x, 1.11x at ebed0ed; removed from the kernel), the launch that was the default
+# until 1014fa3 (six programs: a cap of 168, two stages, the exact tokens 32 at a time with padded queries, a sign
+# product a limb; 1.15x, 1.24x, 1.30x, 1.34x at e057ae0), no prefetch of the per-token numbers (``PREFETCH=False``:
+# 1.06x, 1.11x, 1.12x, 1.14x at e057ae0), the L2 prefetch (each split asking the L2 cache for its first tokens before
+# it waited for the projection; removed from the kernel after 1.11x, 1.08x, 1.08x, 1.08x with cold copies at e057ae0),
+# nine programs a multiprocessor (a cap of 112: 1.07x, 1.14x, 1.15x, 1.17x at e057ae0), seven programs (a cap of 144;
+# at three stages and stacked 1.02-1.12x the time of eight at 43a6c51), eight without the stacked limbs (1.08-1.16x),
+# no register cap (as the cap of 200, four programs) and four warps (1.27-1.66x the six programs' time at 615d3fd),
+# one stage (1.04-1.32x), more programs than fit (``programs_per_sm=8`` at six: 1.23-1.35x), cb8154c's launch
+# (1.07-1.16x) and the interpreter's element-wise unpacking in place of the PTX (1.35-1.54x; the kernel tests check
+# the PTX against the reference on the GPU).
 TUNINGS = [dict(num_stages=2), dict(num_stages=4), dict(project_blocks=4), dict(PDL=False),
-           dict(PREFETCH_CHANNELS=True), dict(WHOLE_ROWS=True)]
+           dict(PREFETCH_CHANNELS=False)]
 # With a full buffer (131 exact tokens a KV head) the exact tokens spread over as many programs as the wave has room
 # for (``exact_split``: three of 48 tokens at batch 1 and 32k, five of 32 at batch 8, after the wave's last split);
 # against them, one program a KV head (as before ``exact_split``), and (per shape) one split fewer.

@@ -399,9 +399,9 @@ def test_fused_decode_launch_choices_agree():
     (64, 1, "fp16", QJLConfig(sketch_dim=72, n_outliers=0, value_bits=3, value_group_size=16, buffer_size=32)),
 ])
 def test_outlier_channels_a_tile_ahead_give_the_same_numbers(d, group, dtype, config):
-    """``PREFETCH_CHANNELS`` loads each group's outlier channels a tile ahead (a split's last tile asks for none past
-    its end) and computes as before, so the step's output is the same to the bit: exact, sketched and no outliers,
-    with the per-token numbers ahead or not, in splits of one tile and of several."""
+    """``PREFETCH_CHANNELS`` (the default) loads each group's outlier channels a tile ahead (a split's last tile asks
+    for none past its end) and computes as loading them at the tile does, so the step's output is the same to the bit:
+    exact, sketched and no outliers, with the per-token numbers ahead or not, in splits of one tile and of several."""
     layer = filled_layer(config, 1, 2, d, prompt=170, steps=1, dtype=DTYPES[dtype])
     assert layer.n_compressed == 160
     query = torch.randn(1, 2 * group, 1, d, generator=torch.Generator().manual_seed(9)).to(DEVICE, DTYPES[dtype])
@@ -411,22 +411,7 @@ def test_outlier_channels_a_tile_ahead_give_the_same_numbers(d, group, dtype, co
     for launch in (dict(programs_per_sm=1, min_tokens=64), dict(programs_per_sm=1, min_tokens=64, PREFETCH=False),
                    dict(programs_per_sm=64, min_tokens=16)):
         assert torch.equal(decode_attention(*arguments, tuning=dict(launch, PREFETCH_CHANNELS=True)),
-                           decode_attention(*arguments, tuning=launch))
-
-
-@pytest.mark.parametrize("d,group,dtype", [(128, 4, "bf16"), (64, 3, "bf16"), (64, 3, "fp32")])
-def test_value_rows_in_one_load_give_the_same_numbers(d, group, dtype):
-    """``WHOLE_ROWS`` loads a token's two value planes as one row and parts them in registers: the same codes, so
-    the step's output is the same to the bit, at head dim 128 (planes of 16 bytes) and 64 (8 bytes, the rest of the
-    products' 16 columns masked), bf16 and fp32 queries, in splits of one tile and of several (token counts not a
-    multiple of the tile)."""
-    config = QJLConfig.preset("3bit", head_dim=d)
-    layer = filled_layer(config, 1, 2, d, prompt=170, steps=1, dtype=DTYPES[dtype])
-    query = torch.randn(1, 2 * group, 1, d, generator=torch.Generator().manual_seed(10)).to(DEVICE, DTYPES[dtype])
-    arguments = decode_arguments(layer, query, d ** -0.5)
-    for launch in (dict(programs_per_sm=1, min_tokens=64), dict(programs_per_sm=64, min_tokens=16)):
-        assert torch.equal(decode_attention(*arguments, tuning=dict(launch, WHOLE_ROWS=True)),
-                           decode_attention(*arguments, tuning=launch))
+                           decode_attention(*arguments, tuning=dict(launch, PREFETCH_CHANNELS=False)))
 
 
 @pytest.mark.parametrize("d,group,dtype,config", [

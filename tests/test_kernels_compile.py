@@ -101,17 +101,16 @@ SIX_PROGRAMS = ["num_stages=2", "maxnreg=168", "BLOCK_EXACT=32", "EXACT_PADDED=1
 
 
 @pytest.mark.parametrize("tuning,programs", [
-    ([], 8), (["num_stages=4"], 8), (["maxnreg=144", "EXACT_PADDED=1"], 7), (["PREFETCH_CHANNELS=1"], 8),
-    (["WHOLE_ROWS=1"], 8)])
+    ([], 8), (["num_stages=4"], 8), (["maxnreg=144", "EXACT_PADDED=1"], 7), (["PREFETCH_CHANNELS=0"], 8)])
 def test_sweep_launches_fit_without_stack(tmp_path, tuning, programs):
     """The default launch at the benchmark's shapes and the sweep's (``scripts/sweep_decode.py``) at three or four
-    stages, with the outlier channels a tile ahead, and with the value rows in one load, keep copies in flight at the
-    tile loop's wait, within the registers (``register_share``) and shared memory that let eight programs share a
-    multiprocessor (the default: the exact tokens 16 at a time with their queries unpadded, both limbs in one sign
-    product), or seven with the exact tokens' queries padded, and without stack (the next tile's key norms carried
-    as float32: as fp16 pairs ptxas kept them on the stack at every cap tried). Six programs at three stages, a launch
-    of neither since 1014fa3, keep 8 bytes of stack on Triton 3.6 since the exact tokens' programs take a range of
-    them (one store before their loop, one load after it)."""
+    stages, and with the outlier channels loaded at the tile, keep copies in flight at the tile loop's wait, within the
+    registers (``register_share``) and shared memory that let eight programs share a multiprocessor (the default: the
+    exact tokens 16 at a time with their queries unpadded, both limbs in one sign product), or seven with the exact
+    tokens' queries padded, and without stack (the next tile's key norms carried as float32: as fp16 pairs ptxas kept
+    them on the stack at every cap tried). Six programs at three stages, a launch of neither since 1014fa3, keep 8 bytes
+    of stack on Triton 3.6 since the exact tokens' programs take a range of them (one store before their loop, one load
+    after it)."""
     row = sass_rows(tmp_path, ["llama8b/3bit/exact/sketch256"], tuning)["llama8b/3bit/exact/sketch256"]
     assert row["tuning"] == {name: int(value) for name, value in (t.split("=") for t in tuning)}
     assert row["copies_in_flight"] > 0 and row["stack_bytes"] == 0
@@ -165,14 +164,3 @@ print(json.dumps(rows))
         assert row["atomics"] == (0 if row["blocks"] == 1 else 1), row
         if row["blocks"] > 1:
             assert row["REG"] < one["REG"] and row["shared"] < one["shared"], row
-
-
-def test_whole_value_rows_take_one_copy_a_thread(tmp_path):
-    """``WHOLE_ROWS`` copies a tile's value rows (two planes of 16 bytes a token at the benchmark's shapes) in one
-    16-byte copy a thread where the planes took two of 8 bytes, each of which touched every sector of the rows: one
-    asynchronous copy fewer a tile and a thread, the same bytes."""
-    shapes = ["llama8b/3bit/exact/sketch256"]
-    planes = sass_rows(tmp_path, shapes)[shapes[0]]["async_copies"]
-    rows = sass_rows(tmp_path, shapes, ["WHOLE_ROWS=1"])[shapes[0]]["async_copies"]
-    assert rows.get("16", 0) == planes.get("16", 0) + 1 and rows.get("8", 0) == planes.get("8", 0) - 2
-    assert sum(int(width) * n for width, n in rows.items()) == sum(int(width) * n for width, n in planes.items())
