@@ -2,20 +2,23 @@
 # One command for a short GPU slot: kernel tests on the GPU itself (whole-model decoding through the kernels against
 # the torch path included), the decode benchmark and one step's launches timed apart (decode_launches.py, into
 # bench.txt), the sweep of the fused decode kernel's launch choices (with the programs a multiprocessor holds for
-# each), and Nsight Compute on one of its launches (its per-instruction samples in ncu-source.csv.gz) and on one of the
-# queries' projection (batch 1, 32k: what the step's fixed cost waits on). Everything lands in OUTDIR (7 files, what a
-# GPU slot returns at most); tests.txt also says when each step ended. At e057ae0 the steps ended at 220 s (tests),
-# 265 (benchmark), 291 (launches), 340 (sweep) and 372 (Nsight Compute); the sm_90 compile report (156 s at 43a6c51,
-# when it came last here) builds the same code on a CPU machine, so it is run there, with the GPU box's Triton too:
+# each), and Nsight Compute on one of its launches (its per-instruction samples in ncu-source.csv.gz) and on one of
+# the queries' projection (batch 1, 32k: what the step's fixed cost waits on). Everything lands in OUTDIR (7 files,
+# what a GPU slot returns at most); tests.txt also says when each step ended. At ebed0ed the steps ended at 256 s
+# (tests), 376 (benchmark, QuantizedCache in every row), 401 (launches), 445 (sweep) and 476 (Nsight Compute); the
+# sm_90 compile report (156 s at 43a6c51, when it came last here) builds the same code on a CPU machine, so it is run
+# there, with the GPU box's Triton too:
 #   python -m venv V && V/bin/pip install torch==2.13.0 triton==3.6.0 numpy pytest "transformers>=5.17,<6"
 #   V/bin/python -m profiling kernels-compile --arch 90 --arch 80 --out DIR
-# which leaves most of a 15-minute slot for a second call (bench-kernels after a sweep row becomes the default).
-# Needs torch (CUDA), triton, transformers, pytest; not gradio, plotly or kaleido. Before the call, on this machine:
-# `bash scripts/gpu-wheels.sh` for transformers' QuantizedCache in the benchmark (carry ".whl"; untried on a GPU), and,
-# to time an earlier decode kernel on the same card, `bash scripts/decode_baseline.sh COMMIT` (the GPU box gets no
-# history). optimum-quanto builds its CUDA extension on its first use (nvcc, likely minutes: AWQ and Marlin GEMMs
-# beside the unpacking QuantizedCache needs), so it is built in the background from the start, and the benchmark
-# times QuantizedCache only in the rows that find it built (--quanto-built-only); the build's end goes to tests.txt.
+# which leaves time in a 15-minute slot for a second call (bench-kernels after a sweep row becomes the default: 391
+# s of 900 were left after this one at ebed0ed, the machine's start included). Needs
+# torch (CUDA), triton, transformers, pytest; not gradio, plotly or kaleido. Before the call, on this machine: `bash
+# scripts/gpu-wheels.sh` for transformers' QuantizedCache in the benchmark (carry ".whl"), and, to time an earlier
+# decode kernel on the same card, `bash scripts/decode_baseline.sh COMMIT` (the GPU box gets no history).
+# optimum-quanto builds its CUDA extension on its first use (nvcc: AWQ and Marlin GEMMs beside the unpacking
+# QuantizedCache needs; 144 s at ebed0ed), so it is built in the background from the start, and the
+# benchmark times QuantizedCache only in the rows that find it built (--quanto-built-only); the build's end goes to
+# tests.txt.
 set -uo pipefail
 OUT="${1:?usage: bash scripts/gpu-check.sh OUTDIR}"
 cd "$(dirname "$0")/.."
@@ -27,8 +30,8 @@ ended() { echo "--- $1 ended at $SECONDS s" >> "$OUT/tests.txt"; }
 if compgen -G ".whl/*.whl" > /dev/null; then
   python -m pip install -q --no-index --no-deps --no-compile --target /tmp/gpu-check-site .whl/*.whl || status=1
   export PYTHONPATH="/tmp/gpu-check-site${PYTHONPATH:+:$PYTHONPATH}"
-  # niced, on 4 of the 16 cores: the kernel tests beside it compile Triton kernels on the CPU (they ended at 220 s
-  # at e057ae0, with 59 tests; 300 s are theirs now, with 6 more)
+  # niced, on 4 of the 16 cores: the kernel tests beside it compile Triton kernels on the CPU (236 s for 65 tests
+  # at ebed0ed, with the build beside them)
   MAX_JOBS=4 nice -n 19 timeout 600 python -c "import time; start = time.time(); from optimum.quanto.library.extensions import get_extension
 get_extension('quanto_cuda').lib; print(f'--- optimum-quanto CUDA extension built in {time.time() - start:.0f} s')" \
     > /tmp/quanto-build.log 2>&1 &
