@@ -50,20 +50,21 @@ from qjl.config import QJLConfig  # noqa: E402
 # unpacking, programmatic launches; one wave of the programs that fit), each the default with what it names changed,
 # and each row with the programs a multiprocessor holds by the driver's count (``resident``). The ones worth
 # re-timing when the kernel changes, with their times against the default of the same run at batch 1 with 32k and
-# 128k tokens and batch 8 with 32k and 128k, each call on its own copy of the inputs (sweep-decode-ebed0ed.txt, the
-# median of three rounds, and sweep-decode-e057ae0.txt, one round):
-# - two stages at eight programs: 1.01x, 1.05x, 1.03x, 1.03x at ebed0ed (1.00x, 1.03x, 1.04x, 1.05x at e057ae0);
+# 128k tokens and batch 8 with 32k and 128k, each call on its own copy of the inputs (sweep-decode-7870952.txt, the
+# median of three rounds; in brackets sweep-decode-ebed0ed.txt, before the outlier channels' prefetch was the
+# default):
+# - two stages at eight programs: 1.00x, 1.03x, 1.03x, 1.03x (1.01x, 1.05x, 1.03x, 1.03x);
 # - four stages at eight programs (eight copy groups in flight at the loop's wait, not four; same instructions a
-#   tile): 1.03x, 1.01x, 1.00x, 1.00x (1.03x, 1.01x, 1.00x, 1.01x);
-# - the queries' projection in four programs a KV head (``project_blocks``): 0.98x, 1.00x, 0.96x, 0.95x (1.02x,
-#   1.00x, 1.01x, 1.01x);
+#   tile): 1.02x, 1.01x, 1.00x, 1.00x (1.03x, 1.01x, 1.00x, 1.00x);
+# - the queries' projection in four programs a KV head (``project_blocks``): 0.97x, 0.99x, 1.00x, 1.00x (0.98x,
+#   1.00x, 0.96x, 0.95x; 1.00-1.02x at e057ae0);
 # - the step's three kernels launched one after another, not programmatically (kernels.common.programmatic_launch):
-#   1.00x, 1.01x, 0.95x, 0.95x (1.00x, 1.01x, 1.01x, 1.01x);
-# - each group's outlier channels loaded at the tile (``PREFETCH_CHANNELS=False``, the default until the ebed0ed run,
-#   in which their prefetch took 0.98x, 0.99x, 0.95x, 0.95x the time of this launch);
+#   0.99x, 1.00x, 0.98x, 1.00x (1.00x, 1.01x, 0.95x, 0.95x);
+# - each group's outlier channels loaded at the tile (``PREFETCH_CHANNELS=False``, the default until 7870952):
+#   1.01x, 1.02x, 1.05x, 1.05x (their prefetch, then the row: 0.98x, 0.99x, 0.95x, 0.95x);
 # - and, per shape, the splits that leave each KV head's exact-tokens program room in the wave: one fewer than the
-#   default at batch 8 (1.01x, 1.06x at ebed0ed; 1.07x, 1.07x at e057ae0); at batch 1 the default's own launch,
-#   timed again: 1.00x, 1.00x (0.98x, 1.00x).
+#   default at batch 8 (1.06x, 1.05x; 1.01x, 1.06x); at batch 1 the default's own launch, timed again: 0.99x, 1.00x
+#   (1.00x, 1.00x).
 # The layers hold 32 exact tokens (the prompt's remainder of the group, 4 sink and 28 buffered), one program a KV head
 # whatever ``exact_split`` is given, so the row ``exact_tokens=4096`` (one program, as before ``exact_split``) was the
 # default's launch too: 0.98x, 1.02x, 1.00x, 1.01x at e057ae0 and 0.98x, 1.02x, 1.00x, 1.00x at 92a46ce. Those
