@@ -305,13 +305,14 @@ def measure_row(config, batch, context, device, measure, timed: bool, prefill: b
         row["oom"] = True
     finally:
         os.environ.pop("QJL_BACKEND", None)
-    if quanto_available() and quanto_built_only and device.type == "cuda" and not quanto_extension_built():
-        row["quantized_cache_skipped"] = "optimum-quanto's CUDA extension not built yet"
-    elif quanto_available():
-        try:
-            row["quantized_cache_ms"] = quantized_cache_step_ms(k, v, q, scale)
-        except Exception as error:  # noqa: BLE001  third-party: e.g. quanto's CUDA extension needs ninja and nvcc
-            row["quantized_cache_error"] = f"{type(error).__name__}: {error}"[:300]
+    if quanto_available():
+        if quanto_built_only and device.type == "cuda" and not quanto_extension_built():
+            row["quantized_cache_skipped"] = "optimum-quanto's CUDA extension not built yet"
+        else:
+            try:
+                row["quantized_cache_ms"] = quantized_cache_step_ms(k, v, q, scale)
+            except Exception as error:  # noqa: BLE001  third-party: e.g. quanto's CUDA extension needs ninja, nvcc
+                row["quantized_cache_error"] = f"{type(error).__name__}: {error}"[:300]
     if prefill:
         qp = torch.randn(batch, Q_HEADS, context, HEAD_DIM, device=device, dtype=k.dtype, generator=gen)
         row["prefill_attention_ms"] = measure(

@@ -108,16 +108,6 @@ def copies_in_flight(body: list[str]) -> int | None:
     return min(waits) if waits else None
 
 
-def async_copies(body: list[str]) -> dict:
-    """The loop's asynchronous global-to-shared copies a thread (``LDGSTS``) by their width in bytes."""
-    widths = collections.Counter()
-    for text in body:
-        if text.startswith("LDGSTS"):
-            bits = re.search(r"\.(32|64|128)\b", text.split()[0])
-            widths[int(bits.group(1)) // 8 if bits else 4] += 1
-    return dict(sorted(widths.items()))
-
-
 def count(module, config: dict, group: int, arch: int, top: int = 0, tuning: dict | None = None) -> dict:
     """Registers, stack, shared memory and main-loop counts of ``module``'s decode kernel at the launch of
     ``config``'s shapes (``group`` queries a KV head), with ``tuning``'s launch choices in place of the launcher's (as
@@ -140,8 +130,7 @@ def count(module, config: dict, group: int, arch: int, top: int = 0, tuning: dic
                 instructions=sum(ops.values()), common_path=len(common_path(body)), barriers=ops["BAR"],
                 shared_or_shuffle=sum(n for op, n in ops.items() if op in SHARED_OR_SHUFFLE),
                 mma=ops["HMMA"] + ops["IMMA"], global_loads=ops["LDG"], stack_in_loop=ops["LDL"] + ops["STL"],
-                copies_in_flight=copies_in_flight(texts), async_copies=async_copies(texts),
-                source_lines=source_lines(body, top))
+                copies_in_flight=copies_in_flight(texts), source_lines=source_lines(body, top))
 
 
 def main():

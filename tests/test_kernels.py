@@ -455,19 +455,26 @@ def test_decode_splits_fill_one_wave():
         assert per_split == 64 or programs > resident * sms - heads, (heads, tokens, programs)  # the wave is full
 
 
+def merged_partials(monkeypatch) -> list:
+    """The fused decode's merge, recorded: each call appends how many partials it merges into each output row (the
+    splits' and the exact tokens' programs)."""
+    import kernels.decode_attention as fused
+
+    launched = []
+    monkeypatch.setattr(fused, "combine_splits", lambda part_m, *rest, **options: launched.append(part_m.shape[1])
+                        or combine_splits(part_m, *rest, **options))
+    return launched
+
+
 def test_fused_decode_takes_a_split_count(monkeypatch):
     """``tuning={"splits": s}`` (the sweep's way to time a split count) launches ``s`` splits a KV head, which
     change nothing in the result."""
-    import kernels.decode_attention as fused
-
     config = QJLConfig.preset("3bit", head_dim=64)
     layer = filled_layer(config, 1, 2, 64, prompt=300, steps=1, dtype=torch.float32)
     query = torch.randn(1, 6, 1, 64, generator=torch.Generator().manual_seed(6)).to(DEVICE)
     arguments = decode_arguments(layer, query, 0.125)
     default = decode_attention(*arguments)
-    launched = []
-    monkeypatch.setattr(fused, "combine_splits", lambda part_m, *rest, **options: launched.append(part_m.shape[1])
-                        or combine_splits(part_m, *rest, **options))
+    launched = merged_partials(monkeypatch)
     for splits in (1, 3, 9):  # 288 tokens: 288, 96 and 32 a split, multiples of the tile step
         torch.testing.assert_close(decode_attention(*arguments, tuning=dict(splits=splits)), default, rtol=1e-5,
                                    atol=1e-5)
@@ -503,16 +510,12 @@ def test_fused_decode_takes_the_exact_tokens_in_several_programs(monkeypatch, dt
     the reference's, wherever a program's tokens start and end: in the sink, across its end into the buffer, inside
     the buffer, at its last token. By default, where the wave has room (the interpreter's has), as many programs as
     take two tiles each."""
-    import kernels.decode_attention as fused
-
     layer = filled_layer(config, 2, 2, 64, prompt=190, steps=3, dtype=DTYPES[dtype])
     n_exact = layer.sink_keys.shape[2] + layer.buffer_keys.shape[2]
     assert layer.sink_keys.shape[2] == 5 and n_exact == 33 and layer.n_compressed
     query = torch.randn(2, 6, 1, 64, generator=torch.Generator().manual_seed(8)).to(DEVICE, DTYPES[dtype])
     arguments = decode_arguments(layer, query, 0.125)
-    launched = []
-    monkeypatch.setattr(fused, "combine_splits", lambda part_m, *rest, **options: launched.append(part_m.shape[1])
-                        or combine_splits(part_m, *rest, **options))
+    launched = merged_partials(monkeypatch)
     one = decode_attention(*arguments, tuning=dict(BLOCK_EXACT=16, exact_tokens=1024))
     atol = {"fp32": 1e-5, "bf16": 1e-2}[dtype]
     monkeypatch.setenv("QJL_BACKEND", "torch")
