@@ -1,6 +1,7 @@
 """The real Triton compiler (not the interpreter) accepts every kernel for sm_90 and sm_80 at the configurations the
 launchers use (head dims 64, 128 and 256; sketches 128 to 512, with outliers sketched or exact and centred keys;
-the decode kernels for bf16 and fp32 models), without spills and within each architecture's shared memory per program."""
+the decode kernels for bf16 and fp32 models), without spills and within each architecture's shared memory per
+program."""
 
 import json
 import os
@@ -59,7 +60,8 @@ def test_every_kernel_compiles_for_hopper_and_ampere_without_spills(tmp_path):
 def test_kernels_compile_fails_over_the_shared_memory_limit(tmp_path):
     """The check can fail: a kernel over the architecture's shared memory is reported and sets the exit code."""
     code = kernels_compile("--quick", "--arch", "80", "--only", "quantize_values", "--out", str(tmp_path),
-                           setup="from profiling import cmd_kernels_compile\ncmd_kernels_compile.SHARED_LIMITS[80] = 64")
+                           setup="from profiling import cmd_kernels_compile\n"
+                                 "cmd_kernels_compile.SHARED_LIMITS[80] = 64")
     rows = json.loads((tmp_path / "results.json").read_text())["kernels"]
     assert code == 1 and rows and all(k["shared_bytes"] > k["shared_limit"] == 64 for k in rows)
 
