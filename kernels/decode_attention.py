@@ -187,15 +187,15 @@ def _token_numbers(norms_ptr, scales_ptr, mins_ptr, rows, ok, scale, VGROUP: tl.
 
 
 @triton.jit
-def _outlier_channels(idx_ptr, kv, start, end, n_groups, M: tl.constexpr, K: tl.constexpr, R_PAD: tl.constexpr,
-                      GROUP: tl.constexpr):
-    """The outlier channels of the group that holds token ``start``, on the sign product's rows ``M .. M + K - 1``
-    (int32 ``[R_PAD]``; 0 on the other rows, and on all from the split's ``end`` on)."""
+def _outlier_channels(idx_ptr, kv, start, end, n_groups, FIRST: tl.constexpr, K: tl.constexpr,
+                      R_PAD: tl.constexpr, GROUP: tl.constexpr):
+    """The outlier channels of the group that holds token ``start``, on rows ``FIRST .. FIRST + K - 1``
+    (``_tile_scores``; int32 ``[R_PAD]``; 0 on the other rows, and on all from the split's ``end`` on)."""
     r = tl.arange(0, R_PAD)
     if K == 0:
         return tl.zeros((R_PAD,), dtype=tl.int32)
-    wanted = (r >= M) & (r < M + K) & (r * 0 + start < end)  # a block: the interpreter takes no scalar in a mask
-    return tl.load(idx_ptr + (kv * n_groups + start // GROUP) * K + (r - M), mask=wanted, other=0).to(tl.int32)
+    wanted = (r >= FIRST) & (r < FIRST + K) & (r * 0 + start < end)  # a block: the interpreter takes no scalar
+    return tl.load(idx_ptr + (kv * n_groups + start // GROUP) * K + (r - FIRST), mask=wanted, other=0).to(tl.int32)
 
 
 @triton.jit
@@ -203,19 +203,20 @@ def _tile_scores(tables_ptr, table_scales_ptr, table_sums_ptr, q_ptr, bh, channe
                  signs_ptr, osigns_ptr, onorms_ptr, oresiduals_ptr, sp_ptr, sp_scales_ptr, sp_sums_ptr,
                  spo_ptr, spo_scales_ptr, spo_sums_ptr, scale, oscale, QUERIES: tl.constexpr, M: tl.constexpr,
                  M_PAD: tl.constexpr, D: tl.constexpr, BYTES: tl.constexpr, BP: tl.constexpr, OBYTES: tl.constexpr,
-                 OBP: tl.constexpr, K: tl.constexpr, R_PAD: tl.constexpr, EXACT: tl.constexpr,
+                 OBP: tl.constexpr, K: tl.constexpr, R_PAD: tl.constexpr, FIRST: tl.constexpr, EXACT: tl.constexpr,
                  BLOCK_N: tl.constexpr, LIMBS: tl.constexpr, PRECISE: tl.constexpr, UNROLL: tl.constexpr,
                  ASM: tl.constexpr, STACKED: tl.constexpr):
     """Estimated scores ``[M, BLOCK_N]`` of the tile of global rows ``rows`` (real where ``ok``; within one outlier
-    group, whose channels are ``channel``, ``_outlier_channels``) whose keys' norms times ``scale`` are ``weight``,
-    for the program's ``QUERIES`` queries (rows from there to ``M`` as zero queries').
+    group, whose channels are ``channel``, on rows ``FIRST + k``, ``_outlier_channels``) whose keys' norms times
+    ``scale`` are ``weight``, for the program's ``QUERIES`` queries (rows from there to ``M`` as zero queries').
 
     Rows ``r < M`` of the sign product ``u = T . sign`` are the queries' (``S q . sign``); with sketched outliers,
-    rows ``M + k`` are the sketch's column ``idx_k`` (``S[:, idx_k]``, bit order) in the same product, and ``Y``
-    replaces them by each channel's correction and outlier term; ``W @ Y`` with ``W = [I | q[idx]]`` sums them per
-    query. Exact outliers: ``Y``'s outlier rows are the stored residuals, zero in ``u`` (with bf16 or fp16 queries
-    ``W @ R`` apart, ``R`` the residuals as stored, an exact fp16 product). ``STACKED``: the queries' rows take both
-    limbs in one product (``_stacked_sign_sums``)."""
+    rows ``M + k`` (``FIRST = M``) are the sketch's column ``idx_k`` (``S[:, idx_k]``, bit order) in the same
+    product, and ``Y`` replaces them by each channel's correction and outlier term; ``W @ Y`` with ``W = [I |
+    q[idx]]`` sums them per query. Exact outliers: ``Y``'s outlier rows are the stored residuals, zero in ``u``; with
+    bf16 or fp16 queries ``q[idx] @ R`` is a product of its own onto the queries' rows of ``u`` (``FIRST = 0``: ``R``
+    the residuals as stored, an exact fp16 product). ``STACKED``: the queries' rows take both limbs in one product
+    (``_stacked_sign_sums``)."""
     r = tl.arange(0, R_PAD)
     table = tables_ptr + (bh * LIMBS * M_PAD + r) * (8 * BP)  # rows r < M
     table_scales = tl.load(table_scales_ptr + bh * M_PAD + r, mask=r < M, other=0.0)
@@ -233,13 +234,15 @@ def _tile_scores(tables_ptr, table_scales_ptr, table_sums_ptr, q_ptr, bh, channe
         scores = _sign_sums(signs_ptr, table, M_PAD * 8 * BP, table_scales, table_sums, r < M, rows, ok, BYTES, BP,
                             BLOCK_N, LIMBS, UNROLL, ASM, True) * weight[None, :]
     else:
-        is_outlier = (r >= M) & (r < M + K)
+        # W = [I | q[idx]] needs the outlier channels after the queries' rows; q[idx] @ R alone takes them anywhere
+        tl.static_assert(FIRST == M or (EXACT and not PRECISE), "launch_config's CHANNEL_ROW")
+        is_outlier = (r >= FIRST) & (r < FIRST + K)
         if EXACT:  # the queries' rows alone: the residuals already hold the outlier rows' share
             if not STACKED:
                 u = _sign_sums(signs_ptr, table, M_PAD * 8 * BP, table_scales, table_sums, r < M, rows, ok, BYTES,
                                BP, BLOCK_N, LIMBS, UNROLL, ASM, True)
-            term = tl.load(oresiduals_ptr + rows[None, :] * K + (r - M)[:, None],
-                           mask=is_outlier[:, None] & ok[None, :], other=0.0)  # fp16 as stored, zero on query rows
+            term = tl.load(oresiduals_ptr + rows[None, :] * K + (r - FIRST)[:, None],
+                           mask=is_outlier[:, None] & ok[None, :], other=0.0)  # fp16 as stored, zero on other rows
         else:
             # The select between two bases loses their alignment; without it each row is read a byte at a time and
             # reaches the product through shared memory, a barrier per bit position.
@@ -262,14 +265,10 @@ def _tile_scores(tables_ptr, table_scales_ptr, table_sums_ptr, q_ptr, bh, channe
         wanted = is_outlier[None, :] & (q_rows[:, None] < QUERIES) if QUERIES < M else is_outlier[None, :]
         w = tl.load(q_ptr + (bh * QUERIES + q_rows[:, None]) * D + channel[None, :], mask=wanted,
                     other=0.0).to(tl.float32)
-        w = tl.where(q_rows[:, None] == r[None, :], 1.0, w)
         if EXACT and not PRECISE:
-            # bf16 and fp16 queries are fp16 numbers: one exact product for the fp16 residuals as loaded, onto the
-            # queries' rows of u as they are, so W's identity is taken off again (the loaded q[idx] alone took 3-5
-            # more instructions a tile, Triton 3.6 and 3.9)
-            scores = tl.dot(tl.where(q_rows[:, None] == r[None, :], 0.0, w).to(tl.float16), term,
-                            _first_rows(u, M))
+            scores = tl.dot(w.to(tl.float16), term, _first_rows(u, M))
         else:  # fp32 queries; and sketched outliers, which spill 8 bytes at two warps with two (Triton 3.9)
+            w = tl.where(q_rows[:, None] == r[None, :], 1.0, w)
             scores = dot3(w, tl.where(is_outlier[:, None], term.to(tl.float32) - u, u))
     return scores
 
@@ -492,7 +491,8 @@ def decode_split_kernel(q_ptr, tables_ptr, table_scales_ptr, table_sums_ptr, sp_
                         M_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
                         DB_PAD: tl.constexpr,
                         BYTES: tl.constexpr, BP: tl.constexpr, OBYTES: tl.constexpr, OBP: tl.constexpr,
-                        K: tl.constexpr, R_PAD: tl.constexpr, EXACT: tl.constexpr, GROUP: tl.constexpr,
+                        K: tl.constexpr, R_PAD: tl.constexpr, CHANNEL_ROW: tl.constexpr, EXACT: tl.constexpr,
+                        GROUP: tl.constexpr,
                         STEP: tl.constexpr,
                         BLOCK_N: tl.constexpr, CENTERED: tl.constexpr, BITS: tl.constexpr, VGROUP: tl.constexpr,
                         BLOCK_EXACT: tl.constexpr, PRECISE: tl.constexpr, LIMBS: tl.constexpr,
@@ -540,7 +540,7 @@ def decode_split_kernel(q_ptr, tables_ptr, table_scales_ptr, table_sums_ptr, sp_
         # first use waits for memory, the kernel's most sampled instruction on the H100 at e057ae0 (8.7% of the
         # split kernel's stall samples, batch 1 and 32k, ncu-source-e057ae0.csv.gz).
         if PREFETCH_CHANNELS:
-            channels = _outlier_channels(idx_ptr, kv, first, last, n_groups, M, K, R_PAD, GROUP)
+            channels = _outlier_channels(idx_ptr, kv, first, last, n_groups, CHANNEL_ROW, K, R_PAD, GROUP)
         for start in range(first, last, STEP):
             rows, ok = _tile_rows(kv, start, last, n_tokens, STEP, BLOCK_N)
             if PREFETCH:
@@ -551,14 +551,15 @@ def decode_split_kernel(q_ptr, tables_ptr, table_scales_ptr, table_sums_ptr, sp_
                 key_weights, token_scales, token_minimums = _token_numbers(norms_ptr, vscales_ptr, vmins_ptr, rows,
                                                                            ok, scale, VGROUP, D, ASM)
             if PREFETCH_CHANNELS:
-                next_channels = _outlier_channels(idx_ptr, kv, start + STEP, last, n_groups, M, K, R_PAD, GROUP)
+                next_channels = _outlier_channels(idx_ptr, kv, start + STEP, last, n_groups, CHANNEL_ROW, K,
+                                                   R_PAD, GROUP)
             else:
-                channels = _outlier_channels(idx_ptr, kv, start, last, n_groups, M, K, R_PAD, GROUP)
+                channels = _outlier_channels(idx_ptr, kv, start, last, n_groups, CHANNEL_ROW, K, R_PAD, GROUP)
             scores = _tile_scores(tables_ptr, table_scales_ptr, table_sums_ptr, q_ptr, bh, channels, rows, ok,
                                   key_weights, signs_ptr, osigns_ptr, onorms_ptr, oresiduals_ptr, sp_ptr,
                                   sp_scales_ptr, sp_sums_ptr, spo_ptr, spo_scales_ptr, spo_sums_ptr, scale, oscale,
-                                  QUERIES, M, M_PAD, D, BYTES, BP, OBYTES, OBP, K, R_PAD, EXACT, BLOCK_N, LIMBS,
-                                  PRECISE, UNROLL, ASM, STACKED_LIMBS)
+                                  QUERIES, M, M_PAD, D, BYTES, BP, OBYTES, OBP, K, R_PAD, CHANNEL_ROW, EXACT, BLOCK_N,
+                                  LIMBS, PRECISE, UNROLL, ASM, STACKED_LIMBS)
             scores = tl.where(ok[None, :], scores * qk_scale + bias[:, None], float("-inf"))
             m_tile = tl.max(scores, axis=1)
             # The old terms are rescaled only when some query's max grew: rarely, once the maxima settle (every row
@@ -646,11 +647,20 @@ def launch_config(group: int, head_dim: int, sketch_dim: int, outlier_sketch_dim
     # instructions a tile, 4: 201 and 444, Triton 3.6). The kernels read the ``QUERIES`` real ones as zeros past
     # them, so that no copy pads them (nor takes the outputs' real rows from padded ones) each step.
     queries = pow2(group // chunks)
+    # The outlier channels' first row in the products (``_tile_scores``): after the queries' rows where one product
+    # takes both (sketched outliers, and fp32 queries' ``W = [I | q[idx]]``), row 0 where the exact residuals take a
+    # product of their own (bf16 and fp16 queries). Their rows after the queries' (4 to 11 of 16 at the benchmark's
+    # shapes) took 16 instructions a tile more there, 430 against 414 (Triton 3.6, sm_90; 451 against 421 on 3.9),
+    # and each token's residuals two 8-byte copies in place of one of 16. SmolLM2's shapes: 444 either way on 3.6, 440
+    # against 447 on 3.9. Not yet timed on a GPU.
+    channel_row = 0 if exact_outliers and not precise else queries
     config = dict(CHUNKS=chunks, QUERIES=group // chunks, M=queries, M_PAD=pow2(queries, 16), D=head_dim,
                   D_PAD=pow2(head_dim, 16), DB_PAD=db_pad, BYTES=sketch_dim // 8,
                   BP=padded_bytes(sketch_dim), OBYTES=obytes, OBP=padded_bytes(8 * obytes), K=n_outliers,
-                  # the sign product's rows: the queries and outlier channels, or (none) the scores' own M rows
-                  R_PAD=pow2(queries + n_outliers, 16) if n_outliers else queries,
+                  # the rows of the products that take the outlier channels (from CHANNEL_ROW): and the queries', or
+                  # (none) the scores' own M rows
+                  R_PAD=pow2(max(queries, channel_row + n_outliers), 16) if n_outliers else queries,
+                  CHANNEL_ROW=channel_row,
                   EXACT=bool(n_outliers and exact_outliers),
                   GROUP=group_size, STEP=step, BLOCK_N=pow2(step, 16),
                   CENTERED=centered, BITS=value_bits, VGROUP=value_group_size,
