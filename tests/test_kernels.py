@@ -315,8 +315,10 @@ def filled_layer(config, b, h, d, prompt, steps, dtype, seed=0, value_scale=1.0)
     (64, 1, "fp16", QJLConfig(sketch_dim=72, n_outliers=0, value_bits=3, value_group_size=16, buffer_size=32)),
     (128, 3, "fp32", QJLConfig(sketch_dim=136, outlier_sketch_dim=40, n_outliers=5, group_size=16, value_bits=4,
                                value_group_size=64, buffer_size=48, sink_tokens=3, center_keys=True)),
-    # Head dim 256 (bit positions one at a time, tiles of half a group, outlier rows beyond 16)
+    # Head dim 256 (bit positions one at a time, tiles of half a group, outlier rows beyond 16; with bf16 queries
+    # the residuals' product of its own, its 16 rows all outlier channels)
     (256, 2, "fp32", QJLConfig.preset("3bit", head_dim=256)),
+    (256, 2, "bf16", QJLConfig.preset("3bit", head_dim=256)),
     # The benchmark's path (bf16, one value scale per token) and 8-bit codes, the widest fp16 trick's input
     (128, 4, "bf16", QJLConfig.preset("3bit", head_dim=128)),
     (64, 2, "fp16", QJLConfig(sketch_dim=64, n_outliers=2, exact_outliers=True, value_bits=8, value_group_size=64,
