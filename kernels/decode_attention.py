@@ -657,8 +657,8 @@ def launch_config(group: int, head_dim: int, sketch_dim: int, outlier_sketch_dim
     config = dict(CHUNKS=chunks, QUERIES=group // chunks, M=queries, M_PAD=pow2(queries, 16), D=head_dim,
                   D_PAD=pow2(head_dim, 16), DB_PAD=db_pad, BYTES=sketch_dim // 8,
                   BP=padded_bytes(sketch_dim), OBYTES=obytes, OBP=padded_bytes(8 * obytes), K=n_outliers,
-                  # the rows of the products that take the outlier channels (from CHANNEL_ROW): and the queries', or
-                  # (none) the scores' own M rows
+                  # the rows of the products that take the outlier channels: the queries' and the channels' (from
+                  # CHANNEL_ROW), or (no outliers) the scores' own M rows
                   R_PAD=pow2(max(queries, channel_row + n_outliers), 16) if n_outliers else queries,
                   CHANNEL_ROW=channel_row,
                   EXACT=bool(n_outliers and exact_outliers),

@@ -10,15 +10,14 @@
 # there, with the GPU box's Triton too:
 #   python -m venv V && V/bin/pip install torch==2.13.0 triton==3.6.0 numpy pytest "transformers>=5.17,<6"
 #   V/bin/python -m profiling kernels-compile --arch 90 --arch 80 --out DIR
-# which leaves time in a 15-minute slot for a second call (bench-kernels after a sweep row becomes the default: 391
-# s of 900 were left after this one at ebed0ed, the machine's start included). Needs
-# torch (CUDA), triton, transformers, pytest; not gradio, plotly or kaleido. Before the call, on this machine: `bash
+# which leaves time in a 15-minute slot for a second call (bench-kernels after a sweep row becomes the default:
+# 391 s of 900 were left after this one at ebed0ed, the machine's start included). Needs torch (CUDA), triton,
+# transformers, pytest; not gradio, plotly or kaleido. Before the call, on this machine: `bash
 # scripts/gpu-wheels.sh` for transformers' QuantizedCache in the benchmark (carry ".whl"), and, to time an earlier
 # decode kernel on the same card, `bash scripts/decode_baseline.sh COMMIT` (the GPU box gets no history).
 # optimum-quanto builds its CUDA extension on its first use (nvcc: AWQ and Marlin GEMMs beside the unpacking
-# QuantizedCache needs; 144 s at ebed0ed), so it is built in the background from the start, and the
-# benchmark times QuantizedCache only in the rows that find it built (--quanto-built-only); the build's end goes to
-# tests.txt.
+# QuantizedCache needs; 144 s at ebed0ed), so it is built in the background from the start, and the benchmark times
+# QuantizedCache only in the rows that find it built (--quanto-built-only); the build's end goes to tests.txt.
 set -uo pipefail
 OUT="${1:?usage: bash scripts/gpu-check.sh OUTDIR}"
 cd "$(dirname "$0")/.."
