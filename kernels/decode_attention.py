@@ -20,8 +20,10 @@ the products' operand layout (no reshape):
 - values: ``code * scale + minimum``; the output columns ``8 j + i`` come from bit ``i`` of byte ``j``, so eight
   products, one per bit position, each of the planes shifted and masked by constants: the compiler then unpacks them
   in the operand's layout, from the pipeline's shared-memory copy of the planes (two planes: one ``lop3`` a product,
-  from two interleavings of the planes); with one group per token row ``p @ v = (p * scale) @ codes + p . minimum``
-  with the integer codes exact in fp16, else the dequantized values in fp32.
+  from two interleavings of the planes). The planes are kept in blocks of 16 tokens, a byte's tokens side by side
+  (``qjl.values.block_tokens``), so the operand's registers come from shared memory four tokens at a time
+  (``ldmatrix``) and one ``prmt`` makes two of them 16-bit codes; with one group per token row ``p @ v = (p *
+  scale) @ codes + p . minimum`` with the integer codes exact in fp16, else the dequantized values in fp32.
 
 The softmax and the value products take a program's ``M`` queries, a power of two (the launcher adds zero queries;
 tensor cores pad a small product themselves), not padded to 16: Triton spreads the warps of a product that feeds
@@ -43,6 +45,9 @@ from .decode_project import LIMB_BASE, limb_count, padded_bytes, project_queries
 from .scores import BLOCK_TOKENS, load_queries, query_mean
 
 BLOCK_EXACT = 32
+# Tokens a block of the value codes as ``QJLLayer`` keeps them (``qjl.values.TOKEN_BLOCK``, which ``qjl`` defines
+# without importing Triton; a test keeps the two equal).
+VALUE_BLOCK = 16
 # The splits make one wave: as many programs as the multiprocessors hold at once (``resident_programs``, the driver's
 # count for the compiled kernel). On the H100 (31602b4, two warps a program), a wave and a half (six programs per
 # multiprocessor where four fit) took 15% longer at 128k tokens, batch 1. Under the interpreter, which compiles
@@ -290,15 +295,60 @@ def _plane_bits(codes, planes, SHIFT: tl.constexpr, MASK: tl.constexpr, ASM: tl.
 
 
 @triton.jit
-def _interleaved(plane0, plane1, MASK: tl.constexpr, ASM: tl.constexpr):
-    """The bits of int16 ``plane0`` where ``MASK`` is set and of ``plane1 << 1`` elsewhere (two planes of 8 bits:
-    nothing of either past bit 8). On a GPU (``ASM``) two numbers a register, a shift and one ``lop3``."""
+def _widened(planes, ASM: tl.constexpr):
+    """uint8 ``planes`` as int16. On a GPU (``ASM``) one ``prmt`` a register: the bytes come four tokens to a
+    register from shared memory (the planes' tokens lie side by side, ``qjl.values.block_tokens``), and Triton's own
+    conversion took three for each (each byte taken out, then two put together)."""
+    if ASM:
+        return tl.inline_asm_elementwise("{ prmt.b32 $0, $2, 0, 0x4140; prmt.b32 $1, $2, 0, 0x4342; }", "=r,=r,r",
+                                         [planes], dtype=tl.int16, is_pure=True, pack=4)
+    else:
+        return planes.to(tl.int16)
+
+
+@triton.jit
+def _paired_codes(plane0, plane1, ASM: tl.constexpr):
+    """Two uint8 planes as int16 ``even`` and ``odd``: ``even`` bits ``2k`` of ``plane0`` and ``2k + 1`` of ``plane1
+    << 1``, ``odd`` bits ``2k`` of ``plane0 >> 1`` and ``2k + 1`` of ``plane1``, so that ``even & (3 << i)`` is the
+    code of bit position ``i`` times ``2^i`` for even ``i``, and ``odd & (3 << (i - 1))`` times ``2^(i - 1)`` for odd
+    ``i``. On a GPU (``ASM``) four tokens at a time, as ``_widened``: two shifts and two ``lop3`` (a shift past a
+    byte lands on bits the mask takes from the other plane), then the bytes spread to 16 bits."""
     if ASM:
         return tl.inline_asm_elementwise(
-            f"{{ .reg .b32 t; shl.b32 t, $2, 1; lop3.b32 $0, $1, t, {MASK * 0x10001}, 0xE4; }}", "=r,r,r",
-            [plane0, plane1], dtype=tl.int16, is_pure=True, pack=2)
+            "{ .reg .b32 t, e, o; shl.b32 t, $5, 1; lop3.b32 e, $4, t, 0x55555555, 0xE4; shr.b32 t, $4, 1;"
+            " lop3.b32 o, t, $5, 0x55555555, 0xE4; prmt.b32 $0, e, 0, 0x4140; prmt.b32 $1, e, 0, 0x4342;"
+            " prmt.b32 $2, o, 0, 0x4140; prmt.b32 $3, o, 0, 0x4342; }",
+            "=r,=r,=r,=r,r,r", [plane0, plane1], dtype=(tl.int16, tl.int16), is_pure=True, pack=4)
     else:
-        return (plane0 & MASK) | ((plane1 << 1) & ~MASK)
+        low, high = plane0.to(tl.int16), plane1.to(tl.int16)
+        return (low & 0x55) | ((high << 1) & 0xAA), ((low >> 1) & 0x55) | (high & 0xAA)
+
+
+@triton.jit
+def _value_planes(packed_ptr, first, plane, inside, tokens, D: tl.constexpr, DB_PAD: tl.constexpr,
+                  BITS: tl.constexpr, BLOCK_N: tl.constexpr, TOKEN_BLOCK: tl.constexpr, ALIGNED: tl.constexpr,
+                  PRECISE: tl.constexpr):
+    """Bytes ``j`` of bit plane ``plane`` of the tile's tokens (uint8 ``[BLOCK_N, DB_PAD]``; zeros outside
+    ``inside``), from the blocks of ``TOKEN_BLOCK`` tokens the values are kept in (``qjl.values.block_tokens``);
+    ``first``: the tile's first token in the blocks' order. ``ALIGNED`` (tiles start at whole blocks, as each does
+    where the tile's step is a multiple of ``TOKEN_BLOCK``): each run of a block's tokens is one copy; else the
+    address divides each token's number. fp32 queries (``PRECISE``) take whole blocks up to the split's ``tokens``
+    from the tile's first (the padding and the next split's tokens, whose weights are zero, included): with the
+    tokens' own mask their loop at grouped value scales spilled 8-24 bytes where the token count is not a multiple of
+    16 (Triton 3.9, sm_90), which leaves the mask's runs unknown and the copies single bytes."""
+    t = tl.arange(0, BLOCK_N)[:, None]
+    j = tl.arange(0, DB_PAD)[None, :]
+    column = plane * (D // 8) + j
+    block_bytes: tl.constexpr = TOKEN_BLOCK * BITS * D // 8
+    if ALIGNED:
+        first = tl.multiple_of(first, TOKEN_BLOCK)
+        offsets = first * (BITS * D // 8) + (t // TOKEN_BLOCK) * block_bytes + column * TOKEN_BLOCK + t % TOKEN_BLOCK
+        if PRECISE:
+            inside = (t < tl.cdiv(tokens, TOKEN_BLOCK) * TOKEN_BLOCK) & (j < D // 8)
+    else:
+        token = first + t
+        offsets = (token // TOKEN_BLOCK) * block_bytes + column * TOKEN_BLOCK + token % TOKEN_BLOCK
+    return tl.load(packed_ptr + offsets, mask=inside, other=0)
 
 
 @triton.jit
@@ -330,20 +380,23 @@ def _values(codes, scales, minimums, CODES: tl.constexpr, PRECISE: tl.constexpr)
 
 
 @triton.jit
-def _tile_values(p, accs, packed_ptr, scales_ptr, mins_ptr, token_scales, rows, ok, D: tl.constexpr,
+def _tile_values(p, accs, packed_ptr, scales_ptr, mins_ptr, token_scales, rows, first, tokens, ok, D: tl.constexpr,
                  DB_PAD: tl.constexpr, BITS: tl.constexpr, VGROUP: tl.constexpr, BLOCK_N: tl.constexpr,
-                 PAIRS: tl.constexpr, PRECISE: tl.constexpr, ASM: tl.constexpr):
+                 STEP: tl.constexpr, TOKEN_BLOCK: tl.constexpr, PAIRS: tl.constexpr, PRECISE: tl.constexpr,
+                 ASM: tl.constexpr):
     """The eight float32 ``[M, DB_PAD]`` accumulators ``accs`` plus ``p @ values`` of the tile, one per bit
     position: in product ``i`` column ``j`` is output column ``8 j + i``, from bit ``i`` of byte ``j`` of each
     plane. With one minimum per token (``VGROUP == D``) the products leave it out, ``p @ v = (p * scale) @ codes +
     p . minimum`` (the caller sums ``p . minimum``), the codes exact in fp16; grouped scales dequantize the codes in
     fp32.
 
-    ``PAIRS`` (two planes, one scale per token): product ``i`` takes its codes doubled ``i`` times, bits ``i`` and
-    ``i + 1`` of one of two interleavings of the planes (plane 0's even bits with plane 1's odd ones a bit up, or the
-    reverse), so a product's codes cost one ``lop3`` in place of a shift and a ``lop3`` per plane; the caller halves
-    accumulator ``i`` ``i`` times (``_value_columns``)."""
+    ``PAIRS`` (two planes, one scale per token): product ``i`` takes its codes doubled ``2 (i // 2)`` times, two bits
+    of one of two interleavings of the planes (``_paired_codes``), so a product's codes cost one ``lop3`` in place of a
+    shift and a ``lop3`` per plane; the caller halves accumulator ``i`` as many times (``_value_columns``). ``rows``:
+    the tile's tokens' rows in the per-token arrays; ``first``, ``tokens``: its first token in the blocks of the
+    codes, and the split's tokens from it (``_value_planes``)."""
     acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7 = accs
+    ALIGNED: tl.constexpr = STEP % TOKEN_BLOCK == 0
     j = tl.arange(0, DB_PAD)
     inside = ok[:, None] & (j[None, :] < D // 8)
     codes0 = tl.zeros((BLOCK_N, DB_PAD), dtype=tl.int16)
@@ -355,23 +408,23 @@ def _tile_values(p, accs, packed_ptr, scales_ptr, mins_ptr, token_scales, rows, 
     codes6 = codes0
     codes7 = codes0
     if PAIRS:
-        plane0 = tl.load(packed_ptr + rows[:, None] * (D // 4) + j[None, :], mask=inside, other=0).to(tl.int16)
-        plane1 = tl.load(packed_ptr + rows[:, None] * (D // 4) + D // 8 + j[None, :], mask=inside,
-                         other=0).to(tl.int16)
-        even = _interleaved(plane0, plane1, 0x155, ASM)  # bits 2k of plane 0 and 2k + 1 of plane 1 << 1
-        odd = _interleaved(plane0, plane1, 0x0AA, ASM)
+        plane0 = _value_planes(packed_ptr, first, 0, inside, tokens, D, DB_PAD, BITS, BLOCK_N, TOKEN_BLOCK, ALIGNED,
+                               PRECISE)
+        plane1 = _value_planes(packed_ptr, first, 1, inside, tokens, D, DB_PAD, BITS, BLOCK_N, TOKEN_BLOCK, ALIGNED,
+                               PRECISE)
+        even, odd = _paired_codes(plane0, plane1, ASM)
         codes0 = _plane_bits(codes0, even, 0, 3, ASM)
-        codes1 = _plane_bits(codes1, odd, 0, 3 << 1, ASM)
+        codes1 = _plane_bits(codes1, odd, 0, 3, ASM)
         codes2 = _plane_bits(codes2, even, 0, 3 << 2, ASM)
-        codes3 = _plane_bits(codes3, odd, 0, 3 << 3, ASM)
+        codes3 = _plane_bits(codes3, odd, 0, 3 << 2, ASM)
         codes4 = _plane_bits(codes4, even, 0, 3 << 4, ASM)
-        codes5 = _plane_bits(codes5, odd, 0, 3 << 5, ASM)
+        codes5 = _plane_bits(codes5, odd, 0, 3 << 4, ASM)
         codes6 = _plane_bits(codes6, even, 0, 3 << 6, ASM)
-        codes7 = _plane_bits(codes7, odd, 0, 3 << 7, ASM)
+        codes7 = _plane_bits(codes7, odd, 0, 3 << 6, ASM)
     else:
         for b in tl.static_range(BITS):
-            planes = tl.load(packed_ptr + rows[:, None] * (BITS * D // 8) + b * (D // 8) + j[None, :], mask=inside,
-                             other=0).to(tl.int16)
+            planes = _widened(_value_planes(packed_ptr, first, b, inside, tokens, D, DB_PAD, BITS, BLOCK_N,
+                                            TOKEN_BLOCK, ALIGNED, PRECISE), ASM)
             codes0 = _plane_bits(codes0, planes, 0 - b, 1 << b, ASM)
             codes1 = _plane_bits(codes1, planes, 1 - b, 1 << b, ASM)
             codes2 = _plane_bits(codes2, planes, 2 - b, 1 << b, ASM)
@@ -410,12 +463,13 @@ def _rescaled(accs, alpha):
 def _value_columns(accs, PAIRS: tl.constexpr, SUBNORMAL_CODES: tl.constexpr):
     """The eight bit-position accumulators (``_tile_values``) as one ``[M, 8 DB_PAD]``, column ``8 j + i``:
     ``SUBNORMAL_CODES``, each times ``2^24`` (the codes were ``code * 2^-24``, ``_values``), and with ``PAIRS``
-    accumulator ``i`` halved ``i`` times (exact: powers of two)."""
+    accumulator ``i`` halved ``2 (i // 2)`` times (exact: powers of two)."""
     a0, a1, a2, a3, a4, a5, a6, a7 = accs
     unit: tl.constexpr = 2.0 ** 24 if SUBNORMAL_CODES else 1.0
-    half: tl.constexpr = 0.5 if PAIRS else 1.0
-    a0, a1, a2, a3 = a0 * unit, a1 * (unit * half), a2 * (unit * half ** 2), a3 * (unit * half ** 3)
-    a4, a5, a6, a7 = a4 * (unit * half ** 4), a5 * (unit * half ** 5), a6 * (unit * half ** 6), a7 * (unit * half ** 7)
+    quarter: tl.constexpr = 0.25 if PAIRS else 1.0
+    a0, a1, a2, a3 = a0 * unit, a1 * unit, a2 * (unit * quarter), a3 * (unit * quarter)
+    a4, a5, a6, a7 = a4 * (unit * quarter ** 2), a5 * (unit * quarter ** 2), a6 * (unit * quarter ** 3), a7 * (
+        unit * quarter ** 3)
     both = tl.join(tl.join(tl.join(a0, a4), tl.join(a2, a6)),
                    tl.join(tl.join(a1, a5), tl.join(a3, a7)))  # [M, j, i // 4, i // 2 % 2, i % 2]
     return tl.reshape(both, (a0.shape[0], 8 * a0.shape[1]))
@@ -497,7 +551,8 @@ def decode_split_kernel(q_ptr, tables_ptr, table_scales_ptr, table_sums_ptr, sp_
                         BLOCK_N: tl.constexpr, CENTERED: tl.constexpr, BITS: tl.constexpr, VGROUP: tl.constexpr,
                         BLOCK_EXACT: tl.constexpr, PRECISE: tl.constexpr, LIMBS: tl.constexpr,
                         UNROLL: tl.constexpr, ASM: tl.constexpr, PREFETCH: tl.constexpr, CHUNKS: tl.constexpr,
-                        PAIRS: tl.constexpr, EXACT_PADDED: tl.constexpr, PDL: tl.constexpr = False,
+                        PAIRS: tl.constexpr, TOKEN_BLOCK: tl.constexpr, EXACT_PADDED: tl.constexpr,
+                        PDL: tl.constexpr = False,
                         STACKED_LIMBS: tl.constexpr = False, PREFETCH_CHANNELS: tl.constexpr = False):
     """Program ``(bh, split)``: ``bh`` stands for ``QUERIES`` queries (``q`` ``[BH, QUERIES, D]``), taken as ``M``
     (a power of two; zero queries past the real ones), chunk ``bh % CHUNKS`` of the group of (batch row and) KV head
@@ -530,6 +585,8 @@ def decode_split_kernel(q_ptr, tables_ptr, table_scales_ptr, table_sums_ptr, sp_
             bias = query_mean(load_queries(q_ptr, bh, QUERIES, M, D, D_PAD), mean_ptr, kv, D, D_PAD) * qk_scale
         first = split * tokens_per_split
         last = tl.minimum(first + tokens_per_split, n_tokens)
+        # The value codes' blocks: each KV head's tokens padded to whole blocks.
+        value_first = kv * (tl.cdiv(n_tokens, TOKEN_BLOCK) * TOKEN_BLOCK)
         # With PREFETCH the next tile's key weights, value scales and minimums load while this tile is computed: the
         # pipeliner leaves these small loads in the loop, where each would wait for memory once a tile.
         if PREFETCH:
@@ -574,8 +631,9 @@ def decode_split_kernel(q_ptr, tables_ptr, table_scales_ptr, table_sums_ptr, sp_
                 m_i = m_new
             p = tl.exp2(scores - m_i[:, None])
             weight_sums += p
-            accs = _tile_values(p, accs, vpacked_ptr, vscales_ptr, vmins_ptr, token_scales, rows, ok, D,
-                                DB_PAD, BITS, VGROUP, BLOCK_N, PAIRS, PRECISE, ASM)
+            accs = _tile_values(p, accs, vpacked_ptr, vscales_ptr, vmins_ptr, token_scales, rows, value_first + start,
+                                last - start, ok, D, DB_PAD, BITS, VGROUP, BLOCK_N, STEP, TOKEN_BLOCK, PAIRS, PRECISE,
+                                ASM)
             if VGROUP == D:
                 minimum_sums += p * token_minimums[None, :]
             if PREFETCH:
@@ -665,7 +723,7 @@ def launch_config(group: int, head_dim: int, sketch_dim: int, outlier_sketch_dim
                   GROUP=group_size, STEP=step, BLOCK_N=pow2(step, 16),
                   CENTERED=centered, BITS=value_bits, VGROUP=value_group_size,
                   # Two planes and one scale per token: each value product's codes in one instruction (_tile_values).
-                  PAIRS=pairs,
+                  PAIRS=pairs, TOKEN_BLOCK=VALUE_BLOCK,
                   # The exact tokens' loop at eight programs a multiprocessor: 16 tokens a tile and the queries at their
                   # own count of rows, not padded to 16 (fewer registers and less shared memory: the exact tokens'
                   # branch of decode_split_kernel).
@@ -766,7 +824,8 @@ def decode_attention(query: torch.Tensor, keys, values, value_bits: int, matrix:
                      exact_keys, exact_values, scaling: float, tuning: dict | None = None) -> torch.Tensor:
     """Attention of one decode token. ``query`` ``[b, hq, 1, d]``; ``keys`` = (signs, norms, outlier_idx,
     outlier_signs, outlier_norms, outlier_residuals) (exact outliers: no ``outlier_matrix``) and ``values`` = (packed,
-    scales, minimums) as ``QJLLayer`` stores them (``[b, h, n, ...]``); ``exact_keys``/``exact_values`` = (sink,
+    scales, minimums) as ``QJLLayer`` stores them (``[b, h, n, ...]``, the codes ``[b, h, ceil(n / 16), bits d / 8,
+    16]``, ``qjl.values.block_tokens``); ``exact_keys``/``exact_values`` = (sink,
     buffer) ``[b, h, *, d]``. Returns ``[b, 1, hq, d]`` in the query's dtype. ``tuning`` overrides launch choices
     (``num_warps``, ``num_stages``, ``maxnreg``, ``UNROLL``, ``PREFETCH``, ``ASM``, ``BLOCK_EXACT``: the exact
     tokens' tile, ``EXACT_PADDED``: their queries padded to 16 rows, ``STACKED_LIMBS``: both limbs in one sign
@@ -807,6 +866,10 @@ def decode_attention(query: torch.Tensor, keys, values, value_bits: int, matrix:
     sink_k, buf_k = (t.contiguous() for t in exact_keys)
     sink_v, buf_v = (t.contiguous() for t in exact_values)
     packed, scales, minimums = (t.contiguous() for t in values)
+    if packed.shape != (b, h, triton.cdiv(n, VALUE_BLOCK), value_bits * d // 8, VALUE_BLOCK):
+        raise ValueError(f"value codes of shape {tuple(packed.shape)} for {n} tokens: expected blocks of {VALUE_BLOCK} "
+                         f"tokens, [{b}, {h}, {triton.cdiv(n, VALUE_BLOCK)}, {value_bits * d // 8}, {VALUE_BLOCK}] "
+                         "(qjl.values.block_tokens)")
 
     def present(t):  # what a constexpr compiles away still needs a pointer
         return signs if t is None else t.contiguous()

@@ -10,13 +10,14 @@ from .config import QJLConfig
 from .keys import QuantizedKeyBlock, outlier_channels, per_token
 from .layer import CompressedLayer
 from .sketch import QJLSketch
-from .values import QuantizedValues, dequantize_values
+from .values import TOKEN_BLOCK, QuantizedValues, append_blocked, dequantize_values, unblock_tokens
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
-# Per-token state tensors (tokens on dim 2); `outlier_idx` is per group and `key_mean` per head.
-TOKEN_TENSORS = ("signs", "norms", "outlier_signs", "outlier_norms", "outlier_residuals", "value_packed",
-                 "value_scales", "value_minimums")
+# Per-token state tensors (tokens on dim 2); `outlier_idx` is per group, `key_mean` per head, and `value_packed` per
+# block of TOKEN_BLOCK tokens (`qjl.values.block_tokens`).
+TOKEN_TENSORS = ("signs", "norms", "outlier_signs", "outlier_norms", "outlier_residuals", "value_scales",
+                 "value_minimums")
 KEY_TENSORS = ("signs", "norms", "outlier_idx", "outlier_signs", "outlier_norms", "outlier_residuals")
 
 
@@ -62,8 +63,10 @@ class QJLLayer(CompressedLayer):
         for name, tensor in zip(KEY_TENSORS, block):
             if tensor is not None and name != "outlier_idx":
                 self._append(name, tensor)
-        for name, tensor in zip(("value_packed", "value_scales", "value_minimums"), quantized_values):
-            self._append(name, tensor)
+        self.state["value_packed"] = append_blocked(self.state.get("value_packed"), self.n_compressed,
+                                                    quantized_values.packed)
+        self._append("value_scales", quantized_values.scales)
+        self._append("value_minimums", quantized_values.minimums)
 
     def _append(self, name, tensor):
         self.state[name] = torch.cat([self.state[name], tensor], dim=2) if name in self.state else tensor
@@ -85,7 +88,8 @@ class QJLLayer(CompressedLayer):
         if not self.n_compressed:
             return probs.new_zeros(*probs.shape[:-1], self.head_dim)
         s = self.state
-        values = dequantize_values(QuantizedValues(s["value_packed"], s["value_scales"], s["value_minimums"]),
+        packed = unblock_tokens(s["value_packed"], self.n_compressed)
+        values = dequantize_values(QuantizedValues(packed, s["value_scales"], s["value_minimums"]),
                                    self.config.value_bits)
         return probs @ values
 
@@ -103,6 +107,8 @@ class QJLLayer(CompressedLayer):
         for name in TOKEN_TENSORS:
             if name in self.state:
                 self.state[name] = self.state[name][:, :, :n_keep]
+        if "value_packed" in self.state:
+            self.state["value_packed"] = self.state["value_packed"][:, :, :-(-n_keep // TOKEN_BLOCK)]
         if "outlier_idx" in self.state:
             self.state["outlier_idx"] = self.state["outlier_idx"][:, :, :-(-n_keep // self.config.group_size)]
 

@@ -3,6 +3,10 @@
 Reference of the value kernels. A ``[..., d]`` tensor becomes codes in ``[0, 2^b - 1]`` with one float16 scale and
 minimum per group of ``group_size`` channels: ``x ~= code * scale + minimum``. Codes are stored as ``b`` bit planes,
 each packed 8 channels a byte: ``packed[..., p * d / 8 + j]`` bit ``i`` is bit ``p`` of the code of channel ``8 j + i``.
+
+``QJLLayer`` keeps the packed bytes in blocks of ``TOKEN_BLOCK`` tokens, each byte's tokens side by side
+(``block_tokens``): the fused decode kernel reads a byte column of a tile's tokens in one copy, and hands the tensor
+cores four tokens' codes in one register (``kernels.decode_attention``).
 """
 
 from __future__ import annotations
@@ -12,6 +16,8 @@ from typing import NamedTuple
 import torch
 
 from .sketch import pack_bits, unpack_bits, unpack_bits_as
+
+TOKEN_BLOCK = 16
 
 
 class QuantizedValues(NamedTuple):
@@ -52,3 +58,27 @@ def dequantize_values(quantized: QuantizedValues, bits: int, dtype: torch.dtype 
     grouped = codes.reshape(*codes.shape[:-1], -1, group_size)
     x = grouped * quantized.scales.float().unsqueeze(-1) + quantized.minimums.float().unsqueeze(-1)
     return x.reshape(codes.shape).to(dtype)
+
+
+def block_tokens(packed: torch.Tensor) -> torch.Tensor:
+    """Per-token bytes ``[..., n, c]`` -> ``[..., ceil(n / TOKEN_BLOCK), c, TOKEN_BLOCK]``: byte ``c`` of token ``t``
+    at ``[..., t // TOKEN_BLOCK, c, t % TOKEN_BLOCK]``; the last block's missing tokens are zeros."""
+    n = packed.shape[-2]
+    padded = torch.nn.functional.pad(packed, (0, 0, 0, -n % TOKEN_BLOCK))
+    return padded.unflatten(-2, (-1, TOKEN_BLOCK)).transpose(-1, -2).contiguous()
+
+
+def unblock_tokens(blocked: torch.Tensor, n: int) -> torch.Tensor:
+    """Inverse of ``block_tokens``: the first ``n`` tokens, ``[..., n, c]``."""
+    return blocked.transpose(-1, -2).flatten(-3, -2)[..., :n, :]
+
+
+def append_blocked(blocked: torch.Tensor | None, n: int, packed: torch.Tensor) -> torch.Tensor:
+    """``blocked`` (``n`` tokens, or None) with the per-token bytes ``packed`` after them; only a partly filled last
+    block is unblocked again."""
+    if blocked is None:
+        return block_tokens(packed)
+    whole, filled = divmod(n, TOKEN_BLOCK)
+    if filled:
+        packed = torch.cat([unblock_tokens(blocked[..., whole:whole + 1, :, :], filled), packed], dim=-2)
+    return torch.cat([blocked[..., :whole, :, :], block_tokens(packed)], dim=-3)

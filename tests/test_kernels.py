@@ -50,6 +50,7 @@ if not interpreter_runs_dynamic_loops():
 from kernels.combine_splits import combine_splits  # noqa: E402
 from kernels.common import multiprocessors  # noqa: E402
 from kernels.decode_attention import (  # noqa: E402
+    VALUE_BLOCK,
     decode_attention,
     exact_split,
     query_chunks,
@@ -338,6 +339,33 @@ def test_fused_decode_matches_reference_attend(monkeypatch, d, group, dtype, con
     assert out.shape == ref.shape == (b, 1, h * group, d) and out.dtype == query.dtype
     atol = {"fp32": 1e-5, "fp16": 2e-3, "bf16": 1e-2}[dtype]
     torch.testing.assert_close(out, ref, rtol=atol, atol=atol)
+
+
+@pytest.mark.parametrize("value_bits,value_group_size", [(2, 64), (3, 32)])
+def test_fused_decode_reads_value_blocks_a_crop_left_partly_filled(monkeypatch, value_bits, value_group_size):
+    """The value codes in blocks of 16 tokens (``qjl.values.block_tokens``) where tokens are not whole blocks: a crop
+    into the compressed tokens (37 kept), a flush appended to that partly filled block (72 then, four blocks and a
+    half), and groups of 24 tokens, whose tiles start inside a block (the kernel's general address of the codes).
+    Paired planes (2 bits, one scale a token) and three planes in groups of 32 channels. Codes in the old per-token
+    layout are refused with a message."""
+    assert VALUE_BLOCK == ref_values.TOKEN_BLOCK
+    config = QJLConfig(sketch_dim=64, n_outliers=2, exact_outliers=True, group_size=24, value_bits=value_bits,
+                       value_group_size=value_group_size, buffer_size=48)
+    layer = filled_layer(config, 2, 2, 64, prompt=150, steps=0, dtype=torch.bfloat16)
+    layer.crop(37)
+    layer.update(*(torch.randn(2, 2, 50, 64, generator=torch.Generator().manual_seed(9)).to(DEVICE, torch.bfloat16)
+                   for _ in range(2)))
+    assert layer.n_compressed == 72 and layer.state["value_packed"].shape[2] == 5
+    query = torch.randn(2, 4, 1, 64, generator=torch.Generator().manual_seed(3)).to(DEVICE, torch.bfloat16)
+    monkeypatch.setenv("QJL_BACKEND", "torch")
+    ref = layer.attend(query, None, 0.125)
+    monkeypatch.setenv("QJL_BACKEND", "triton")
+    torch.testing.assert_close(layer.attend(query, None, 0.125), ref, rtol=1e-2, atol=1e-2)
+    arguments = list(decode_arguments(layer, query, 0.125))
+    per_token = ref_values.unblock_tokens(layer.state["value_packed"], layer.n_compressed)
+    arguments[2] = (per_token, *arguments[2][1:])
+    with pytest.raises(ValueError, match="blocks of 16 tokens"):
+        decode_attention(*arguments)
 
 
 @pytest.mark.parametrize("splits,d", [(3, 64), (133, 128), (300, 72)])

@@ -6,6 +6,7 @@ import torch
 from qjl import QJLSketch, dequantize_values, pack_bits, quantize_values, unpack_bits
 from qjl.keys import outlier_channels, per_token, quantize_keys, score_keys
 from qjl.sketch import chi_mean, sketch_matrix
+from qjl.values import TOKEN_BLOCK, append_blocked, block_tokens, unblock_tokens
 
 
 def test_pack_bits_round_trip():
@@ -70,6 +71,22 @@ def test_value_quantization_error_within_bound(bits):
     # Half a step, plus the fp16 rounding of the scale and minimum.
     bound = (step / 2 * (1 + 2**bits * 1e-3) + grouped.abs().amax(-1) * 1e-3).repeat_interleave(32, -1)
     assert ((restored - values).abs().reshape(2, 3, 17, 64) <= bound.reshape(2, 3, 17, 64)).all()
+
+
+def test_value_blocks_hold_each_bytes_tokens_side_by_side():
+    """``QJLLayer``'s layout of the value codes: blocks of ``TOKEN_BLOCK`` tokens, byte ``c`` of token ``t`` at
+    ``[t // TOKEN_BLOCK, c, t % TOKEN_BLOCK]``; appends that start in a partly filled block (a crop, or groups that
+    are not a block's multiple) keep every token, and the padding of the last block is zeros."""
+    packed = torch.randint(0, 256, (2, 3, 61, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    blocked = block_tokens(packed)
+    assert blocked.shape == (2, 3, 4, 8, TOKEN_BLOCK)
+    assert blocked[1, 2, 37 // TOKEN_BLOCK, 5, 37 % TOKEN_BLOCK] == packed[1, 2, 37, 5]
+    assert not blocked[:, :, -1, :, 61 % TOKEN_BLOCK:].any()
+    grown, n = None, 0
+    for k in (5, 11, 16, 3, 26):
+        grown, n = append_blocked(grown, n, packed[:, :, n:n + k]), n + k
+        assert grown.shape[2] == -(-n // TOKEN_BLOCK)
+        assert torch.equal(unblock_tokens(grown, n), packed[:, :, :n])
 
 
 def test_constant_group_is_exact():
