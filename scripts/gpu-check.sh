@@ -13,8 +13,8 @@
 # which leaves time in a 15-minute slot for a second call (bench-kernels after a sweep row becomes the default:
 # 391 s of 900 were left after this one at ebed0ed, the machine's start included). Needs torch (CUDA), triton,
 # transformers, pytest; not gradio, plotly or kaleido. Before the call, on this machine: `bash
-# scripts/gpu-wheels.sh` for transformers' QuantizedCache in the benchmark (carry ".whl"), and, to time an earlier
-# decode kernel on the same card, `bash scripts/decode_baseline.sh COMMIT` (the GPU box gets no history).
+# scripts/gpu-wheels.sh` for transformers' QuantizedCache in the benchmark (carry ".whl"), and, to time earlier
+# decode kernels on the same card, `bash scripts/decode_baseline.sh COMMIT` for each (the GPU box gets no history).
 # optimum-quanto builds its CUDA extension on its first use (nvcc: AWQ and Marlin GEMMs beside the unpacking
 # QuantizedCache needs; 144 s at ebed0ed), so it is built in the background from the start, and the benchmark times
 # QuantizedCache only in the rows that find it built (--quanto-built-only); the build's end goes to tests.txt.

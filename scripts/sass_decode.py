@@ -7,8 +7,8 @@ groups of 32 tokens are compressed: Triton specializes a launch on both) at the 
 disassembles the cubin (the ``nvdisasm`` inside the Triton wheel) and counts the instructions of its longest loop, the
 loop over 32-token tiles: all of them, the barriers, the shared-memory and shuffle instructions, the tensor-core
 products, the plain global loads, and how many groups of asynchronous copies the loop's wait leaves in flight (0: each
-tile waits for memory); and the registers, which set how many programs share a multiprocessor. With an earlier kernel
-beside it (``bash scripts/decode_baseline.sh COMMIT``) it does the same for that kernel.
+tile waits for memory); and the registers, which set how many programs share a multiprocessor. With earlier kernels
+beside it (``bash scripts/decode_baseline.sh COMMIT``, once per commit) it does the same for each.
 
 Counts are a proxy: the kernel is bound by instruction issue and latency, not bandwidth, on the H100 and H200
 (``profiling/results``), but only a GPU says what a change is worth.
@@ -153,10 +153,8 @@ def main():
     if unknown:
         raise SystemExit(f"unknown shapes {unknown}; known: {sorted(configs)}")
     modules = {"current": importlib.import_module("kernels.decode_attention")}
-    try:
-        modules["baseline"] = importlib.import_module("kernels.decode_attention_baseline")
-    except ModuleNotFoundError:
-        pass
+    for path in sorted(Path(__file__).resolve().parents[1].glob("kernels/decode_attention_baseline_*.py")):
+        modules[path.stem.rsplit("_", 1)[1]] = importlib.import_module(f"kernels.{path.stem}")
     rows = []
     for label in args.shapes:
         for name, module in modules.items():

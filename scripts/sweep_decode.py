@@ -13,7 +13,7 @@ from the default launch, ``resident`` the programs a multiprocessor holds.
 A kernel to compare against, where one is wanted, goes beside the current one before the run (untracked files travel
 to a GPU machine; its history does not), and is timed at its own defaults on the same card:
 
-    bash scripts/decode_baseline.sh COMMIT
+    bash scripts/decode_baseline.sh COMMIT  # once per kernel to time beside the current one
     python scripts/sweep_decode.py OUT.json [--contexts 32768,131072] [--batches 1,8]
 """
 
@@ -43,6 +43,7 @@ from profiling.cmd_bench_kernels import (  # noqa: E402
 )
 from qjl.backend import decode_arguments  # noqa: E402
 from qjl.config import QJLConfig  # noqa: E402
+from qjl.values import unblock_tokens  # noqa: E402
 
 # Launch choices beside the default (``launch_config``: eight programs a multiprocessor at the benchmark's shapes, a
 # cap of 128 registers, three stages, the exact tokens 16 at a time with their queries unpadded, both limbs of the
@@ -91,14 +92,23 @@ FULL_BUFFER_TUNINGS = [dict(exact_tokens=4096)]
 # The rounds' order turns so that no launch is always timed first: in two runs with one round (92a46ce and before),
 # the default, timed first, came out 2% slower at batch 1 and 32k than identical launches timed later.
 ROUNDS = 3
-BASELINE = "kernels.decode_attention_baseline"
+def baseline_kernels() -> list[tuple]:
+    """(commit, ``decode_attention``, what makes its arguments of the current kernel's) of each kernel put beside the
+    current one (``scripts/decode_baseline.sh``): ``per_token_values`` for kernels from before the value codes'
+    blocks, which have no ``VALUE_BLOCK``."""
+    kernels = []
+    for path in sorted(Path(__file__).resolve().parents[1].glob("kernels/decode_attention_baseline_*.py")):
+        module = importlib.import_module(f"kernels.{path.stem}")
+        arguments = (lambda args: args) if hasattr(module, "VALUE_BLOCK") else per_token_values
+        kernels.append((path.stem.rsplit("_", 1)[1], module.decode_attention, arguments))
+    return kernels
 
 
-def baseline_kernel():
-    try:
-        return importlib.import_module(BASELINE).decode_attention
-    except ModuleNotFoundError:
-        return None
+def per_token_values(args: tuple) -> tuple:
+    """The fused kernel's arguments with the value codes a row per token, as kernels up to 314499c read them."""
+    packed, *numbers = args[2]
+    n = args[1][0].shape[2]
+    return (*args[:2], (unblock_tokens(packed, n).contiguous(), *numbers), *args[3:])
 
 
 def timed_in_rounds(launches: list, rounds: int = ROUNDS) -> list:
@@ -119,11 +129,11 @@ def fewer_splits(resident: int, batch: int, device: torch.device) -> dict:
     return dict(splits=max(1, resident * multiprocessors(device) // (batch * KV_HEADS) - 1))
 
 
-def sweep_state(fused_copies, tunings, batch: int, device: torch.device, baseline=None) -> dict:
+def sweep_state(fused_copies, tunings, batch: int, device: torch.device, baselines=()) -> dict:
     """The default launch, each of ``tunings`` and ``fewer_splits`` (from the default's programs a multiprocessor)
     on one decode state (``fused_copies``: the fused kernel's arguments, one tuple per copy of the inputs): their
     times (``timed_in_rounds``), the programs a multiprocessor holds, and each launch's largest difference from the
-    default's output; the baseline kernel's too, where given."""
+    default's output; the ``baselines``' (``baseline_kernels``) too, at their own defaults."""
     RESIDENT_PROGRAMS.clear()
     reference = decode_attention(*fused_copies[0]).float()
     state = dict(default_resident=next(iter(RESIDENT_PROGRAMS.values()), INTERPRETER_PROGRAMS_PER_SM), tunings=[])
@@ -135,15 +145,16 @@ def sweep_state(fused_copies, tunings, batch: int, device: torch.device, baselin
         state["tunings"].append(dict(tuning, resident=resident, max_diff=(out.float() - reference).abs().max().item()))
         launches.append([lambda args=args, tuning=tuning: decode_attention(*args, tuning=tuning)
                          for args in fused_copies])
-    if baseline is not None:
-        state["baseline_max_diff"] = (baseline(*fused_copies[0]).float() - reference).abs().max().item()
-        launches.append([lambda args=args: baseline(*args) for args in fused_copies])
+    state["baselines"] = []
+    for commit, kernel, arguments in baselines:
+        copies = [arguments(args) for args in fused_copies]
+        state["baselines"].append(dict(commit=commit,
+                                       max_diff=(kernel(*copies[0]).float() - reference).abs().max().item()))
+        launches.append([lambda args=args, kernel=kernel: kernel(*args) for args in copies])
     times = timed_in_rounds(launches)
     state["default_ms"] = times[0]
-    for tuning, ms in zip(state["tunings"], times[1:]):
-        tuning["ms"] = ms
-    if baseline is not None:
-        state["baseline_ms"] = times[-1]
+    for launch, ms in zip(state["tunings"] + state["baselines"], times[1:]):
+        launch["ms"] = ms
     return state
 
 
@@ -154,9 +165,11 @@ def report(title: str, state: dict, sdpa: float, nbytes: int):
         return
     print(f"{title}: default {state['default_ms']:.4f} ms ({state['default_resident']} resident, "
           f"{sdpa / state['default_ms']:.2f}x sdpa, {nbytes / state['default_ms'] / 1e6:.0f} GB/s)", flush=True)
-    if state.get("baseline_ms"):
-        print(f"    baseline {state['baseline_ms']:.4f} ms ({state['baseline_ms'] / state['default_ms']:.3f}x the "
-              "default's time)", flush=True)
+    for baseline in state["baselines"]:
+        if baseline["ms"]:
+            print(f"    baseline {baseline['commit']} {baseline['ms']:.4f} ms "
+                  f"({baseline['ms'] / state['default_ms']:.3f}x the default's time, max diff "
+                  f"{baseline['max_diff']:.2e})", flush=True)
     for t in state["tunings"]:
         against = f" ({t['ms'] / state['default_ms']:.3f}x the default's time)" if t["ms"] else " (not captured)"
         print("   ", t, against, flush=True)
@@ -172,7 +185,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     config = QJLConfig.preset(args.preset, head_dim=HEAD_DIM)
-    baseline = baseline_kernel()
+    baselines = baseline_kernels()
     rows = []
     for batch, context in itertools.product(map(int, args.batches.split(",")), map(int, args.contexts.split(","))):
         q, k, v = decode_inputs(batch, context, device)
@@ -187,7 +200,7 @@ def main(argv=None):
         full_copies = [decode_arguments(layer, q, scale)
                        for layer in layer_copies(config, k, v, full_bytes["qjl"], device, decoded=filling)]
         k = v = None  # frees the bf16 caches (a del would unbind names the copies' lambdas read)
-        row.update(sweep_state(copies, TUNINGS, batch, device, baseline))
+        row.update(sweep_state(copies, TUNINGS, batch, device, baselines))
         report(f"batch {batch} context {context}: sdpa gqa {row['sdpa_gqa_ms']:.4f} folded "
                f"{row['sdpa_folded_ms']:.4f}", row, sdpa, row["bytes"]["qjl"])
         copies = None
@@ -202,7 +215,7 @@ def main(argv=None):
     args.out.parent.mkdir(parents=True, exist_ok=True)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     args.out.write_text(json.dumps(dict(device=name, preset=args.preset, rounds=ROUNDS,
-                                        baseline=baseline is not None, rows=rows), indent=1))
+                                        baselines=[commit for commit, _, _ in baselines], rows=rows), indent=1))
 
 
 if __name__ == "__main__":
