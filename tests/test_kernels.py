@@ -677,7 +677,9 @@ def test_sweep_times_every_launch_in_turning_rounds_at_both_decode_states(tmp_pa
     """``scripts/sweep_decode.py`` end to end (a 140-token prompt, batch 1) with its CUDA-graph timer replaced by one
     that records the launch each timed call makes: every launch timed once a round, round ``r`` from launch ``r`` on
     (a timer's lambdas bound late would all make the last launch); the full-buffer state holds the buffer one short of
-    a flush; every launch's numbers are the default's; the JSON holds both states with their medians."""
+    a flush; every launch's numbers are the default's; the JSON holds both states with their medians. A kernel put
+    beside the current one from before the value codes' blocks (a stand-in here) gets them a row per token and is timed
+    in the prompt's state."""
     import json
 
     import profiling.cmd_bench_kernels as bench
@@ -702,6 +704,15 @@ def test_sweep_times_every_launch_in_turning_rounds_at_both_decode_states(tmp_pa
     def one_copy(make, nbytes, device, first=None):
         return [first if first is not None else make()]
 
+    def earlier_kernel(*args):
+        if timing:
+            launched.append(dict(baseline="0000000"))
+            return None
+        packed, *numbers = args[2]
+        assert packed.shape[2] == args[1][0].shape[2]  # a row per token
+        return kernel(*args[:2], (ref_values.block_tokens(packed), *numbers), *args[3:])
+
+    monkeypatch.setattr(sweep, "baseline_kernels", lambda: [("0000000", earlier_kernel, sweep.per_token_values)])
     monkeypatch.setattr(sweep, "decode_attention", recorded)
     monkeypatch.setattr(sweep, "graph_ms", timer)
     monkeypatch.setattr(bench, "graph_ms", lambda calls, rep=100: 1.0)  # SDPA
@@ -710,12 +721,14 @@ def test_sweep_times_every_launch_in_turning_rounds_at_both_decode_states(tmp_pa
     sweep.main([str(out), "--device", "cpu", "--contexts", "140", "--batches", "1"])
 
     fewer = dict(splits=sweep.INTERPRETER_PROGRAMS_PER_SM * multiprocessors(torch.device("cpu")) // bench.KV_HEADS - 1)
-    prompt_launches = [{}] + sweep.TUNINGS + [fewer]
+    prompt_launches = [{}] + sweep.TUNINGS + [fewer, dict(baseline="0000000")]
     full_launches = [{}] + sweep.FULL_BUFFER_TUNINGS + [fewer]
     expected = [launches[(r + i) % len(launches)] for launches in (prompt_launches, full_launches)
                 for r in range(sweep.ROUNDS) for i in range(len(launches))]
     assert launched == expected
-    row = json.loads(out.read_text())["rows"][0]
+    result = json.loads(out.read_text())
+    assert result["baselines"] == ["0000000"]
+    row = result["rows"][0]
     config = QJLConfig.preset("3bit", head_dim=128)
     assert row["bytes"]["exact_tokens"] == 12  # 140 = 4 sink + 128 compressed + 8 buffered
     assert row["full_buffer"]["bytes"]["exact_tokens"] == config.sink_tokens + config.buffer_size - 1
@@ -724,8 +737,10 @@ def test_sweep_times_every_launch_in_turning_rounds_at_both_decode_states(tmp_pa
         n = len(launches)
         # the medians are round 1's times: call 2n of the state for the default (round 1's last), n + i for launch i
         assert state["default_ms"] == calls_before + 2 * n
-        assert [t["ms"] for t in state["tunings"]] == [calls_before + n + i for i in range(1, n)]
+        assert [t["ms"] for t in state["tunings"] + state["baselines"]] == [calls_before + n + i for i in range(1, n)]
         assert all(t["max_diff"] < 1e-2 for t in state["tunings"]), state["tunings"]
+    assert [(b["commit"], b["max_diff"]) for b in row["baselines"]] == [("0000000", 0.0)]
+    assert row["full_buffer"]["baselines"] == []
 
 
 class Recorded:
