@@ -327,15 +327,18 @@ def _paired_codes(plane0, plane1, ASM: tl.constexpr):
 @triton.jit
 def _value_planes(packed_ptr, first, plane, inside, tokens, D: tl.constexpr, DB_PAD: tl.constexpr,
                   BITS: tl.constexpr, BLOCK_N: tl.constexpr, TOKEN_BLOCK: tl.constexpr, ALIGNED: tl.constexpr,
-                  PRECISE: tl.constexpr):
+                  WHOLE_BLOCKS: tl.constexpr):
     """Bytes ``j`` of bit plane ``plane`` of the tile's tokens (uint8 ``[BLOCK_N, DB_PAD]``; zeros outside
     ``inside``), from the blocks of ``TOKEN_BLOCK`` tokens the values are kept in (``qjl.values.block_tokens``);
     ``first``: the tile's first token in the blocks' order. ``ALIGNED`` (tiles start at whole blocks, as each does
     where the tile's step is a multiple of ``TOKEN_BLOCK``): each run of a block's tokens is one copy; else the
-    address divides each token's number. fp32 queries (``PRECISE``) take whole blocks up to the split's ``tokens``
-    from the tile's first (the padding and the next split's tokens, whose weights are zero, included): with the
-    tokens' own mask their loop at grouped value scales spilled 8-24 bytes where the token count is not a multiple of
-    16 (Triton 3.9, sm_90), which leaves the mask's runs unknown and the copies single bytes."""
+    address divides each token's number. ``WHOLE_BLOCKS`` (``launch_specialization``: a token count that is not a
+    multiple of 16) takes whole blocks up to the split's ``tokens`` from the tile's first, the padding and the next
+    split's tokens included (their weights are zero): the tokens' own mask would then leave the copies' runs unknown,
+    copies of single bytes, and the benchmark's launch spilled 8 bytes at its cap of 128 registers (Triton 3.6,
+    sm_90 and sm_80), fp32 queries' at grouped value scales 8-24 (Triton 3.9, sm_90). Where the count is a multiple
+    of 16 the tokens' own mask, which the tile's other loads share, is 6 instructions a tile cheaper (408 against 414
+    at the benchmark's shapes, Triton 3.6)."""
     t = tl.arange(0, BLOCK_N)[:, None]
     j = tl.arange(0, DB_PAD)[None, :]
     column = plane * (D // 8) + j
@@ -343,7 +346,7 @@ def _value_planes(packed_ptr, first, plane, inside, tokens, D: tl.constexpr, DB_
     if ALIGNED:
         first = tl.multiple_of(first, TOKEN_BLOCK)
         offsets = first * (BITS * D // 8) + (t // TOKEN_BLOCK) * block_bytes + column * TOKEN_BLOCK + t % TOKEN_BLOCK
-        if PRECISE:
+        if WHOLE_BLOCKS:
             inside = (t < tl.cdiv(tokens, TOKEN_BLOCK) * TOKEN_BLOCK) & (j < D // 8)
     else:
         token = first + t
@@ -382,8 +385,8 @@ def _values(codes, scales, minimums, CODES: tl.constexpr, PRECISE: tl.constexpr)
 @triton.jit
 def _tile_values(p, accs, packed_ptr, scales_ptr, mins_ptr, token_scales, rows, first, tokens, ok, D: tl.constexpr,
                  DB_PAD: tl.constexpr, BITS: tl.constexpr, VGROUP: tl.constexpr, BLOCK_N: tl.constexpr,
-                 STEP: tl.constexpr, TOKEN_BLOCK: tl.constexpr, PAIRS: tl.constexpr, PRECISE: tl.constexpr,
-                 ASM: tl.constexpr):
+                 STEP: tl.constexpr, TOKEN_BLOCK: tl.constexpr, WHOLE_BLOCKS: tl.constexpr, PAIRS: tl.constexpr,
+                 PRECISE: tl.constexpr, ASM: tl.constexpr):
     """The eight float32 ``[M, DB_PAD]`` accumulators ``accs`` plus ``p @ values`` of the tile, one per bit
     position: in product ``i`` column ``j`` is output column ``8 j + i``, from bit ``i`` of byte ``j`` of each
     plane. With one minimum per token (``VGROUP == D``) the products leave it out, ``p @ v = (p * scale) @ codes +
@@ -409,9 +412,9 @@ def _tile_values(p, accs, packed_ptr, scales_ptr, mins_ptr, token_scales, rows, 
     codes7 = codes0
     if PAIRS:
         plane0 = _value_planes(packed_ptr, first, 0, inside, tokens, D, DB_PAD, BITS, BLOCK_N, TOKEN_BLOCK, ALIGNED,
-                               PRECISE)
+                               WHOLE_BLOCKS)
         plane1 = _value_planes(packed_ptr, first, 1, inside, tokens, D, DB_PAD, BITS, BLOCK_N, TOKEN_BLOCK, ALIGNED,
-                               PRECISE)
+                               WHOLE_BLOCKS)
         even, odd = _paired_codes(plane0, plane1, ASM)
         codes0 = _plane_bits(codes0, even, 0, 3, ASM)
         codes1 = _plane_bits(codes1, odd, 0, 3, ASM)
@@ -424,7 +427,7 @@ def _tile_values(p, accs, packed_ptr, scales_ptr, mins_ptr, token_scales, rows, 
     else:
         for b in tl.static_range(BITS):
             planes = _widened(_value_planes(packed_ptr, first, b, inside, tokens, D, DB_PAD, BITS, BLOCK_N,
-                                            TOKEN_BLOCK, ALIGNED, PRECISE), ASM)
+                                            TOKEN_BLOCK, ALIGNED, WHOLE_BLOCKS), ASM)
             codes0 = _plane_bits(codes0, planes, 0 - b, 1 << b, ASM)
             codes1 = _plane_bits(codes1, planes, 1 - b, 1 << b, ASM)
             codes2 = _plane_bits(codes2, planes, 2 - b, 1 << b, ASM)
@@ -553,7 +556,8 @@ def decode_split_kernel(q_ptr, tables_ptr, table_scales_ptr, table_sums_ptr, sp_
                         UNROLL: tl.constexpr, ASM: tl.constexpr, PREFETCH: tl.constexpr, CHUNKS: tl.constexpr,
                         PAIRS: tl.constexpr, TOKEN_BLOCK: tl.constexpr, EXACT_PADDED: tl.constexpr,
                         PDL: tl.constexpr = False,
-                        STACKED_LIMBS: tl.constexpr = False, PREFETCH_CHANNELS: tl.constexpr = False):
+                        STACKED_LIMBS: tl.constexpr = False, PREFETCH_CHANNELS: tl.constexpr = False,
+                        WHOLE_BLOCKS: tl.constexpr = False):
     """Program ``(bh, split)``: ``bh`` stands for ``QUERIES`` queries (``q`` ``[BH, QUERIES, D]``), taken as ``M``
     (a power of two; zero queries past the real ones), chunk ``bh % CHUNKS`` of the group of (batch row and) KV head
     ``bh // CHUNKS``. Splits ``0 .. S-1`` take compressed tokens, splits ``S .. S + E - 1`` (``E``:
@@ -565,7 +569,7 @@ def decode_split_kernel(q_ptr, tables_ptr, table_scales_ptr, table_sums_ptr, sp_
     (the projection, or a copy of some input the launcher made) still runs, it waits for it before it reads
     anything; and it lets the merge start at once. ``STACKED_LIMBS``: the sign products take both limbs of the
     queries' rows at once (``_stacked_sign_sums``). ``PREFETCH_CHANNELS``: each group's outlier channels load a tile
-    ahead."""
+    ahead. ``WHOLE_BLOCKS``: ``launch_specialization``."""
     if PDL:
         gdc_launch_dependents()
     bh, split = tl.program_id(0), tl.program_id(1)
@@ -632,8 +636,8 @@ def decode_split_kernel(q_ptr, tables_ptr, table_scales_ptr, table_sums_ptr, sp_
             p = tl.exp2(scores - m_i[:, None])
             weight_sums += p
             accs = _tile_values(p, accs, vpacked_ptr, vscales_ptr, vmins_ptr, token_scales, rows, value_first + start,
-                                last - start, ok, D, DB_PAD, BITS, VGROUP, BLOCK_N, STEP, TOKEN_BLOCK, PAIRS, PRECISE,
-                                ASM)
+                                last - start, ok, D, DB_PAD, BITS, VGROUP, BLOCK_N, STEP, TOKEN_BLOCK, WHOLE_BLOCKS,
+                                PAIRS, PRECISE, ASM)
             if VGROUP == D:
                 minimum_sums += p * token_minimums[None, :]
             if PREFETCH:
@@ -765,6 +769,12 @@ def launch_config(group: int, head_dim: int, sketch_dim: int, outlier_sketch_dim
     return config
 
 
+def launch_specialization(n_tokens: int) -> dict:
+    """The constexprs a launch adds for its ``n_tokens`` compressed tokens, beside Triton's own specialization on a
+    multiple of 16 (``_value_planes``)."""
+    return dict(WHOLE_BLOCKS=n_tokens % 16 != 0)
+
+
 # The driver's count for each launch (``resident``), kept for the process; scripts/sweep_decode.py prints it.
 RESIDENT_PROGRAMS = {}
 
@@ -841,6 +851,7 @@ def decode_attention(query: torch.Tensor, keys, values, value_bits: int, matrix:
     config = launch_config(group, d, matrix.shape[0], outlier_matrix.shape[0] if outlier_matrix is not None else 16,
                            k, group_size, key_mean is not None, value_bits, d // values[1].shape[-1],
                            oresiduals is not None, query.dtype == torch.float32, asm=not interpreting())
+    config.update(launch_specialization(n))
     config.update({name: tuning.pop(name) for name in ("num_warps", "num_stages", "maxnreg", "UNROLL", "PREFETCH",
                                                            "ASM", "BLOCK_EXACT", "EXACT_PADDED", "STACKED_LIMBS",
                                                            "PREFETCH_CHANNELS")

@@ -162,6 +162,10 @@ def compile_for(fn, pointers: dict, config: dict, arch: int, multiples_of_16: tu
 
 def compile_kernel(kernel: str, config: dict, arch: int, multiples_of_16: tuple = ()) -> dict:
     from kernels import KERNELS
+    from kernels.decode_attention import launch_specialization
+
+    if kernel == "decode_split":  # what a launch adds for its token count: a multiple of 16 where Triton takes one
+        config = {**config, **launch_specialization(16 if "n_tokens" in multiples_of_16 else 1)}
 
     pointers = POINTERS[kernel]
     if config.get("PRECISE"):  # an fp32 model's queries and exact tokens

@@ -341,28 +341,33 @@ def test_fused_decode_matches_reference_attend(monkeypatch, d, group, dtype, con
     torch.testing.assert_close(out, ref, rtol=atol, atol=atol)
 
 
-@pytest.mark.parametrize("value_bits,value_group_size", [(2, 64), (3, 32)])
-def test_fused_decode_reads_value_blocks_a_crop_left_partly_filled(monkeypatch, value_bits, value_group_size):
+@pytest.mark.parametrize("value_bits,value_group_size,group_size,refill", [(2, 64, 24, 50), (3, 32, 24, 50),
+                                                                         (2, 64, 32, 0)])
+def test_fused_decode_reads_value_blocks_a_crop_left_partly_filled(monkeypatch, value_bits, value_group_size,
+                                                                   group_size, refill):
     """The value codes in blocks of 16 tokens (``qjl.values.block_tokens``) where tokens are not whole blocks: a crop
-    into the compressed tokens (37 kept), a flush appended to that partly filled block (72 then, four blocks and a
-    half), and groups of 24 tokens, whose tiles start inside a block (the kernel's general address of the codes).
-    Paired planes (2 bits, one scale a token) and three planes in groups of 32 channels. Codes in the old per-token
-    layout are refused with a message."""
+    into the compressed tokens (37 kept), then with groups of 24 tokens a flush appended to that partly filled block
+    (72 tokens then, four blocks and a half) and tiles that start inside a block (the kernel's general address of the
+    codes), or with groups of 32 tiles of whole blocks but the last (``WHOLE_BLOCKS``). Paired planes (2 bits, one
+    scale a token) and three planes in groups of 32 channels. Codes in the old per-token layout are refused with a
+    message."""
     assert VALUE_BLOCK == ref_values.TOKEN_BLOCK
-    config = QJLConfig(sketch_dim=64, n_outliers=2, exact_outliers=True, group_size=24, value_bits=value_bits,
-                       value_group_size=value_group_size, buffer_size=48)
+    config = QJLConfig(sketch_dim=64, n_outliers=2, exact_outliers=True, group_size=group_size, value_bits=value_bits,
+                       value_group_size=value_group_size, buffer_size=2 * group_size)
     layer = filled_layer(config, 2, 2, 64, prompt=150, steps=0, dtype=torch.bfloat16)
     layer.crop(37)
-    layer.update(*(torch.randn(2, 2, 50, 64, generator=torch.Generator().manual_seed(9)).to(DEVICE, torch.bfloat16)
-                   for _ in range(2)))
-    assert layer.n_compressed == 72 and layer.state["value_packed"].shape[2] == 5
+    if refill:
+        layer.update(*(torch.randn(2, 2, refill, 64, generator=torch.Generator().manual_seed(9)).to(
+            DEVICE, torch.bfloat16) for _ in range(2)))
+    n = layer.n_compressed
+    assert n == (72 if refill else 37) and layer.state["value_packed"].shape[2] == -(-n // VALUE_BLOCK)
     query = torch.randn(2, 4, 1, 64, generator=torch.Generator().manual_seed(3)).to(DEVICE, torch.bfloat16)
     monkeypatch.setenv("QJL_BACKEND", "torch")
     ref = layer.attend(query, None, 0.125)
     monkeypatch.setenv("QJL_BACKEND", "triton")
     torch.testing.assert_close(layer.attend(query, None, 0.125), ref, rtol=1e-2, atol=1e-2)
     arguments = list(decode_arguments(layer, query, 0.125))
-    per_token = ref_values.unblock_tokens(layer.state["value_packed"], layer.n_compressed)
+    per_token = ref_values.unblock_tokens(layer.state["value_packed"], n)
     arguments[2] = (per_token, *arguments[2][1:])
     with pytest.raises(ValueError, match="blocks of 16 tokens"):
         decode_attention(*arguments)
