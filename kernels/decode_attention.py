@@ -471,8 +471,8 @@ def _value_columns(accs, PAIRS: tl.constexpr, SUBNORMAL_CODES: tl.constexpr):
     unit: tl.constexpr = 2.0 ** 24 if SUBNORMAL_CODES else 1.0
     quarter: tl.constexpr = 0.25 if PAIRS else 1.0
     a0, a1, a2, a3 = a0 * unit, a1 * unit, a2 * (unit * quarter), a3 * (unit * quarter)
-    a4, a5, a6, a7 = a4 * (unit * quarter ** 2), a5 * (unit * quarter ** 2), a6 * (unit * quarter ** 3), a7 * (
-        unit * quarter ** 3)
+    a4, a5 = a4 * (unit * quarter ** 2), a5 * (unit * quarter ** 2)
+    a6, a7 = a6 * (unit * quarter ** 3), a7 * (unit * quarter ** 3)
     both = tl.join(tl.join(tl.join(a0, a4), tl.join(a2, a6)),
                    tl.join(tl.join(a1, a5), tl.join(a3, a7)))  # [M, j, i // 4, i // 2 % 2, i % 2]
     return tl.reshape(both, (a0.shape[0], 8 * a0.shape[1]))

@@ -92,6 +92,8 @@ FULL_BUFFER_TUNINGS = [dict(exact_tokens=4096)]
 # The rounds' order turns so that no launch is always timed first: in two runs with one round (92a46ce and before),
 # the default, timed first, came out 2% slower at batch 1 and 32k than identical launches timed later.
 ROUNDS = 3
+
+
 def baseline_kernels() -> list[tuple]:
     """(commit, ``decode_attention``, what makes its arguments of the current kernel's) of each kernel put beside the
     current one (``scripts/decode_baseline.sh``): ``per_token_values`` for kernels from before the value codes'
