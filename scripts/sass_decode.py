@@ -108,6 +108,13 @@ def copies_in_flight(body: list[str]) -> int | None:
     return min(waits) if waits else None
 
 
+def baseline_modules() -> dict:
+    """The decode kernels put beside the current one (``scripts/decode_baseline.sh``), by the commit that names
+    their files."""
+    return {path.stem.rsplit("_", 1)[1]: importlib.import_module(f"kernels.{path.stem}")
+            for path in sorted(Path(__file__).resolve().parents[1].glob("kernels/decode_attention_baseline_*.py"))}
+
+
 def count(module, config: dict, group: int, arch: int, top: int = 0, tuning: dict | None = None) -> dict:
     """Registers, stack, shared memory and main-loop counts of ``module``'s decode kernel at the launch of
     ``config``'s shapes (``group`` queries a KV head), with ``tuning``'s launch choices in place of the launcher's (as
@@ -152,9 +159,7 @@ def main():
     unknown = sorted(set(args.shapes) - set(configs))
     if unknown:
         raise SystemExit(f"unknown shapes {unknown}; known: {sorted(configs)}")
-    modules = {"current": importlib.import_module("kernels.decode_attention")}
-    for path in sorted(Path(__file__).resolve().parents[1].glob("kernels/decode_attention_baseline_*.py")):
-        modules[path.stem.rsplit("_", 1)[1]] = importlib.import_module(f"kernels.{path.stem}")
+    modules = {"current": importlib.import_module("kernels.decode_attention"), **baseline_modules()}
     rows = []
     for label in args.shapes:
         for name, module in modules.items():

@@ -18,7 +18,6 @@ to a GPU machine; its history does not), and is timed at its own defaults on the
 """
 
 import argparse
-import importlib
 import itertools
 import json
 import statistics
@@ -44,6 +43,7 @@ from profiling.cmd_bench_kernels import (  # noqa: E402
 from qjl.backend import decode_arguments  # noqa: E402
 from qjl.config import QJLConfig  # noqa: E402
 from qjl.values import unblock_tokens  # noqa: E402
+from scripts.sass_decode import baseline_modules  # noqa: E402
 
 # Launch choices beside the default (``launch_config``: eight programs a multiprocessor at the benchmark's shapes, a
 # cap of 128 registers, three stages, the exact tokens 16 at a time with their queries unpadded, both limbs of the
@@ -98,12 +98,9 @@ def baseline_kernels() -> list[tuple]:
     """(commit, ``decode_attention``, what makes its arguments of the current kernel's) of each kernel put beside the
     current one (``scripts/decode_baseline.sh``): ``per_token_values`` for kernels from before the value codes'
     blocks, which have no ``VALUE_BLOCK``."""
-    kernels = []
-    for path in sorted(Path(__file__).resolve().parents[1].glob("kernels/decode_attention_baseline_*.py")):
-        module = importlib.import_module(f"kernels.{path.stem}")
-        arguments = (lambda args: args) if hasattr(module, "VALUE_BLOCK") else per_token_values
-        kernels.append((path.stem.rsplit("_", 1)[1], module.decode_attention, arguments))
-    return kernels
+    return [(commit, module.decode_attention,
+             (lambda args: args) if hasattr(module, "VALUE_BLOCK") else per_token_values)
+            for commit, module in baseline_modules().items()]
 
 
 def per_token_values(args: tuple) -> tuple:
