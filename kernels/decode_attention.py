@@ -690,7 +690,9 @@ def launch_config(group: int, head_dim: int, sketch_dim: int, outlier_sketch_dim
     fp32 queries, whose products take three int8 limbs of the projections (~2^-24) and fp32 arithmetic or fp16 high
     and low parts of the weights (~2^-22); fp16 and bf16 queries take two limbs (~2^-16) and one fp16 product
     (~2^-11). ``asm``:
-    sign bits unpacked in PTX, four bytes at a time (False under Triton's interpreter)."""
+    the helpers' inline PTX (sign bits four bytes at a time, the value codes' bytes widened and paired, fp16 numbers
+    converted, the partials' row): False under Triton's interpreter, which cannot run PTX (its tests run these
+    branches with the PTX modelled in numpy, tests/ptx_model.py)."""
     step = group_size if n_outliers else BLOCK_TOKENS
     narrow = sketch_dim <= 256 and head_dim <= 128  # rows that leave registers for the choices below
     two_warps = not precise and narrow

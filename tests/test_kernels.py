@@ -8,6 +8,7 @@ sketched, kept exact (``exact_outliers``) or absent.
 import dataclasses
 import os
 
+import numpy
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -42,8 +43,6 @@ def interpreter_runs_dynamic_loops() -> bool:
 
 
 if not interpreter_runs_dynamic_loops():
-    import numpy
-
     pytest.skip(f"Triton {triton.__version__}'s interpreter cannot run kernels with NumPy {numpy.__version__}: "
                 "install numpy<2.3 or a newer Triton", allow_module_level=True)
 
@@ -51,6 +50,12 @@ from kernels.combine_splits import combine_splits  # noqa: E402
 from kernels.common import multiprocessors  # noqa: E402
 from kernels.decode_attention import (  # noqa: E402
     VALUE_BLOCK,
+    _bits,
+    _float32,
+    _paired_codes,
+    _part_index,
+    _plane_bits,
+    _widened,
     decode_attention,
     exact_split,
     query_chunks,
@@ -67,6 +72,7 @@ from qjl.cache import QJLCache, QJLLayer  # noqa: E402
 from qjl.config import QJLConfig  # noqa: E402
 from qjl.runner import cache_kwarg  # noqa: E402
 from qjl.sketch import QJLSketch  # noqa: E402
+from tests.ptx_model import execute, inline_asm_in_interpreter  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -405,6 +411,116 @@ def test_fused_decode_keeps_tokens_of_subnormal_weights(monkeypatch):
     monkeypatch.setenv("QJL_BACKEND", "triton")
     out = layer.attend(query, None, 128 ** -0.5).float()
     torch.testing.assert_close(out, ref, rtol=0, atol=2e-2 * ref.abs().max().item())
+
+
+@pytest.fixture
+def gpu_branches():
+    """The kernels' GPU branches (``ASM``, inline PTX) run: as they are on a GPU, in the interpreter with their PTX
+    modelled in numpy (tests/ptx_model.py)."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        with inline_asm_in_interpreter():
+            yield
+    else:
+        yield
+
+
+def test_ptx_model_follows_the_ptx_isa():
+    """Known answers: CUB's ``PRMT`` example and a sign-replicating selector; ``lop3`` tables from ``F(0xF0, 0xCC,
+    0xAA)``; shifts of 32 clear the register; two outputs of two 16-bit elements each from one input of four bytes."""
+    word = lambda x: numpy.array([x], dtype=numpy.uint64)  # noqa: E731
+    assert execute("prmt.b32 $0, $1, $2, 0x7531;", "=r,r,r", [word(0x03020100).astype(numpy.uint32),
+                                                           word(0x07060504).astype(numpy.uint32)],
+                   [numpy.uint32], 1)[0][0] == 0x07050301
+    # nibbles 0 and 1: bytes 0 and 1 as they are; 8 and 9: their signs over the byte
+    assert execute("prmt.b32 $0, $1, 0, 0x1980;", "=r,r", [word(0x7F80).astype(numpy.uint32)], [numpy.uint32],
+                   1)[0][0] == 0x7F00FF80
+    a, b, c = (numpy.array([x], dtype=numpy.uint32) for x in (0xF0, 0xCC, 0xAA))
+    for table in (0xEA, 0xE4, 0x80, 0x96):
+        assert execute(f"lop3.b32 $0, $1, $2, $3, {table};", "=r,r,r,r", [a, b, c], [numpy.uint32], 1)[0][0] == table
+    assert execute("shl.b32 $0, $1, 32;", "=r,r", [word(5).astype(numpy.uint32)], [numpy.uint32], 1)[0][0] == 0
+    even, odd = execute("{ prmt.b32 $0, $4, 0, 0x4140; prmt.b32 $1, $4, 0, 0x4342; mov.b32 $2, $1; mov.b32 $3, "
+                        "$0; }", "=r,=r,=r,=r,r", [numpy.arange(1, 5, dtype=numpy.uint8)],
+                        [numpy.int16, numpy.int16], 4, seed=None)
+    assert even.tolist() == [1, 2, 3, 4] and odd.tolist() == [3, 4, 1, 2]
+
+
+@triton.jit
+def _helpers(plane0_ptr, plane1_ptr, half_ptr, bits_ptr, shifted_ptr, widened_ptr, even_ptr, odd_ptr, float_ptr,
+             ASM: tl.constexpr):
+    """Each helper with inline PTX of the decode kernel on 256 values: every byte in ``plane0``."""
+    offs = tl.arange(0, 16)[:, None] * 16 + tl.arange(0, 16)[None, :]
+    plane0 = tl.load(plane0_ptr + offs)
+    plane1 = tl.load(plane1_ptr + offs)
+    for i in tl.static_range(8):
+        tl.store(bits_ptr + i * 256 + offs, _bits(plane0, i, ASM))
+    widened = _widened(plane0, ASM)
+    tl.store(widened_ptr + offs, widened)
+    for s in tl.static_range(15):  # shifts from 7 left to 7 right, a whole byte's mask
+        tl.store(shifted_ptr + s * 256 + offs, _plane_bits(widened, _widened(plane1, ASM), s - 7, 0xFF, ASM))
+    even, odd = _paired_codes(plane0, plane1, ASM)
+    tl.store(even_ptr + offs, even)
+    tl.store(odd_ptr + offs, odd)
+    tl.store(float_ptr + offs, _float32(tl.load(half_ptr + offs), ASM))
+
+
+@triton.jit
+def _part_indices(out_ptr, ASM: tl.constexpr):
+    bh = tl.program_id(0)
+    tl.store(out_ptr + bh * tl.num_programs(1) + tl.program_id(1), _part_index(bh, ASM))
+
+
+def test_inline_ptx_gives_the_numbers_of_the_portable_branches(gpu_branches):
+    """The decode kernel's helpers with inline PTX (``ASM``, a GPU's) against their portable branches (the
+    interpreter's): sign bits, byte planes widened, shifted into codes and interleaved in pairs, fp16 norms as
+    float32 (subnormal, zero, infinite), and the partials' row from the program ids (a grid of 3 by 5)."""
+    generator = torch.Generator().manual_seed(21)
+    plane0 = torch.randperm(256, generator=generator).to(torch.uint8)
+    plane1 = torch.randint(0, 256, (256,), generator=generator, dtype=torch.uint8)
+    half = torch.randn(256, generator=generator).to(torch.float16)
+    half[:4] = torch.tensor([2.0 ** -24, -0.0, float("inf"), 6e4])
+    outputs = {}
+    for asm in (True, False):
+        out = dict(bits=torch.empty(8, 256, dtype=torch.int8), shifted=torch.empty(15, 256, dtype=torch.int16),
+                   widened=torch.empty(256, dtype=torch.int16), even=torch.empty(256, dtype=torch.int16),
+                   odd=torch.empty(256, dtype=torch.int16), float=torch.empty(256, dtype=torch.float32),
+                   part=torch.empty(15, dtype=torch.int32))
+        out = {name: t.to(DEVICE) for name, t in out.items()}
+        _helpers[(1,)](plane0.to(DEVICE), plane1.to(DEVICE), half.to(DEVICE), out["bits"], out["shifted"],
+                       out["widened"], out["even"], out["odd"], out["float"], ASM=asm)
+        _part_indices[(3, 5)](out["part"], ASM=asm)
+        outputs[asm] = out
+    for name, portable in outputs[False].items():
+        assert torch.equal(outputs[True][name], portable), name
+    assert torch.equal(outputs[False]["part"].cpu(), torch.arange(15, dtype=torch.int32))
+    assert torch.equal(outputs[False]["widened"].cpu(), plane0.to(torch.int16))
+
+
+@pytest.mark.parametrize("d,group,dtype,config,crop", [
+    (128, 4, "bf16", QJLConfig.preset("3bit", head_dim=128), None),  # the benchmark's path: paired planes
+    (128, 4, "bf16", QJLConfig.preset("paper", head_dim=128), None),  # sketched outliers, grouped value scales
+    (64, 3, "fp32", QJLConfig(sketch_dim=136, outlier_sketch_dim=40, n_outliers=5, group_size=16, value_bits=4,
+                              value_group_size=64, buffer_size=48, sink_tokens=3, center_keys=True), None),
+    (64, 1, "fp16", QJLConfig(sketch_dim=72, n_outliers=0, value_bits=3, value_group_size=16, buffer_size=32), None),
+    # a token count that is not a multiple of 16 (WHOLE_BLOCKS)
+    (64, 2, "bf16", QJLConfig(sketch_dim=64, n_outliers=2, exact_outliers=True, group_size=32, value_bits=2,
+                              value_group_size=64, buffer_size=64), 37),
+])
+def test_fused_decode_gpu_branches_give_the_same_numbers(gpu_branches, d, group, dtype, config, crop):
+    """The fused decode kernel with its inline PTX (``ASM``) and without: in the interpreter (the PTX modelled) the
+    same to the bit; on a GPU, where the two compile to different code, within the dtype's rounding."""
+    layer = filled_layer(config, 2, 2, d, prompt=150, steps=1, dtype=DTYPES[dtype])
+    if crop:
+        layer.crop(crop)
+        assert layer.n_compressed == crop
+    query = torch.randn(2, 2 * group, 1, d, generator=torch.Generator().manual_seed(13)).to(DEVICE, DTYPES[dtype])
+    arguments = decode_arguments(layer, query, d ** -0.5)
+    with_ptx = decode_attention(*arguments, tuning=dict(ASM=True))
+    portable = decode_attention(*arguments, tuning=dict(ASM=False))
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        assert torch.equal(with_ptx, portable)
+    else:
+        atol = {"fp32": 1e-5, "fp16": 2e-3, "bf16": 1e-2}[dtype]
+        torch.testing.assert_close(with_ptx, portable, rtol=atol, atol=atol)
 
 
 def test_fused_decode_launch_choices_agree():
