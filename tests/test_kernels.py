@@ -506,21 +506,19 @@ def test_inline_ptx_gives_the_numbers_of_the_portable_branches(gpu_branches):
                               value_group_size=64, buffer_size=64), 37),
 ])
 def test_fused_decode_gpu_branches_give_the_same_numbers(gpu_branches, d, group, dtype, config, crop):
-    """The fused decode kernel with its inline PTX (``ASM``) and without: in the interpreter (the PTX modelled) the
-    same to the bit; on a GPU, where the two compile to different code, within the dtype's rounding."""
+    """The fused decode kernel with its inline PTX (``ASM``, the PTX modelled) and without, in the interpreter: the
+    same to the bit. A GPU runs the PTX itself in every decode test (each compile of this one's kernels there would
+    cost a GPU slot 10 to 20 seconds of the CPU)."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("on a GPU the decode tests run the inline PTX itself")
     layer = filled_layer(config, 2, 2, d, prompt=150, steps=1, dtype=DTYPES[dtype])
     if crop:
         layer.crop(crop)
         assert layer.n_compressed == crop
     query = torch.randn(2, 2 * group, 1, d, generator=torch.Generator().manual_seed(13)).to(DEVICE, DTYPES[dtype])
     arguments = decode_arguments(layer, query, d ** -0.5)
-    with_ptx = decode_attention(*arguments, tuning=dict(ASM=True))
-    portable = decode_attention(*arguments, tuning=dict(ASM=False))
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        assert torch.equal(with_ptx, portable)
-    else:
-        atol = {"fp32": 1e-5, "fp16": 2e-3, "bf16": 1e-2}[dtype]
-        torch.testing.assert_close(with_ptx, portable, rtol=atol, atol=atol)
+    assert torch.equal(decode_attention(*arguments, tuning=dict(ASM=True)),
+                       decode_attention(*arguments, tuning=dict(ASM=False)))
 
 
 def test_fused_decode_launch_choices_agree():
