@@ -13,7 +13,7 @@ import contextlib
 
 import numpy as np
 
-REGISTER_BITS = {"r": 32, "h": 16, "l": 64}
+REGISTER_BITS = {"r": 32, "h": 16}  # the constraints the kernels use (64-bit registers are not modelled)
 WORD = np.uint64(0xFFFFFFFF)
 
 
@@ -46,20 +46,19 @@ def shift(x, amount, left: bool):
 
 
 def f16_to_f32(x):
+    """``cvt.f32.f16``: the fp16 number in the low 16 bits as float32 bits."""
     bits = (x & np.uint64(0xFFFF)).astype(np.uint16)
     return bits.view(np.float16).astype(np.float32).view(np.uint32).astype(np.uint64)
 
 
+# the instructions the kernels' inline assembly uses, and no more
 INSTRUCTIONS = {
     "shr.b32": lambda a, n: shift(a, n, left=False),
-    "shr.u32": lambda a, n: shift(a, n, left=False),
     "shl.b32": lambda a, n: shift(a, n, left=True),
     "and.b32": lambda a, b: a & b,
-    "or.b32": lambda a, b: a | b,
     "mov.b32": lambda a: a,
     "mov.u32": lambda a: a,
     "mad.lo.s32": lambda a, b, c: (a * b + c) & WORD,
-    "mad.lo.u32": lambda a, b, c: (a * b + c) & WORD,
     "lop3.b32": lambda a, b, c, table: lop3(a, b, c, int(table.flat[0])),
     "prmt.b32": prmt,
     "cvt.f32.f16": f16_to_f32,

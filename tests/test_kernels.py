@@ -427,17 +427,16 @@ def gpu_branches():
 def test_ptx_model_follows_the_ptx_isa():
     """Known answers: CUB's ``PRMT`` example and a sign-replicating selector; ``lop3`` tables from ``F(0xF0, 0xCC,
     0xAA)``; shifts of 32 clear the register; two outputs of two 16-bit elements each from one input of four bytes."""
-    word = lambda x: numpy.array([x], dtype=numpy.uint64)  # noqa: E731
-    assert execute("prmt.b32 $0, $1, $2, 0x7531;", "=r,r,r", [word(0x03020100).astype(numpy.uint32),
-                                                           word(0x07060504).astype(numpy.uint32)],
-                   [numpy.uint32], 1)[0][0] == 0x07050301
+    def one(asm, constraints, *inputs):  # the one 32-bit output of one element of each input
+        words = [numpy.array([x], dtype=numpy.uint32) for x in inputs]
+        return execute(asm, constraints, words, [numpy.uint32], 1)[0][0]
+
+    assert one("prmt.b32 $0, $1, $2, 0x7531;", "=r,r,r", 0x03020100, 0x07060504) == 0x07050301
     # nibbles 0 and 1: bytes 0 and 1 as they are; 8 and 9: their signs over the byte
-    assert execute("prmt.b32 $0, $1, 0, 0x1980;", "=r,r", [word(0x7F80).astype(numpy.uint32)], [numpy.uint32],
-                   1)[0][0] == 0x7F00FF80
-    a, b, c = (numpy.array([x], dtype=numpy.uint32) for x in (0xF0, 0xCC, 0xAA))
+    assert one("prmt.b32 $0, $1, 0, 0x1980;", "=r,r", 0x7F80) == 0x7F00FF80
     for table in (0xEA, 0xE4, 0x80, 0x96):
-        assert execute(f"lop3.b32 $0, $1, $2, $3, {table};", "=r,r,r,r", [a, b, c], [numpy.uint32], 1)[0][0] == table
-    assert execute("shl.b32 $0, $1, 32;", "=r,r", [word(5).astype(numpy.uint32)], [numpy.uint32], 1)[0][0] == 0
+        assert one(f"lop3.b32 $0, $1, $2, $3, {table};", "=r,r,r,r", 0xF0, 0xCC, 0xAA) == table
+    assert one("shl.b32 $0, $1, 32;", "=r,r", 5) == 0
     even, odd = execute("{ prmt.b32 $0, $4, 0, 0x4140; prmt.b32 $1, $4, 0, 0x4342; mov.b32 $2, $1; mov.b32 $3, "
                         "$0; }", "=r,=r,=r,=r,r", [numpy.arange(1, 5, dtype=numpy.uint8)],
                         [numpy.int16, numpy.int16], 4, seed=None)
