@@ -47,15 +47,9 @@ if not interpreter_runs_dynamic_loops():
                 "install numpy<2.3 or a newer Triton", allow_module_level=True)
 
 from kernels.combine_splits import combine_splits  # noqa: E402
-from kernels.common import multiprocessors  # noqa: E402
+from kernels.common import interpreting, multiprocessors  # noqa: E402
 from kernels.decode_attention import (  # noqa: E402
     VALUE_BLOCK,
-    _bits,
-    _float32,
-    _paired_codes,
-    _part_index,
-    _plane_bits,
-    _widened,
     decode_attention,
     exact_split,
     query_chunks,
@@ -72,6 +66,7 @@ from qjl.cache import QJLCache, QJLLayer  # noqa: E402
 from qjl.config import QJLConfig  # noqa: E402
 from qjl.runner import cache_kwarg  # noqa: E402
 from qjl.sketch import QJLSketch  # noqa: E402
+from tests.ptx_kernels import helpers, part_indices  # noqa: E402
 from tests.ptx_model import execute, inline_asm_in_interpreter  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -417,7 +412,7 @@ def test_fused_decode_keeps_tokens_of_subnormal_weights(monkeypatch):
 def gpu_branches():
     """The kernels' GPU branches (``ASM``, inline PTX) run: as they are on a GPU, in the interpreter with their PTX
     modelled in numpy (tests/ptx_model.py)."""
-    if os.environ.get("TRITON_INTERPRET") == "1":
+    if interpreting():
         with inline_asm_in_interpreter():
             yield
     else:
@@ -443,31 +438,6 @@ def test_ptx_model_follows_the_ptx_isa():
     assert even.tolist() == [1, 2, 3, 4] and odd.tolist() == [3, 4, 1, 2]
 
 
-@triton.jit
-def _helpers(plane0_ptr, plane1_ptr, half_ptr, bits_ptr, shifted_ptr, widened_ptr, even_ptr, odd_ptr, float_ptr,
-             ASM: tl.constexpr):
-    """Each helper with inline PTX of the decode kernel on 256 values: every byte in ``plane0``."""
-    offs = tl.arange(0, 16)[:, None] * 16 + tl.arange(0, 16)[None, :]
-    plane0 = tl.load(plane0_ptr + offs)
-    plane1 = tl.load(plane1_ptr + offs)
-    for i in tl.static_range(8):
-        tl.store(bits_ptr + i * 256 + offs, _bits(plane0, i, ASM))
-    widened = _widened(plane0, ASM)
-    tl.store(widened_ptr + offs, widened)
-    for s in tl.static_range(15):  # shifts from 7 left to 7 right, a whole byte's mask
-        tl.store(shifted_ptr + s * 256 + offs, _plane_bits(widened, _widened(plane1, ASM), s - 7, 0xFF, ASM))
-    even, odd = _paired_codes(plane0, plane1, ASM)
-    tl.store(even_ptr + offs, even)
-    tl.store(odd_ptr + offs, odd)
-    tl.store(float_ptr + offs, _float32(tl.load(half_ptr + offs), ASM))
-
-
-@triton.jit
-def _part_indices(out_ptr, ASM: tl.constexpr):
-    bh = tl.program_id(0)
-    tl.store(out_ptr + bh * tl.num_programs(1) + tl.program_id(1), _part_index(bh, ASM))
-
-
 def test_inline_ptx_gives_the_numbers_of_the_portable_branches(gpu_branches):
     """The decode kernel's helpers with inline PTX (``ASM``, a GPU's) against their portable branches (the
     interpreter's): sign bits, byte planes widened, shifted into codes and interleaved in pairs, fp16 norms as
@@ -484,9 +454,9 @@ def test_inline_ptx_gives_the_numbers_of_the_portable_branches(gpu_branches):
                    odd=torch.empty(256, dtype=torch.int16), float=torch.empty(256, dtype=torch.float32),
                    part=torch.empty(15, dtype=torch.int32))
         out = {name: t.to(DEVICE) for name, t in out.items()}
-        _helpers[(1,)](plane0.to(DEVICE), plane1.to(DEVICE), half.to(DEVICE), out["bits"], out["shifted"],
-                       out["widened"], out["even"], out["odd"], out["float"], ASM=asm)
-        _part_indices[(3, 5)](out["part"], ASM=asm)
+        helpers[(1,)](plane0.to(DEVICE), plane1.to(DEVICE), half.to(DEVICE), out["bits"], out["shifted"],
+                      out["widened"], out["even"], out["odd"], out["float"], ASM=asm)
+        part_indices[(3, 5)](out["part"], ASM=asm)
         outputs[asm] = out
     for name, portable in outputs[False].items():
         assert torch.equal(outputs[True][name], portable), name
@@ -508,7 +478,7 @@ def test_fused_decode_gpu_branches_give_the_same_numbers(gpu_branches, d, group,
     """The fused decode kernel with its inline PTX (``ASM``, the PTX modelled) and without, in the interpreter: the
     same to the bit. A GPU runs the PTX itself in every decode test (each compile of this one's kernels there would
     cost a GPU slot 10 to 20 seconds of the CPU)."""
-    if os.environ.get("TRITON_INTERPRET") != "1":
+    if not interpreting():
         pytest.skip("on a GPU the decode tests run the inline PTX itself")
     layer = filled_layer(config, 2, 2, d, prompt=150, steps=1, dtype=DTYPES[dtype])
     if crop:

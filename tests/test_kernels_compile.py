@@ -171,23 +171,6 @@ print(json.dumps(rows))
             assert row["REG"] < one["REG"] and row["shared"] < one["shared"], row
 
 
-PTX_HELPERS_KERNEL = '''
-import triton
-import triton.language as tl
-from kernels.decode_attention import _bits, _float32, _paired_codes, _part_index, _plane_bits, _widened
-
-
-@triton.jit
-def helpers(a_ptr, b_ptr, h_ptr, out_ptr):
-    i = tl.arange(0, 128)
-    a = tl.load(a_ptr + i)
-    b = tl.load(b_ptr + i)
-    even, odd = _paired_codes(a, b, True)
-    codes = _plane_bits(_widened(a, True), even, 3, 0xFF, True) + _bits(b, 3, True) + odd
-    norms = _float32(tl.load(h_ptr + i), True) + _part_index(tl.program_id(0), True)
-    tl.store(out_ptr + i, codes.to(tl.float32) + norms)
-'''
-
 # Each helper's inline assembly, found by a part of its PTX: its outputs' and inputs' bits an element, and its pack.
 PTX_HELPERS = {"0x01010101": ([8], [8, 32], 4), "lop3.b32 $0, t,": ([16], [16, 16], 2),
                "prmt.b32 $0, $2,": ([16], [8], 4), "lop3.b32 e,": ([16, 16], [8, 8], 4), "cvt.f32.f16": ([32], [16], 1),
@@ -202,22 +185,19 @@ def llvm_registers(types: str) -> list[tuple[int, int]]:
             for count, element in re.findall(r"(?:<(\d+) x )?\b(i\d+|half|float)\b", types)]
 
 
-def test_inline_ptx_operands_reach_the_registers_the_ptx_model_gives(tmp_path):
+def test_inline_ptx_operands_reach_the_registers_the_ptx_model_gives():
     """The PTX model that runs the kernels' inline assembly in the interpreter (tests/ptx_model.py) packs each
     operand's elements into registers as the real compiler does: in the LLVM IR of each helper of the decode kernel
     for sm_90, register ``k`` holds as many elements of as many bits as the model gives it (outputs first, each
-    operand's registers in turn)."""
-    (tmp_path / "ptx_helpers.py").write_text(PTX_HELPERS_KERNEL)
-    code = f"""
-import sys
-sys.path.insert(0, {str(tmp_path)!r})
+    operand's registers in turn; ``tests/ptx_kernels.py``, the kernels the helpers' test runs)."""
+    code = """
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from ptx_helpers import helpers
-source = ASTSource(fn=helpers, signature=dict(a_ptr="*u8", b_ptr="*u8", h_ptr="*fp16", out_ptr="*fp32"),
-                   constexprs={{}})
-print(triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=1)).asm["llir"])
+from tests.ptx_kernels import HELPERS_SIGNATURE, helpers, part_indices
+for kernel, signature in ((helpers, HELPERS_SIGNATURE), (part_indices, dict(out_ptr="*i32"))):
+    source = ASTSource(fn=kernel, signature=signature, constexprs=dict(ASM=True))
+    print(triton.compile(source, target=GPUTarget("cuda", 90, 32)).asm["llir"])
 """
     llir = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=compiler_env(), check=True, capture_output=True,
                           text=True).stdout
