@@ -146,7 +146,8 @@ class CompressedCache(Cache):
 
 
 class QJLCache(CompressedCache):
-    """QJL-compressed KV cache: ``model.generate(ids, past_key_values=QJLCache(model, config))``."""
+    """QJL-compressed KV cache: ``model.generate(ids, past_key_values=QJLCache(model, config))`` (``cache=`` in
+    later 5.x releases: ``qjl.runner.cache_kwarg``)."""
 
     def __init__(self, model, config: QJLConfig | str | None = None):
         n_layers = text_config(model).num_hidden_layers

@@ -47,7 +47,7 @@ def test_bookkeeping_over_several_flushes(tiny_llama):
     cache = QJLCache(tiny_llama, SMALL)
     ids = torch.randint(0, 256, (2, 37), generator=torch.Generator().manual_seed(2))
     out = tiny_llama.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=45, min_new_tokens=45,
-                              do_sample=False, past_key_values=cache, pad_token_id=0)
+                              do_sample=False, pad_token_id=0, **{cache_kwarg(tiny_llama): cache})
     assert out.shape == (2, 82)
     length = 81  # the last token is generated but not yet fed
     assert cache.get_seq_length() == length
@@ -95,7 +95,7 @@ def test_generate_families_batch_and_sampling(family):
     for do_sample in (False, True):
         cache = QJLCache(model, SMALL)
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=20, min_new_tokens=20,
-                             do_sample=do_sample, past_key_values=cache, pad_token_id=0)
+                             do_sample=do_sample, pad_token_id=0, **{cache_kwarg(model): cache})
         assert out.shape == (2, 60) and cache.get_seq_length() == 59
         assert cache.nbytes() < cache.fp16_nbytes() * 2  # float32 model: exact parts are 4-byte
 
@@ -103,8 +103,8 @@ def test_generate_families_batch_and_sampling(family):
 def test_identical_rows_decode_identically(tiny_llama):
     row = torch.randint(0, 256, (1, 50), generator=torch.Generator().manual_seed(6))
     out = tiny_llama.generate(row.repeat(2, 1), attention_mask=torch.ones(2, 50, dtype=torch.long),
-                              max_new_tokens=30, do_sample=False, past_key_values=QJLCache(tiny_llama, SMALL),
-                              pad_token_id=0)
+                              max_new_tokens=30, do_sample=False, pad_token_id=0,
+                              **{cache_kwarg(tiny_llama): QJLCache(tiny_llama, SMALL)})
     assert torch.equal(out[0], out[1])
 
 

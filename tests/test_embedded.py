@@ -6,6 +6,7 @@ import torch
 
 import qjl
 from qjl import QJLCache, QJLConfig
+from qjl.runner import cache_kwarg
 
 FACTS = ("The lighthouse keeper on the island of Varrow was named Tobias Fenwick. He kept a logbook of every ship "
          "that passed, noting the weather, the wind and the colour of the sea. ")
@@ -24,7 +25,7 @@ def test_generation_with_qjl_starts_like_full_cache_and_reads_as_text(embedded):
     kwargs = dict(max_new_tokens=24, do_sample=False, attention_mask=torch.ones_like(ids))
     full = model.generate(ids, **kwargs)[0, ids.shape[1]:]
     cache = QJLCache(model, QJLConfig.preset("3bit", head_dim=64))
-    compressed = model.generate(ids, past_key_values=cache, **kwargs)[0, ids.shape[1]:]
+    compressed = model.generate(ids, **{cache_kwarg(model): cache}, **kwargs)[0, ids.shape[1]:]
     assert torch.equal(full[:3], compressed[:3])
     text = tokenizer.decode(compressed, skip_special_tokens=True)
     assert "GPL" in text or "License" in text
