@@ -879,10 +879,10 @@ def decode_attention(query: torch.Tensor, keys, values, value_bits: int, matrix:
     sink_k, buf_k = (t.contiguous() for t in exact_keys)
     sink_v, buf_v = (t.contiguous() for t in exact_values)
     packed, scales, minimums = (t.contiguous() for t in values)
-    if packed.shape != (b, h, triton.cdiv(n, VALUE_BLOCK), value_bits * d // 8, VALUE_BLOCK):
+    blocked = (b, h, triton.cdiv(n, VALUE_BLOCK), value_bits * d // 8, VALUE_BLOCK)
+    if packed.shape != blocked:
         raise ValueError(f"value codes of shape {tuple(packed.shape)} for {n} tokens: expected blocks of {VALUE_BLOCK} "
-                         f"tokens, [{b}, {h}, {triton.cdiv(n, VALUE_BLOCK)}, {value_bits * d // 8}, {VALUE_BLOCK}] "
-                         "(qjl.values.block_tokens)")
+                         f"tokens, {list(blocked)} (qjl.values.block_tokens)")
 
     def present(t):  # what a constexpr compiles away still needs a pointer
         return signs if t is None else t.contiguous()

@@ -177,7 +177,6 @@ PTX_HELPERS = {"0x01010101": ([8], [8, 32], 4), "lop3.b32 $0, t,": ([16], [16, 1
                "%ctaid.x": ([32], [32], 1)}
 
 
-
 def llvm_registers(types: str) -> list[tuple[int, int]]:
     """``(bits an element, elements)`` of each register in LLVM IR types (``{ <2 x i16>, <2 x i16> }``, ``i32 3``)."""
     bits = {"half": 16, "float": 32}
