@@ -141,9 +141,10 @@ def test_stacked_limbs_take_one_sign_product_a_bit_position(tmp_path, tuning, pr
 
 def test_projection_in_column_blocks_compiles_without_spills():
     """The queries' projection with its columns in 2, 4 or 8 blocks, a program each (``project_blocks``, timed by
-    ``scripts/decode_launches.py`` and the sweep), compiles for sm_90 and sm_80 without spills, in fewer registers
-    and less shared memory than one program (each holds its share of the columns), and counts its arrival with one
-    atomic that both releases its columns and acquires the others' (none with one block)."""
+    ``scripts/decode_launches.py`` and the sweep), compiles for sm_90 and sm_80 without spills, in less shared memory
+    than one program (each holds its share of the columns) and no more registers (ptxas may give the same count: 64
+    for one block and for two at sm_80 on Triton 3.6), and counts its arrival with one atomic that both releases its
+    columns and acquires the others' (none with one block)."""
     code = """
 import json
 from profiling.cmd_kernels_compile import POINTERS, compile_for, resource_usage
@@ -168,7 +169,7 @@ print(json.dumps(rows))
         assert row["LOCAL"] == 0 and row.get("STACK", 0) == 0, row
         assert row["atomics"] == (0 if row["blocks"] == 1 else 1), row
         if row["blocks"] > 1:
-            assert row["REG"] < one["REG"] and row["shared"] < one["shared"], row
+            assert row["REG"] <= one["REG"] and row["shared"] < one["shared"], row
 
 
 # Each helper's inline assembly, found by a part of its PTX: its outputs' and inputs' bits an element, and its pack.
