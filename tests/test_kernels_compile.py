@@ -143,8 +143,8 @@ def test_projection_in_column_blocks_compiles_without_spills():
     """The queries' projection with its columns in 2, 4 or 8 blocks, a program each (``project_blocks``, timed by
     ``scripts/decode_launches.py`` and the sweep), compiles for sm_90 and sm_80 without spills, in less shared memory
     than one program (each holds its share of the columns) and no more registers (ptxas may give the same count: 64
-    for one block and for two at sm_80 on Triton 3.6), and counts its arrival with one atomic that both releases its
-    columns and acquires the others' (none with one block)."""
+    for one block and for two at sm_80 on Triton 3.6, the precise projection), and counts its arrival with one atomic
+    that both releases its columns and acquires the others' (none with one block)."""
     code = """
 import json
 from profiling.cmd_kernels_compile import POINTERS, compile_for, resource_usage
