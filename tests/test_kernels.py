@@ -20,6 +20,8 @@ pytest.importorskip("triton")
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
+from kernels.common import interpreting, multiprocessors  # noqa: E402
+
 
 @triton.jit
 def _dynamic_loop(out_ptr, n):
@@ -32,7 +34,7 @@ def _dynamic_loop(out_ptr, n):
 def interpreter_runs_dynamic_loops() -> bool:
     """Triton 3.6's interpreter turns a loop bound into an int with ``int(array)``, which NumPy 2.3 and newer refuse
     for the 1-element arrays it holds; newer Tritons, and the GPU, are unaffected."""
-    if os.environ.get("TRITON_INTERPRET") != "1":
+    if not interpreting():
         return True
     out = torch.zeros(1, dtype=torch.int32)
     try:
@@ -47,7 +49,6 @@ if not interpreter_runs_dynamic_loops():
                 "install numpy<2.3 or a newer Triton", allow_module_level=True)
 
 from kernels.combine_splits import combine_splits  # noqa: E402
-from kernels.common import interpreting, multiprocessors  # noqa: E402
 from kernels.decode_attention import (  # noqa: E402
     VALUE_BLOCK,
     decode_attention,
@@ -660,7 +661,7 @@ def test_fused_decode_counts_the_programs_of_the_kernel_it_launches(monkeypatch)
 
     kernel = fused.decode_split_kernel  # the interpreter keeps the decorator's arguments apart
     names = kernel.arg_names
-    unspecialized = set((kernel.kwargs["do_not_specialize"] if fused.interpreting() else kernel.do_not_specialize)
+    unspecialized = set((kernel.kwargs["do_not_specialize"] if interpreting() else kernel.do_not_specialize)
                         or ())
     assert unspecialized == {"exact_programs"}  # the warm-up's 1 program and a launch's several: one kernel
     calls = {}
