@@ -32,8 +32,8 @@ def _dynamic_loop(out_ptr, n):
 
 
 def interpreter_runs_dynamic_loops() -> bool:
-    """Triton 3.6's interpreter turns a loop bound into an int with ``int(array)``, which NumPy 2.3 and newer refuse
-    for the 1-element arrays it holds; newer Tritons, and the GPU, are unaffected."""
+    """Triton 3.6's interpreter turns a loop bound into an int with ``int(array)``, which NumPy 2.4 and newer refuse
+    for the 1-element arrays it holds (2.3.5 runs, 2.4.0 fails); Triton 3.7 and newer, and the GPU, are unaffected."""
     if not interpreting():
         return True
     out = torch.zeros(1, dtype=torch.int32)
@@ -46,7 +46,7 @@ def interpreter_runs_dynamic_loops() -> bool:
 
 if not interpreter_runs_dynamic_loops():
     pytest.skip(f"Triton {triton.__version__}'s interpreter cannot run kernels with NumPy {numpy.__version__}: "
-                "install numpy<2.3 or a newer Triton", allow_module_level=True)
+                "install numpy<2.4 or Triton 3.7 or newer", allow_module_level=True)
 
 from kernels.combine_splits import combine_splits  # noqa: E402
 from kernels.decode_attention import (  # noqa: E402
