@@ -36,7 +36,9 @@ def use_triton(tensor: torch.Tensor) -> bool:
     if choice == "triton":
         if not triton_available():
             raise RuntimeError("QJL_BACKEND=triton but Triton does not import; pip install triton")
-        if not tensor.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        from kernels.common import interpreting
+
+        if not tensor.is_cuda and not interpreting():
             raise RuntimeError("QJL_BACKEND=triton on the CPU needs TRITON_INTERPRET=1 (Triton's interpreter)")
         return True
     return tensor.is_cuda and triton_available()
