@@ -62,6 +62,7 @@ from kernels.quantize_values import quantize_values  # noqa: E402
 from kernels.scores import compressed_scores  # noqa: E402
 from qjl import keys as ref_keys  # noqa: E402
 from qjl import values as ref_values  # noqa: E402
+from qjl import backend  # noqa: E402
 from qjl.backend import decode_arguments  # noqa: E402
 from qjl.cache import QJLCache, QJLLayer  # noqa: E402
 from qjl.config import QJLConfig  # noqa: E402
@@ -90,6 +91,23 @@ def assert_signs_match(ref_signs, signs, max_fraction):
     # On a GPU a projection within rounding of 0 may take the other sign; in the interpreter none does.
     mismatch = (ref_signs != signs).float().mean().item()
     assert mismatch <= max_fraction, f"{mismatch:.2%} of sign bytes differ"
+
+
+def test_backend_choice_follows_qjl_backend(monkeypatch):
+    cpu = torch.empty(0)
+    monkeypatch.delenv("QJL_BACKEND", raising=False)
+    assert not backend.use_triton(cpu)  # the CPU gets the reference unless the kernels are asked for
+    monkeypatch.setenv("QJL_BACKEND", "cuda")
+    with pytest.raises(ValueError, match="'cuda' is not one of torch, triton"):
+        backend.use_triton(cpu)
+    monkeypatch.setenv("QJL_BACKEND", "Torch")
+    assert backend.name("cpu") == "torch"
+    monkeypatch.setenv("QJL_BACKEND", "triton")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(RuntimeError, match="on the CPU needs TRITON_INTERPRET=1"):
+        backend.use_triton(cpu)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert backend.name("cpu") == "triton"
 
 
 @pytest.mark.parametrize("d,sketch_dim,outlier_dim,k,dtype", [
