@@ -108,6 +108,9 @@ def test_backend_choice_follows_qjl_backend(monkeypatch):
         backend.use_triton(cpu)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert backend.name("cpu") == "triton"
+    monkeypatch.setattr(backend, "triton_available", lambda: False)
+    with pytest.raises(RuntimeError, match="Triton does not import; pip install triton"):
+        backend.use_triton(cpu)
 
 
 @pytest.mark.parametrize("d,sketch_dim,outlier_dim,k,dtype", [
