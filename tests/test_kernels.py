@@ -60,9 +60,9 @@ from kernels.decode_project import LIMB_BASE, from_limbs, project_queries, sketc
 from kernels.quantize_keys import quantize_keys  # noqa: E402
 from kernels.quantize_values import quantize_values  # noqa: E402
 from kernels.scores import compressed_scores  # noqa: E402
+from qjl import backend  # noqa: E402
 from qjl import keys as ref_keys  # noqa: E402
 from qjl import values as ref_values  # noqa: E402
-from qjl import backend  # noqa: E402
 from qjl.backend import decode_arguments  # noqa: E402
 from qjl.cache import QJLCache, QJLLayer  # noqa: E402
 from qjl.config import QJLConfig  # noqa: E402
