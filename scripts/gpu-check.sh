@@ -36,7 +36,7 @@ get_extension('quanto_cuda').lib; print(f'--- optimum-quanto CUDA extension buil
     > /tmp/quanto-build.log 2>&1 &
   quanto_build=$!
 fi
-{ nvidia-smi; python -c "import sys, torch, triton, transformers; print(sys.version); print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"; python -m pip list 2>/dev/null | grep -i quanto; } > "$OUT/tests.txt" 2>&1
+{ nvidia-smi; python -c "import sys, numpy, torch, triton, transformers; print(sys.version); print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, 'numpy', numpy.__version__)"; python -m pip list 2>/dev/null | grep -i quanto; } > "$OUT/tests.txt" 2>&1
 # in 8 processes where pytest-xdist is installed (the GPU box has it): their time is mostly Triton compiling on the
 # CPU, 236 s in one process at ebed0ed (the whole run then took 476 s of the 8 minutes it must stay well under)
 workers=$(python -c "import xdist" 2>/dev/null && echo "-n 8")
