@@ -11,10 +11,13 @@ per program than the architecture allows.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import inspect
 import itertools
 import json
+import multiprocessing
+import os
 import re
 import subprocess
 import tempfile
@@ -75,6 +78,8 @@ def add_arguments(parser):
                         help="directory for results.json")
     parser.add_argument("--quick", action="store_true", help="a representative subset: head dims 64, 128 and 256")
     parser.add_argument("--only", action="append", help="compile only this kernel (repeatable)")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
+                        help="compile in this many processes (default: one per CPU)")
 
 
 def launch_configs(shapes) -> list[tuple[str, str, dict]]:
@@ -183,6 +188,8 @@ def run(args) -> int:
     unknown = [arch for arch in archs if arch not in SHARED_LIMITS]
     if unknown:
         raise SystemExit(f"no shared memory limit known for sm_{unknown[0]}; known: {sorted(SHARED_LIMITS)}")
+    if args.jobs < 1:
+        raise SystemExit(f"--jobs must be at least 1, not {args.jobs}")
     rows = []
     for arch in archs:
         for kernel, label, config in launch_configs(QUICK_SHAPES if args.quick else SHAPES):
@@ -193,12 +200,18 @@ def run(args) -> int:
                 variants.append(LAUNCH_MULTIPLES_OF_16[kernel])
             for multiples in variants:
                 shapes = label + ("/x16" if multiples else "")
-                row = dict(name=kernel, arch=arch, shapes=shapes, config=config, multiples_of_16=list(multiples),
-                           **compile_kernel(kernel, config, arch, multiples), shared_limit=SHARED_LIMITS[arch])
-                rows.append(row)
-                print(f"sm_{arch} {kernel:15s} {shapes:28s} warps={config.get('num_warps', 4)} "
-                      f"regs={row['registers']:3d} shared={row['shared_bytes']:6d} B spills={row['spill_bytes']} B",
-                      flush=True)
+                rows.append(dict(name=kernel, arch=arch, shapes=shapes, config=config,
+                                 multiples_of_16=list(multiples), shared_limit=SHARED_LIMITS[arch]))
+    # Each compile is single-threaded Python and LLVM, then ptxas: a process each keeps every CPU busy. Spawned,
+    # not forked, so no worker inherits the threads torch may have started here.
+    tasks = [(row["name"], row["config"], row["arch"], tuple(row["multiples_of_16"])) for row in rows]
+    with concurrent.futures.ProcessPoolExecutor(min(args.jobs, len(tasks) or 1),
+                                                mp_context=multiprocessing.get_context("spawn")) as pool:
+        for row, usage in zip(rows, pool.map(compile_kernel, *zip(*tasks))):
+            row.update(usage)
+            print(f"sm_{row['arch']} {row['name']:15s} {row['shapes']:28s} warps={row['config'].get('num_warps', 4)} "
+                  f"regs={row['registers']:3d} shared={row['shared_bytes']:6d} B spills={row['spill_bytes']} B",
+                  flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(dict(triton=triton.__version__, kernels=rows), indent=1))
     spilling = [r for r in rows if r["spill_bytes"]]
