@@ -6,7 +6,8 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# Two threads at most (more only contend on the CI's two cores), shared by pytest-xdist's workers where they run.
+torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", 1)))))
 
 
 @pytest.fixture(scope="session")
