@@ -5,7 +5,7 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_wait
 
-from .common import pow2, programmatic_options
+from .common import COMPILER_OPTIONS, pow2, programmatic_options
 
 # Splits a program takes at once: up to this many it merges them in one step, no loop (at batch 1 the decode kernel
 # makes about a hundred a KV head, 133 at eight programs a multiprocessor; on the H100 at cb8154c merging 100 of them
@@ -51,7 +51,7 @@ def combine_splits_kernel(part_m_ptr, part_l_ptr, part_acc_ptr, out_ptr, n_split
 def launch_config(head_dim: int, splits: int = MAX_BLOCK_SPLITS) -> dict:
     block_splits = min(pow2(splits, 16), MAX_BLOCK_SPLITS)
     return dict(D=head_dim, BLOCK_D=min(BLOCK_COLUMNS, pow2(head_dim, 16), BLOCK_ELEMENTS // block_splits),
-                BLOCK_S=block_splits)
+                BLOCK_S=block_splits, **COMPILER_OPTIONS)
 
 
 def combine_splits(part_m: torch.Tensor, part_l: torch.Tensor, part_acc: torch.Tensor, dtype: torch.dtype,

@@ -39,7 +39,7 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from .combine_splits import combine_splits
-from .common import (dot3, interpreting, multiprocessors, pow2, programmatic_launch,
+from .common import (COMPILER_OPTIONS, dot3, interpreting, multiprocessors, pow2, programmatic_launch,
                      programmatic_options, resident_programs, sketch_scale)
 from .decode_project import LIMB_BASE, limb_count, padded_bytes, project_queries, sketch_tables
 from .scores import BLOCK_TOKENS, load_queries, query_mean
@@ -766,7 +766,7 @@ def launch_config(group: int, head_dim: int, sketch_dim: int, outlier_sketch_dim
                   # time of six at batch 1 with 32k and 128k tokens and batch 8 with 32k and 128k; six had taken
                   # 0.85-0.92x the time of four from 128k or at batch 8, and 1.00-1.05x at batch 1 and 32k
                   # (profiling/results/nvidia-h100/sweep-decode-43a6c51.txt and earlier).
-                  maxnreg=128 if eight_programs else 168 if six_programs else 255)
+                  maxnreg=128 if eight_programs else 168 if six_programs else 255, **COMPILER_OPTIONS)
     config["STACKED_LIMBS"] = bool(eight_programs and stackable(config))
     return config
 

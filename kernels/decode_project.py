@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents
 
-from .common import dot_split, pow2
+from .common import COMPILER_OPTIONS, dot_split, pow2
 
 # Head-dim channels per step of the projection: the sketch's slice of them, [BLOCK_D, WIDTH] fp16 twice, goes through
 # shared memory (32 KB at sketch 256), and the whole projection [M_PAD, WIDTH] stays in registers. Column blocks
@@ -118,7 +118,7 @@ def launch_config(queries: int, head_dim: int, sketch_dim: int, precise: bool = 
                 LIMBS=limb_count(precise), BLOCKS=blocks,
                 # Eight warps, two a scheduler to take turns in a kernel bound by latency: at four, head dim 64 and
                 # sketch 128 kept 8 bytes of stack on sm_90 (Triton 3.9). Untimed; decode_launches.py times four.
-                num_warps=8)
+                num_warps=8, **COMPILER_OPTIONS)
 
 
 # Counts of arrived column blocks, one per program row (``project_kernel``), zero between launches: kept per device

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import dot3, dot_exact_lhs, head_rows, pack_rows, pow2, sketch_scale, unpack_rows
+from .common import COMPILER_OPTIONS, dot3, dot_exact_lhs, head_rows, pack_rows, pow2, sketch_scale, unpack_rows
 
 BLOCK_TOKENS = 32
 BLOCK_SKETCH = 64
@@ -193,7 +193,7 @@ def launch_config(head_dim: int, sketch_dim: int, outlier_sketch_dim: int, n_out
     return dict(D=head_dim, SKETCH=sketch_dim, OSKETCH=outlier_sketch_dim if sketched else 8, K=n_outliers,
                 K_PAD=pow2(n_outliers, 16), EXACT=bool(n_outliers and exact_outliers), BLOCK_N=BLOCK_TOKENS,
                 BLOCK_M=BLOCK_SKETCH, WORDS=pow2(triton.cdiv(head_dim, 32)), num_warps=4, num_stages=1,
-                maxnreg=255)  # Triton 3.6's ptxas otherwise caps registers at 128 or 168 and spills
+                maxnreg=255, **COMPILER_OPTIONS)  # Triton 3.6's ptxas otherwise caps registers at 128 or 168 and spills
 
 
 def quantize_keys(keys: torch.Tensor, matrix: torch.Tensor, outlier_matrix: torch.Tensor | None = None,

@@ -5,7 +5,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import head_rows, pack_rows, pow2
+from .common import COMPILER_OPTIONS, head_rows, pack_rows, pow2
 
 BLOCK_TOKENS = 32
 
@@ -58,7 +58,7 @@ def launch_config(head_dim: int, bits: int, group_size: int) -> dict:
     """The constexprs the launcher compiles for these shapes (also what ``kernels-compile`` checks)."""
     # 8 warps from head dim 256 on, where a tile of 4 warps spills.
     return dict(D=head_dim, D_PAD=pow2(head_dim, 16), GROUP=group_size, BITS=bits, BLOCK_N=BLOCK_TOKENS,
-                num_warps=8 if head_dim >= 256 else 4)
+                num_warps=8 if head_dim >= 256 else 4, **COMPILER_OPTIONS)
 
 
 def quantize_values(values: torch.Tensor, bits: int, group_size: int):

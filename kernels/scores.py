@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import dot3, dot_exact_rhs, multiprocessors, pow2, sketch_scale, unpack_rows
+from .common import COMPILER_OPTIONS, dot3, dot_exact_rhs, multiprocessors, pow2, sketch_scale, unpack_rows
 
 BLOCK_TOKENS = 32  # tile without outliers; with outliers a tile is one token group
 BLOCK_SKETCH = 64  # sketch slice scored at a time
@@ -166,7 +166,8 @@ def launch_config(queries: int, head_dim: int, sketch_dim: int, outlier_sketch_d
                 OSKETCH=outlier_sketch_dim if sketched else 16, K=n_outliers, K_PAD=pow2(n_outliers, 16),
                 EXACT=bool(n_outliers and exact_outliers), STEP=step, BLOCK_N=pow2(step, 16), BLOCK_S=BLOCK_SKETCH,
                 # ptxas's own register choice spills (sm_90, Triton 3.9), and so does a cap of 128 on sm_80.
-                CENTERED=centered, num_warps=4, num_stages=1, maxnreg=168)
+                CENTERED=centered, num_warps=4, num_stages=1, maxnreg=168,
+                **COMPILER_OPTIONS)
 
 
 def split_tokens(n_tokens: int, programs_per_split: int, step: int, device: torch.device,

@@ -64,7 +64,8 @@ POINTERS = {
 }
 # The arguments in the model's dtype, fp32 where a launch is for an fp32 model (``PRECISE``).
 FP32_MODEL_POINTERS = ("q_ptr", "mean_ptr", "sink_k_ptr", "sink_v_ptr", "buf_k_ptr", "buf_v_ptr")
-LAUNCH_OPTIONS = ("num_warps", "num_stages", "maxnreg")  # launch options a launch_config may set, not constexprs
+# launch options a launch_config may set, not constexprs (``kernels.common.COMPILER_OPTIONS`` among them)
+LAUNCH_OPTIONS = ("num_warps", "num_stages", "maxnreg", "enable_fp_fusion")
 # Integer arguments that are multiples of 16 at the usual launches, which Triton specializes on (it compiles such a
 # launch apart): the decode kernel's token count (whole groups of 32 tokens are compressed), tokens per split (a
 # multiple of its tile) and exact tokens a program (always whole tiles). Each such kernel is compiled both ways.

@@ -54,6 +54,7 @@ def test_every_kernel_compiles_for_hopper_and_ampere_without_spills(tmp_path):
                         and k["config"]["K"]}
             assert variants == {(d, exact) for d in (64, 128, 256) for exact in (False, True)}, name
     for k in kernels:
+        assert k["config"]["enable_fp_fusion"] is True, k  # kernels.common.COMPILER_OPTIONS, in every launch_config
         assert k["registers"] > 0, k
         assert k["spill_bytes"] == 0, k
         assert k["shared_bytes"] <= {90: 227 * 1024, 80: 163 * 1024}[k["arch"]], k
